@@ -1,0 +1,78 @@
+"""Orbax checkpoints of the training state, plus the configs that built it.
+
+``Checkpointer`` saves every ``checkpoint_every`` steps and at the end; Orbax writes each step to a
+temporary directory and renames it when complete, so an interrupted save never reads as a checkpoint.
+``config.json`` beside the steps records the model and training configs; resuming with different
+model shapes fails with a clear error instead of a shape mismatch deep inside Orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxseek.config import MLAConfig, ModelConfig, MoEConfig, TrainConfig
+
+CONFIG_FILE = "config.json"
+
+
+def configs_to_json(mc: ModelConfig, tc: TrainConfig) -> str:
+    return json.dumps({"model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc)}, indent=2, sort_keys=True)
+
+
+def configs_from_json(text: str) -> tuple[ModelConfig, TrainConfig]:
+    raw = json.loads(text)
+    model = dict(raw["model"])
+    model["mla"], model["moe"] = MLAConfig(**model["mla"]), MoEConfig(**model["moe"])
+    return ModelConfig(**model), TrainConfig(**raw["train"])
+
+
+def load_configs(directory: str | pathlib.Path) -> tuple[ModelConfig, TrainConfig]:
+    """The (model, train) configs a run in ``directory`` was started with."""
+    path = pathlib.Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise ValueError(f"checkpoint: {path} does not exist; is {directory} a jaxseek run directory?")
+    return configs_from_json(path.read_text())
+
+
+class Checkpointer:
+    """Saves and restores a training-state pytree under ``directory/checkpoints``."""
+
+    def __init__(self, directory: str | pathlib.Path, *, save_every: int, max_to_keep: int = 2):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory / "checkpoints", options=options)
+
+    def write_configs(self, mc: ModelConfig, tc: TrainConfig) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / CONFIG_FILE).write_text(configs_to_json(mc, tc))
+
+    def check_configs(self, mc: ModelConfig) -> None:
+        """Raises ValueError if the run in this directory was built from another model config."""
+        saved, _ = load_configs(self.directory)
+        if saved != mc:
+            changed = [f.name for f in dataclasses.fields(mc) if getattr(saved, f.name) != getattr(mc, f.name)]
+            raise ValueError(f"resume: the model config differs from the checkpoint's in {changed}")
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        """Saves ``state`` at ``step`` if the interval says so (or ``force``); returns whether it saved."""
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def restore(self, step: int, like: Any) -> Any:
+        """Restores the state saved at ``step`` with the structure, dtypes and shardings of ``like``."""
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,110 @@
+"""``jaxseek`` command line: ``train`` (the main job) and ``info`` (sizes and FLOPs of a preset)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from jaxseek.presets import PRESET_BUILDERS, get_preset
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a preset on the standard library's source bytes (no network)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESET_BUILDERS))
+    p.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--stop-after", type=int, help="stop after this many total steps, as if preempted")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master parameters")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args, console: Console) -> int:
+    from jaxseek.train import train
+
+    mc, tc = get_preset(args.preset)
+    overrides = {name: getattr(args, name) for name in
+                 ("steps", "batch_size", "seq_len", "learning_rate", "checkpoint_every", "eval_every", "seed")
+                 if getattr(args, name) is not None}
+    if "steps" in overrides:
+        overrides.setdefault("warmup_steps", min(tc.warmup_steps, max(overrides["steps"] // 10, 0)))
+    tc = tc.replace(**overrides)
+    if args.bf16:
+        mc = mc.replace(compute_dtype="bfloat16")
+    out = args.out or f"runs/{args.preset}"
+    import jax
+
+    console.print(f"[bold]jaxseek train[/] preset={args.preset} steps={tc.steps} batch={tc.batch_size}x{tc.seq_len} "
+                  f"devices={jax.device_count()} ({jax.devices()[0].platform}) out={out}")
+    result = train(mc, tc, out, resume=args.resume, stop_after=args.stop_after, console=console,
+                   show_progress=not args.no_progress)
+    table = Table(title="run summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    last = result.log.rows[-1]
+    table.add_row("steps", str(last["step"]))
+    table.add_row("train next-token loss (nats/byte)", f"{last['ce_loss']:.3f}")
+    table.add_row("validation loss (nats/byte)", f"{result.valid_loss:.3f}")
+    table.add_row("unigram entropy of the bytes", f"{result.unigram_entropy:.3f}")
+    table.add_row("tokens/s (median step)", f"{result.tokens_per_s:,.0f}")
+    table.add_row("expert balance max/mean (last step)", f"{last['expert_balance_mean']:.2f}")
+    console.print(table)
+    console.print(f"wrote {result.out_dir}/metrics.parquet, {result.out_dir}/training.png, {result.out_dir}/checkpoints/")
+    return 0
+
+
+def _info(args, console: Console) -> int:
+    from jaxseek.model.accounting import count_parameters, flops_per_token, parameter_shapes
+
+    mc, tc = get_preset(args.preset)
+    counts = count_parameters(mc)
+    flops = flops_per_token(mc, tc.seq_len)
+    summary = Table(title=f"{args.preset}: parameters and FLOPs")
+    summary.add_column("quantity")
+    summary.add_column("value", justify="right")
+    summary.add_row("total parameters (main model)", f"{counts.total:,} ({counts.total / 1e9:.2f} B)")
+    summary.add_row("activated per token (no embedding table)", f"{counts.activated:,} ({counts.activated / 1e9:.2f} B)")
+    summary.add_row("embedding table", f"{counts.embedding:,}")
+    summary.add_row(f"MTP modules (depth {mc.mtp_depth}) total / activated",
+                    f"{counts.mtp_total:,} / {counts.mtp_activated:,}")
+    summary.add_row(f"forward FLOPs per token (context {tc.seq_len})", f"{flops.forward:.3e}")
+    summary.add_row("training FLOPs per token (3x forward)", f"{flops.training:.3e}")
+    console.print(summary)
+    shapes = parameter_shapes(mc)
+    layers = Table(title="per-layer parameter shapes (one dense block, one MoE block, shell)")
+    layers.add_column("parameter")
+    layers.add_column("shape", justify="right")
+    shown = {f"blocks.0.", f"blocks.{mc.first_k_dense}."} if mc.first_k_dense < mc.num_layers else {"blocks.0."}
+    for name, shape in shapes.items():
+        if not name.startswith(("blocks.", "mtp.")) or any(name.startswith(prefix) for prefix in shown):
+            layers.add_row(name, "x".join(map(str, shape)))
+    console.print(layers)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxseek", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    info = sub.add_parser("info", help="parameter counts, per-layer shapes and FLOPs of a preset (abstract)")
+    info.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESET_BUILDERS))
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        return {"train": _train, "info": _info}[args.command](args, console)
+    except ValueError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

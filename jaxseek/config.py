@@ -1,0 +1,174 @@
+"""Frozen configuration dataclasses: one per concern, validated at construction.
+
+Every invalid value raises a ``ValueError`` naming the field, so a typo in a preset or a CLI override
+fails before any array is allocated. Presets live in ``jaxseek/presets.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jaxseek.model.experts import DISPATCHERS, GROUPED_MATMULS
+
+ComputeDtype = Literal["float32", "bfloat16"]
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    Queries go through a low-rank bottleneck (``q_lora_rank``, 0 = a plain projection); keys and values
+    are compressed jointly to ``kv_lora_rank`` latents plus one decoupled RoPE key of
+    ``qk_rope_head_dim`` shared by all heads. Decoding kernels attend over the
+    ``kv_lora_rank + qk_rope_head_dim`` (512 + 64 = 576) latent directly.
+    """
+
+    num_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) > 0, f"mla.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(self.q_lora_rank >= 0, "mla.q_lora_rank", f"must be >= 0 (0 = no q compression), got {self.q_lora_rank}")
+        _require(self.qk_rope_head_dim % 2 == 0, "mla.qk_rope_head_dim",
+                 f"RoPE rotates pairs of dimensions, so it must be even, got {self.qk_rope_head_dim}")
+        _require(self.rope_theta > 0, "mla.rope_theta", f"must be positive, got {self.rope_theta}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one cached token in the absorbed form (576 for DeepSeek-V3)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE: shared experts plus routed SwiGLU experts, sigmoid gate, group-limited top-k.
+
+    ``grouped_matmul`` and ``dispatch`` name the strategies the MoE layer uses for the expert matmuls
+    and for moving tokens to experts; ``jaxseek/model/experts.py`` is the one place that maps the names
+    to code.
+    """
+
+    num_routed_experts: int
+    num_shared_experts: int
+    num_experts_per_token: int
+    intermediate_size: int
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 1e-3
+    seq_aux_loss_weight: float = 0.0
+    grouped_matmul: str = "xla"
+    dispatch: str = "local"
+
+    def __post_init__(self):
+        _require(self.num_routed_experts > 0, "moe.num_routed_experts", f"must be positive, got {self.num_routed_experts}")
+        _require(self.num_shared_experts >= 0, "moe.num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
+        _require(self.intermediate_size > 0, "moe.intermediate_size", f"must be positive, got {self.intermediate_size}")
+        _require(0 < self.num_experts_per_token <= self.num_routed_experts, "moe.num_experts_per_token",
+                 f"top-k must be in [1, num_routed_experts={self.num_routed_experts}], got {self.num_experts_per_token}")
+        _require(self.n_group > 0 and self.num_routed_experts % self.n_group == 0, "moe.n_group",
+                 f"must divide num_routed_experts={self.num_routed_experts}, got {self.n_group}")
+        _require(0 < self.topk_group <= self.n_group, "moe.topk_group",
+                 f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
+        experts_per_group = self.num_routed_experts // self.n_group
+        _require(self.num_experts_per_token <= self.topk_group * experts_per_group, "moe.num_experts_per_token",
+                 f"{self.num_experts_per_token} experts cannot be chosen from {self.topk_group} groups of "
+                 f"{experts_per_group}")
+        _require(experts_per_group >= 2 or self.n_group == 1, "moe.n_group",
+                 "a group's score is the sum of its top-2 experts, so groups need at least 2 experts")
+        _require(self.routed_scaling_factor > 0, "moe.routed_scaling_factor", f"must be positive, got {self.routed_scaling_factor}")
+        _require(self.bias_update_rate >= 0, "moe.bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
+        _require(self.seq_aux_loss_weight >= 0, "moe.seq_aux_loss_weight", f"must be >= 0, got {self.seq_aux_loss_weight}")
+        _require(self.grouped_matmul in GROUPED_MATMULS, "moe.grouped_matmul",
+                 f"expected one of {GROUPED_MATMULS}, got {self.grouped_matmul!r}")
+        _require(self.dispatch in DISPATCHERS, "moe.dispatch", f"expected one of {DISPATCHERS}, got {self.dispatch!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A DeepSeek-V3-style decoder: embed -> blocks (first ``first_k_dense`` dense, then MoE) -> norm -> head,
+    plus ``mtp_depth`` multi-token-prediction modules (0 disables)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # the dense layers' SwiGLU width
+    num_layers: int
+    first_k_dense: int
+    mla: MLAConfig
+    moe: MoEConfig
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+    rms_norm_eps: float = 1e-6
+    max_seq_len: int = 4096
+    compute_dtype: ComputeDtype = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_seq_len"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(0 <= self.first_k_dense <= self.num_layers, "first_k_dense",
+                 f"must be in [0, num_layers={self.num_layers}], got {self.first_k_dense}")
+        # Every DeepSeek release keeps hidden_size a multiple of the head count (7168 = 128 * 56); the
+        # per-head shardings of the attention projections rely on it.
+        _require(self.hidden_size % self.mla.num_heads == 0, "mla.num_heads",
+                 f"must divide hidden_size={self.hidden_size}, got {self.mla.num_heads}")
+        _require(self.mtp_depth >= 0, "mtp_depth", f"must be >= 0 (0 disables MTP), got {self.mtp_depth}")
+        _require(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+        _require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
+                 f"expected 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: batch, optimiser (AdamW, warmup + cosine), clipping, checkpoints, evaluation."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    clip_norm: float = 1.0
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    eval_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "eval_every", "eval_batches"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        _require(0 <= self.warmup_steps < self.steps, "warmup_steps", f"must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        _require(0 <= self.final_lr_fraction <= 1, "final_lr_fraction", f"must be in [0, 1], got {self.final_lr_fraction}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.clip_norm > 0, "clip_norm", f"must be positive, got {self.clip_norm}")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,118 @@
+"""The training loop behind ``jaxseek train``: data, data parallelism, checkpoints, metrics, progress.
+
+The step itself is ``train_step.make_train_step``; this file only feeds it. Batches are sharded over
+every visible device (``sharding.mesh``), parameters replicated, so XLA all-reduces the gradients.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import time
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from jaxseek.checkpoint import Checkpointer
+from jaxseek.config import ModelConfig, TrainConfig
+from jaxseek.data import ByteCorpus, SequenceBatches, load_stdlib_corpus, unigram_entropy
+from jaxseek.metrics import MetricsLog, plot_training
+from jaxseek.train_step import TrainState, init_train_state, make_eval_step, make_train_step
+from sharding.mesh import batch_shards, batch_sharding, make_mesh, replicated
+
+METRICS_FILE = "metrics.parquet"
+PLOT_FILE = "training.png"
+
+
+class TrainResult(NamedTuple):
+    out_dir: pathlib.Path
+    log: MetricsLog
+    state: TrainState
+    valid_loss: float  # validation next-token CE (nats/byte) at the last step
+    unigram_entropy: float  # of the training bytes, nats
+    tokens_per_s: float  # median over this run's steps after the first (compilation) step
+
+
+def _evaluate(evaluate, state: TrainState, batches: list[np.ndarray], sharding) -> float:
+    return float(np.mean([float(evaluate(state, jax.device_put(b, sharding))) for b in batches]))
+
+
+def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
+          stop_after: int | None = None, corpus: ByteCorpus | None = None, mesh: jax.sharding.Mesh | None = None,
+          console: Console | None = None, show_progress: bool = True) -> TrainResult:
+    """Trains ``mc`` with ``tc`` and writes checkpoints, ``metrics.parquet`` and ``training.png`` to ``out_dir``.
+
+    Args:
+      resume: continue from the latest checkpoint in ``out_dir``; the continued run computes exactly
+        the steps, batches and losses an uninterrupted run would.
+      stop_after: stop (with a checkpoint) after this many total steps, as a preempted job would.
+      corpus: the byte data (default: the standard library's source).
+      mesh: devices to train on (default: a data-parallel mesh over all of them).
+    """
+    out_dir = pathlib.Path(out_dir)
+    console = console or Console()
+    mesh = mesh or make_mesh()
+    if tc.batch_size % batch_shards(mesh):
+        raise ValueError(f"batch_size: {tc.batch_size} must be a multiple of the {batch_shards(mesh)} data shards")
+    end = tc.steps if stop_after is None else min(stop_after, tc.steps)
+    corpus = corpus or load_stdlib_corpus()
+    window = tc.seq_len + 1 + mc.mtp_depth
+    train_batches = SequenceBatches(corpus.train, batch_size=tc.batch_size, window=window, seed=tc.seed)
+    valid_batches = SequenceBatches(corpus.valid, batch_size=tc.batch_size, window=window, seed=tc.seed).first(tc.eval_batches)
+    entropy = unigram_entropy(corpus.train, mc.vocab_size)
+
+    graphdef, state = init_train_state(mc, tc)
+    state = jax.device_put(state, replicated(mesh))
+    checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every)
+    log, start = MetricsLog(), 0
+    if resume:
+        start = checkpointer.latest_step()
+        if start is None:
+            raise ValueError(f"resume: no checkpoint under {out_dir}")
+        checkpointer.check_configs(mc)
+        state = checkpointer.restore(start, state)
+        if (out_dir / METRICS_FILE).exists():
+            log = MetricsLog.read_parquet(out_dir / METRICS_FILE, up_to_step=start)
+        console.print(f"[bold]resuming[/] {out_dir} at step {start}")
+    elif checkpointer.latest_step() is not None:
+        raise ValueError(f"out: {out_dir} already holds a run (checkpoint at step {checkpointer.latest_step()}); "
+                         "pass --resume to continue it or choose another --out")
+    else:
+        checkpointer.write_configs(mc, tc)
+
+    step_fn, evaluate = make_train_step(graphdef, mc, tc), make_eval_step(graphdef)
+    data_sharding = batch_sharding(mesh)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    step_times = []
+    progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[status]}"), console=console, disable=not show_progress)
+    with progress:
+        task = progress.add_task("train", total=tc.steps, completed=start, status="compiling...")
+        for step in range(start + 1, end + 1):
+            batch = jax.device_put(train_batches.batch(step - 1), data_sharding)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - t0
+            if step > start + 1:
+                step_times.append(elapsed)
+            row = log.append(step, metrics, step_time_s=elapsed, tokens=tokens_per_step)
+            if step % tc.eval_every == 0 or step == end:
+                log.set_valid_loss(_evaluate(evaluate, state, valid_batches, data_sharding))
+            checkpointer.save(step, state, force=step == end)
+            valid = f" valid {row['valid_loss']:.3f}" if row["valid_loss"] is not None else ""
+            progress.update(task, advance=1, status=f"loss {row['ce_loss']:.3f}{valid} "
+                            f"balance {row['expert_balance_mean']:.2f} {row['tokens_per_s']:,.0f} tok/s")
+    checkpointer.wait()
+    checkpointer.close()
+    log.write_parquet(out_dir / METRICS_FILE)
+    moe_layer_names = ([f"block {i}" for i in range(mc.first_k_dense, mc.num_layers)]
+                       + ([f"MTP {k}" for k in range(1, mc.mtp_depth + 1)] if mc.num_moe_layers else []))
+    plot_training(log, out_dir / PLOT_FILE, unigram_entropy=entropy, moe_layer_names=moe_layer_names,
+                  title=f"{mc.num_layers}-layer MLA/MoE, {tc.batch_size}x{tc.seq_len} bytes per step")
+    tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
+    return TrainResult(out_dir, log, state, log.rows[-1]["valid_loss"] if log.rows else float("nan"), entropy,
+                       tokens_per_s)

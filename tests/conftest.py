@@ -1,0 +1,29 @@
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxseek.config import MLAConfig, ModelConfig, MoEConfig, TrainConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro_config() -> ModelConfig:
+    """A model small enough that a jit-compiled train step runs in milliseconds."""
+    return ModelConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, first_k_dense=1,
+        mla=MLAConfig(num_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                      v_head_dim=8),
+        moe=MoEConfig(num_routed_experts=8, num_shared_experts=1, num_experts_per_token=2, intermediate_size=16,
+                      n_group=4, topk_group=2, bias_update_rate=1e-2, seq_aux_loss_weight=1e-3),
+        mtp_depth=1, max_seq_len=256)
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert jax.device_count() == 8, "conftest must run before jax is imported"
+    return jax.devices()
