@@ -46,6 +46,7 @@ class KernelConfig:
     max_concurrent_steps: int
     num_sms: int
     for_interpreter: bool = False
+    debug: str = ""
 
     @property
     def tile_m(self) -> int:
@@ -148,8 +149,11 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
                     wg_first = m_block * tile_m + wg * WG_ROWS  # first global row of this warpgroup
                     lo = jnp.clip(first_row - wg_first, 0, WG_ROWS)
                     hi = jnp.clip(end_row - wg_first, 0, WG_ROWS)
-                    _store_rows(out_smem.at[wg], out_gmem.at[pl.ds(wg_first, WG_ROWS), n_slice],
-                                lo, jnp.maximum(hi - lo, 0), WG_ROWS)
+                    if "plainstore" in config.debug:
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[pl.ds(wg_first, WG_ROWS), n_slice])
+                    else:
+                        _store_rows(out_smem.at[wg], out_gmem.at[pl.ds(wg_first, WG_ROWS), n_slice],
+                                    lo, jnp.maximum(hi - lo, 0), WG_ROWS)
 
                 def step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
                     # a_smem [tile_m, 128] e4m3; b_smem [tile_n, 128] or [128, tile_n] e4m3
@@ -162,6 +166,8 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
                         return partial_ref[...]
 
                     partial = pl.run_scoped(mma, plgpu.ACC((WG_ROWS, tile_n), jnp.float32))  # [64, tile_n]
+                    if "noscale" in config.debug:
+                        return acc + partial
                     sa = config.layout(sa_smem[0, rows], plgpu.Layout.WGMMA.reduce(1))  # [64]
                     sb = config.layout(sb_smem[0, :], plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
                     scale = lax.broadcast_in_dim(sa, partial.shape, [0]) * lax.broadcast_in_dim(sb, partial.shape, [1])
