@@ -30,13 +30,25 @@ WG_ROWS = 64  # rows per compute warpgroup (the wgmma M granularity)
 NUM_COMPUTE_WGS = 2
 
 
+SCALE_ALIGN = 32  # f32 scale tiles are padded to 32 columns: TMA needs 128-byte-aligned SMEM slots
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Static shape of one kernel launch.
 
-    tile_n: output columns per CTA tile (multiple of 8, at most 256).
-    max_concurrent_steps: TMA pipeline depth (K steps in flight).
-    num_sms: persistent CTAs.
+    tile_n: output columns per CTA tile (multiple of 8; DeepGEMM's "unaligned" widths such as 112 or 144
+      are fine).
+    max_concurrent_steps: TMA pipeline depth (128-wide K steps in flight).
+    num_sms: persistent CTAs, one per SM.
+    grid_tile_width: row tiles per band of the tile raster; CTAs sweep a band's columns together so
+      the A and B tiles they share stay in L2.
+    k_grouped: every tile reads its own K range from the schedule (weight-gradient GEMMs); otherwise all
+      tiles contract the whole K, a static pipeline length.
     for_interpreter: trace the variant the CPU interpreter can run (jax 0.10-0.11): B in [k, n] layout
       (it cannot yet run a wgmma on a transposed operand) and no register layout casts (it has no rule
       for them). The GPU kernel is the default: K-major B, which FP8 wgmma requires.
@@ -45,20 +57,26 @@ class KernelConfig:
     tile_n: int
     max_concurrent_steps: int
     num_sms: int
+    grid_tile_width: int = 8
+    k_grouped: bool = False
     for_interpreter: bool = False
-    debug: str = ""
 
     @property
     def tile_m(self) -> int:
         return WG_ROWS * NUM_COMPUTE_WGS
 
     @property
-    def b_layout(self) -> str:
-        return "kn" if self.for_interpreter else "nk"
+    def scale_tile_n(self) -> int:
+        return round_up(self.tile_n, SCALE_ALIGN)
 
     def layout(self, x: jax.Array, layout) -> jax.Array:
         """Places a register array in a Mosaic GPU layout (a no-op for the interpreter)."""
         return x if self.for_interpreter else plgpu.layout_cast(x, layout)
+
+    def smem_bytes(self, out_itemsize: int) -> int:
+        """Shared memory the launch needs: the pipeline's buffers plus the epilogue's staging tile."""
+        per_step = (self.tile_m + self.tile_n) * BLOCK_K + 4 * (self.tile_m + self.scale_tile_n)
+        return self.max_concurrent_steps * per_step + self.tile_m * self.tile_n * out_itemsize
 
 
 def _store_rows(out_smem, out_gmem, first, count, max_rows: int):
@@ -78,36 +96,31 @@ def _store_rows(out_smem, out_gmem, first, count, max_rows: int):
 
 
 def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: KernelConfig, n: int):
-    # a_gmem:     [m_pad, k] e4m3            sa_gmem: [k / 128, m_pad] f32 (MN-major A scales)
-    # b_gmem:     [g, n, k] e4m3 ("nk") or [g, k, n] ("kn")
-    # sb_gmem:    [g, k / 128, n] f32 (B scales, one per output column)
-    # tiles_gmem: [num_row_tiles, 4] int32: (group, row block, first row, end row); empty when first >= end
-    # out_gmem:   [m_pad, n] out dtype
+    # a_gmem:     [m_pad, k] e4m3                sa_gmem: [k / 128, m_pad] f32 (MN-major A scales)
+    # b_gmem:     [g, n, k] e4m3 (K-major)       or [g, k, n] for the interpreter
+    # sb_gmem:    [g, k / 128, n + 32] f32 (B scales per output column, padded)
+    # tiles_gmem: [num_tiles, 7] int32 (group, a_block, out_block, lo, hi, k_step_start, k_steps)
+    # out_gmem:   [out_rows, n] out dtype
     k = a_gmem.shape[1]
-    tile_m, tile_n = config.tile_m, config.tile_n
-    k_steps = k // BLOCK_K
+    tile_m, tile_n, scale_n = config.tile_m, config.tile_n, config.scale_tile_n
     n_tiles = n // tile_n
     num_row_tiles = tiles_gmem.shape[0]
     out_dtype = out_gmem.dtype
+    kn_b = config.for_interpreter
     fp8_transforms = (plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(128))
-    b_block = (tile_n, BLOCK_K) if config.b_layout == "nk" else (BLOCK_K, tile_n)
-    b_index = (lambda s: (0, s)) if config.b_layout == "nk" else (lambda s: (s, 0))
-    if config.b_layout == "kn":  # the "kn" tile is [128, tile_n]: swizzle along n
-        swizzle = plgpu.find_swizzle(tile_n * 8)
-        b_transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
-    else:
-        b_transforms = fp8_transforms
+    b_transforms = () if kn_b else fp8_transforms  # the interpreter's [128, tile_n] tile needs no swizzle
 
-    def make_pipeline(body, compute_context):
+    def make_pipeline(body, compute_context, k_steps):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
             memory_registers=40,
             in_specs=[
                 plgpu.BlockSpec((tile_m, BLOCK_K), lambda s: (0, s), transforms=fp8_transforms),
-                plgpu.BlockSpec(b_block, b_index, transforms=b_transforms),
+                plgpu.BlockSpec((BLOCK_K, tile_n) if kn_b else (tile_n, BLOCK_K),
+                                (lambda s: (s, 0)) if kn_b else (lambda s: (0, s)), transforms=b_transforms),
                 plgpu.BlockSpec((1, tile_m), lambda s: (s, 0)),
-                plgpu.BlockSpec((1, tile_n), lambda s: (s, 0)),
+                plgpu.BlockSpec((1, scale_n), lambda s: (s, 0)),
             ],
             wg_axis="wg",
             num_compute_wgs=NUM_COMPUTE_WGS,
@@ -116,10 +129,12 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
         )
 
     ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on the body)
+    static_steps = k // BLOCK_K
+    alloc_steps = tiles_gmem[0, 6] if config.k_grouped else static_steps
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=make_pipeline(ignore, ignore).get_allocations(
+        pipeline_allocs=make_pipeline(ignore, ignore, alloc_steps).get_allocations(
             a_gmem, b_gmem.at[0], sa_gmem, sb_gmem.at[0]),
         out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, WG_ROWS, tile_n), out_dtype),
         collective_axes="wg",
@@ -129,76 +144,73 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
 
         @plgpu.nd_loop((num_row_tiles * n_tiles,), collective_axes="sm")
         def _tile_loop(loop_info):
-            (linear,) = loop_info.index
-            row_tile, n_idx = linear // n_tiles, linear % n_tiles
-            group = tiles_gmem[row_tile, 0]
-            m_block = tiles_gmem[row_tile, 1]
-            first_row = tiles_gmem[row_tile, 2]
-            end_row = tiles_gmem[row_tile, 3]
-            m_slice = pl.ds(m_block * tile_m, tile_m)
+            row_tile, n_idx = plgpu.planar_snake(loop_info.index[0], (num_row_tiles, n_tiles), 0,
+                                                 min(config.grid_tile_width, num_row_tiles))
+            group, a_block, out_block, lo, hi, k_start, k_steps = (tiles_gmem[row_tile, f] for f in range(7))
             n_slice = pl.ds(n_idx * tile_n, tile_n)
 
-            @pl.when(first_row < end_row)
+            @pl.when(lo < hi)
             def _work():
                 def compute_context(eval_pipeline):
                     zeros = config.layout(jnp.zeros((WG_ROWS, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-                    acc = eval_pipeline(zeros)  # [64, tile_n] f32, promoted sum over K
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store read out_smem
+                    acc = eval_pipeline(zeros)  # [64, tile_n] f32, the promoted sum over K
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
                     out_smem[wg] = acc.astype(out_dtype)
                     plgpu.commit_smem()
-                    wg_first = m_block * tile_m + wg * WG_ROWS  # first global row of this warpgroup
-                    lo = jnp.clip(first_row - wg_first, 0, WG_ROWS)
-                    hi = jnp.clip(end_row - wg_first, 0, WG_ROWS)
-                    if "plainstore" in config.debug:
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[pl.ds(wg_first, WG_ROWS), n_slice])
-                    else:
-                        _store_rows(out_smem.at[wg], out_gmem.at[pl.ds(wg_first, WG_ROWS), n_slice],
-                                    lo, jnp.maximum(hi - lo, 0), WG_ROWS)
+                    wg_lo = jnp.clip(lo - wg * WG_ROWS, 0, WG_ROWS)  # this warpgroup's rows of [lo, hi)
+                    wg_hi = jnp.clip(hi - wg * WG_ROWS, 0, WG_ROWS)
+                    out_rows = pl.ds(out_block * tile_m + wg * WG_ROWS, WG_ROWS)
+                    _store_rows(out_smem.at[wg], out_gmem.at[out_rows, n_slice], wg_lo,
+                                jnp.maximum(wg_hi - wg_lo, 0), WG_ROWS)
 
                 def step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
-                    # a_smem [tile_m, 128] e4m3; b_smem [tile_n, 128] or [128, tile_n] e4m3
-                    # sa_smem [1, tile_m] f32; sb_smem [1, tile_n] f32
+                    # a_smem [tile_m, 128] e4m3; b_smem [tile_n, 128] e4m3 ([128, tile_n] interpreted)
+                    # sa_smem [1, tile_m] f32; sb_smem [1, scale_n] f32; acc [64, tile_n] f32
                     rows = pl.ds(wg * WG_ROWS, WG_ROWS)
 
                     def mma(partial_ref):
-                        b_operand = plgpu.transpose_ref(b_smem, (1, 0)) if config.b_layout == "nk" else b_smem
-                        plgpu.wgmma(partial_ref, a_smem.at[rows], b_operand)
+                        plgpu.wgmma(partial_ref, a_smem.at[rows], b_smem if kn_b else plgpu.transpose_ref(b_smem, (1, 0)))
                         return partial_ref[...]
 
-                    partial = pl.run_scoped(mma, plgpu.ACC((WG_ROWS, tile_n), jnp.float32))  # [64, tile_n]
-                    if "noscale" in config.debug:
-                        return acc + partial
+                    partial = pl.run_scoped(mma, plgpu.ACC((WG_ROWS, tile_n), jnp.float32))  # this K step alone
                     sa = config.layout(sa_smem[0, rows], plgpu.Layout.WGMMA.reduce(1))  # [64]
-                    sb = config.layout(sb_smem[0, :], plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
+                    sb = config.layout(sb_smem[0, pl.ds(0, tile_n)], plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
                     scale = lax.broadcast_in_dim(sa, partial.shape, [0]) * lax.broadcast_in_dim(sb, partial.shape, [1])
-                    return acc + partial * scale
+                    return acc + partial * scale  # promotion on the CUDA cores, in f32
 
-                b_group = b_gmem.at[group]
-                b_tile = b_group.at[n_slice, :] if config.b_layout == "nk" else b_group.at[:, n_slice]
-                make_pipeline(step, compute_context)(
-                    a_gmem.at[m_slice, :], b_tile, sa_gmem.at[:, m_slice], sb_gmem.at[group, :, n_slice],
-                    allocations=pipeline_allocs)
+                m_rows = pl.ds(a_block * tile_m, tile_m)
+                b_group = b_gmem.at[0 if config.k_grouped else group]
+                sb_group = sb_gmem.at[0 if config.k_grouped else group]
+                if config.k_grouped:  # this group's K range; the slices run past k but are never read there
+                    k_cols, k_blocks, steps = pl.ds(k_start * BLOCK_K, k), pl.ds(k_start, static_steps), k_steps
+                else:
+                    k_cols, k_blocks, steps = slice(None), slice(None), static_steps
+                b_tile = b_group.at[k_cols, n_slice] if kn_b else b_group.at[n_slice, k_cols]
+                make_pipeline(step, compute_context, steps)(
+                    a_gmem.at[m_rows, k_cols], b_tile, sa_gmem.at[k_blocks, m_rows],
+                    sb_group.at[k_blocks, pl.ds(n_idx * tile_n, scale_n)], allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def grouped_fp8_gemm(a, sa_t, b, sb_cols, tiles, *, out_dtype, config: KernelConfig, interpret=None):
-    """Launches the kernel on operands already padded and laid out by the wrapper.
+def grouped_fp8_gemm(a, sa_t, b, sb_cols, tiles, *, out_rows: int, out_dtype, config: KernelConfig,
+                     interpret=None):
+    """Launches the kernel on operands already padded and laid out by ``launch.py``.
 
     Args:
       a: [m_pad, k] e4m3 (m_pad a multiple of 128, k of 128).
       sa_t: [k / 128, m_pad] float32 A scales, transposed.
-      b: [g, n, k] e4m3, or [g, k, n] when ``config.for_interpreter`` (n a multiple of tile_n).
-      sb_cols: [g, k / 128, n] float32 B scales per output column.
-      tiles: [num_row_tiles, 4] int32 row-tile schedule.
+      b: [g, n, k] e4m3 ([g, k, n] when ``config.for_interpreter``), n a multiple of tile_n.
+      sb_cols: [g, k / 128, n + 32] float32 B scales per output column (the last 32 are padding).
+      tiles: [num_tiles, 7] int32 schedule (``schedule.py``).
+      out_rows: rows of the output (a multiple of 128).
     Returns:
-      [m_pad, n] out_dtype; rows outside every tile's [first, end) are not written.
+      [out_rows, n] out_dtype; rows no tile covers are not written.
     """
-    m_pad = a.shape[0]
-    n = sb_cols.shape[-1]
+    n = sb_cols.shape[-1] - SCALE_ALIGN
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config, n=n),
-        out_type=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
+        out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
         grid=(config.num_sms,),
         grid_names=("sm",),
         num_threads=NUM_COMPUTE_WGS + 1,

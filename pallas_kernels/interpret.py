@@ -1,0 +1,26 @@
+"""The one place that touches jax's private Mosaic GPU interpreter (CPU execution of GPU kernels).
+
+The interpreter lives under ``jax._src`` in jax 0.10-0.11; if its home moves, only this file changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def gpu_interpret_params(*, detect_races: bool = False) -> Any:
+    """Parameters that make ``plgpu.kernel(..., interpret=...)`` run on the CPU.
+
+    Buffers start as NaN (``uninitialized_memory='nan'``) and out-of-bounds reads raise, so a kernel
+    that leaves an output unwritten or reads past an operand fails loudly.
+    """
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams(detect_races=detect_races, uninitialized_memory="nan", out_of_bounds_reads="raise")
+
+
+def reset_interpreter() -> None:
+    """Clears the interpreter's global state; needed after a kernel failed inside it."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
+
+    reset_gpu_interpret_mode_state()
