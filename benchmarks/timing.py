@@ -36,3 +36,23 @@ def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16) -> float:
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     seconds = median_seconds(jax.jit(lambda x, y: x @ y), a, b)
     return 2 * n**3 / seconds / 1e12
+
+
+def gpu_kernel_ms(fn: Callable, *args, iterations: int = 10, flush_bytes: int = 1 << 28) -> float:
+    """Median GPU time (ms) of the kernels ``fn`` launches, by CUPTI, with L2 flushed before each call
+    (a ``flush_bytes`` write, as DeepGEMM's benchmarks do). Falls back to wall time off the GPU."""
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+    except ImportError:
+        return median_seconds(fn, *args, repeats=iterations) * 1e3
+    flush = jax.jit(lambda x: x + 1)
+    scratch = jnp.zeros((flush_bytes // 4,), jnp.float32)
+    measured = profiler.measure(fn)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iterations):
+        scratch = jax.block_until_ready(flush(scratch))
+        _, ms = measured(*args)
+        if ms is not None:
+            times.append(ms)
+    return statistics.median(times) if times else float("nan")

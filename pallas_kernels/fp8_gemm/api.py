@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.fp8_gemm import launch, reference, schedule
-from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K, round_up
+from pallas_kernels.fp8_gemm import kernel_ops, reference
+from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K
 from pallas_kernels.quant import FP8_DTYPE, ceil_div
 
 IMPLEMENTATIONS = ("xla", "mosaic_gpu", "interpret")
@@ -99,14 +99,8 @@ def fp8_gemm_nt(lhs, rhs, *, out_dtype=jnp.bfloat16, implementation: str | None 
     _expect_shape(sb, (ceil_div(n, BLOCK_K), ceil_div(k, BLOCK_K)), "rhs scales")
     _check_out_dtype(out_dtype)
 
-    def kernel(interpret):
-        def tiles(m_pad, k_steps):
-            return schedule.dense_tiles(m, m_pad, launch.TILE_M, k_steps), m_pad
-        out = launch.run(a, sa, b[None], reference.block_scales_per_column(sb, n)[None], make_tiles=tiles,
-                         row_tiles=ceil_div(m, launch.TILE_M), out_dtype=out_dtype, interpret=interpret)
-        return out[:m]
-
-    return _dispatch(implementation, lambda: reference.fp8_gemm_nt(a, sa, b, sb, out_dtype), kernel)
+    return _dispatch(implementation, lambda: reference.fp8_gemm_nt(a, sa, b, sb, out_dtype),
+                     lambda interpret: kernel_ops.fp8_gemm_nt(a, sa, b, sb, out_dtype=out_dtype, interpret=interpret))
 
 
 def _group_ranges(m_indices, group_offsets, m: int, num_groups: int):
@@ -163,12 +157,8 @@ def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, m_indices=None, *, group_offsets=
     starts, ends, row_valid = _group_ranges(m_indices, group_offsets, m, num_groups)
 
     def kernel(interpret):
-        def tiles(m_pad, k_steps):
-            return schedule.contiguous_tiles(starts, ends, m_pad, launch.TILE_M, k_steps), m_pad
-        out = launch.run(a, sa, b, reference.block_scales_per_column(sb, n), make_tiles=tiles,
-                         row_tiles=ceil_div(m, launch.TILE_M) + num_groups - 1, out_dtype=out_dtype,
-                         interpret=interpret)
-        return jnp.where(row_valid[:, None], out[:m], 0).astype(out_dtype)
+        out = kernel_ops.m_grouped_contiguous(a, sa, b, sb, starts, ends, out_dtype=out_dtype, interpret=interpret)
+        return jnp.where(row_valid[:, None], out, 0).astype(out_dtype)
 
     def xla():
         if m_indices is not None:
@@ -206,20 +196,10 @@ def m_grouped_fp8_gemm_nt_masked(lhs, rhs, masked_m, expected_m: int, *, out_dty
     if not isinstance(expected_m, (int, np.integer)) or expected_m < 0:
         raise ValueError(f"expected_m: expected a non-negative Python int, got {expected_m!r}")
 
-    def kernel(interpret):
-        m_max_pad = round_up(max(m_max, 1), launch.TILE_M)
-        a_flat = jnp.pad(a, ((0, 0), (0, m_max_pad - m_max), (0, 0))).reshape(-1, k)
-        sa_flat = jnp.pad(sa, ((0, 0), (0, m_max_pad - m_max), (0, 0))).reshape(num_groups * m_max_pad, -1)
-
-        def tiles(m_pad, k_steps):
-            return schedule.masked_tiles(masked_m, m_max_pad, launch.TILE_M, k_steps), m_pad
-        out = launch.run(a_flat, sa_flat, b, reference.block_scales_per_column(sb, n), make_tiles=tiles,
-                         row_tiles=num_groups * max(ceil_div(expected_m, launch.TILE_M), 1), out_dtype=out_dtype,
-                         interpret=interpret)
-        return out.reshape(num_groups, m_max_pad, n)[:, :m_max]
-
     return _dispatch(implementation,
-                     lambda: reference.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, out_dtype), kernel)
+                     lambda: reference.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, out_dtype),
+                     lambda interpret: kernel_ops.m_grouped_masked(a, sa, b, sb, masked_m, int(expected_m),
+                                                                   out_dtype=out_dtype, interpret=interpret))
 
 
 def k_grouped_fp8_gemm_nt_contiguous(lhs, rhs, group_ks, *, c=None, implementation: str | None = None) -> jax.Array:
@@ -255,15 +235,6 @@ def k_grouped_fp8_gemm_nt_contiguous(lhs, rhs, group_ks, *, c=None, implementati
             raise ValueError(f"c: expected float32, got {c.dtype}")
         _expect_shape(c, (num_groups, m, n), "c")
 
-    def kernel(interpret):
-        m_pad = round_up(max(m, 1), launch.TILE_M)
-
-        def tiles(m_pad_, k_steps):
-            return schedule.k_grouped_tiles(group_ks, m, m_pad_, launch.TILE_M, BLOCK_K), num_groups * m_pad_
-        out = launch.run(a, sa, b[None], sb.T[None], make_tiles=tiles, row_tiles=num_groups * (m_pad // launch.TILE_M),
-                         out_dtype=jnp.float32, interpret=interpret, k_grouped=True)
-        out = out.reshape(num_groups, m_pad, n)[:, :m]
-        return jnp.where((group_ks > 0)[:, None, None], out, 0.0)
-
-    out = _dispatch(implementation, lambda: reference.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_ks), kernel)
+    out = _dispatch(implementation, lambda: reference.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_ks),
+                    lambda interpret: kernel_ops.k_grouped_contiguous(a, sa, b, sb, group_ks, interpret=interpret))
     return out if c is None else out + c

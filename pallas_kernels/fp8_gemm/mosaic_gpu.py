@@ -95,6 +95,22 @@ def _store_rows(out_smem, out_gmem, first, count, max_rows: int):
         offset = offset + (count & rows)
 
 
+def tile_coordinates(linear, num_row_tiles: int, num_col_tiles: int, band: int):
+    """Work item -> (row tile, column tile), sweeping bands of ``band`` row tiles column by column,
+    alternate bands in reverse (a snake), so concurrently running CTAs share A and B tiles in L2.
+
+    Unlike ``plgpu.planar_snake`` it never divides by zero when ``band`` divides the row tiles (XLA
+    constant-folds that dead branch into a crash under the CPU interpreter).
+    """
+    band = max(1, min(band, num_row_tiles))
+    band_idx = linear // (band * num_col_tiles)
+    within = linear - band_idx * (band * num_col_tiles)
+    width = jnp.maximum(jnp.minimum(band, num_row_tiles - band_idx * band), 1)  # the last band may be narrower
+    col = within // width
+    col = jnp.where(band_idx % 2 == 0, col, num_col_tiles - 1 - col)
+    return band_idx * band + within % width, col
+
+
 def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: KernelConfig, n: int):
     # a_gmem:     [m_pad, k] e4m3                sa_gmem: [k / 128, m_pad] f32 (MN-major A scales)
     # b_gmem:     [g, n, k] e4m3 (K-major)       or [g, k, n] for the interpreter
@@ -110,17 +126,25 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
     fp8_transforms = (plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(128))
     b_transforms = () if kn_b else fp8_transforms  # the interpreter's [128, tile_n] tile needs no swizzle
 
-    def make_pipeline(body, compute_context, k_steps):
+    def make_pipeline(body, compute_context, k_steps, k_offset=None):
+        # The interpreter runs k-grouped tiles as full-length pipelines whose block index is offset to
+        # the group's K range (clamped), the surplus steps masked in ``step``: it cannot run
+        # dynamic-length pipelines (they hang or crash it in jax 0.10.2).
+        if k_offset is None:
+            k_index = lambda s: s  # noqa: E731
+        else:
+            k_index = lambda s: jnp.minimum(k_offset + s, static_steps - 1)  # noqa: E731
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((tile_m, BLOCK_K), lambda s: (0, s), transforms=fp8_transforms),
+                plgpu.BlockSpec((tile_m, BLOCK_K), lambda s: (0, k_index(s)), transforms=fp8_transforms),
                 plgpu.BlockSpec((BLOCK_K, tile_n) if kn_b else (tile_n, BLOCK_K),
-                                (lambda s: (s, 0)) if kn_b else (lambda s: (0, s)), transforms=b_transforms),
-                plgpu.BlockSpec((1, tile_m), lambda s: (s, 0)),
-                plgpu.BlockSpec((1, scale_n), lambda s: (s, 0)),
+                                (lambda s: (k_index(s), 0)) if kn_b else (lambda s: (0, k_index(s))),
+                                transforms=b_transforms),
+                plgpu.BlockSpec((1, tile_m), lambda s: (k_index(s), 0)),
+                plgpu.BlockSpec((1, scale_n), lambda s: (k_index(s), 0)),
             ],
             wg_axis="wg",
             num_compute_wgs=NUM_COMPUTE_WGS,
@@ -130,7 +154,8 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
 
     ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on the body)
     static_steps = k // BLOCK_K
-    alloc_steps = tiles_gmem[0, 6] if config.k_grouped else static_steps
+    dynamic_k = config.k_grouped and not config.for_interpreter
+    alloc_steps = tiles_gmem[0, 6] if dynamic_k else static_steps
 
     @functools.partial(
         pl.run_scoped,
@@ -144,8 +169,7 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
 
         @plgpu.nd_loop((num_row_tiles * n_tiles,), collective_axes="sm")
         def _tile_loop(loop_info):
-            row_tile, n_idx = plgpu.planar_snake(loop_info.index[0], (num_row_tiles, n_tiles), 0,
-                                                 min(config.grid_tile_width, num_row_tiles))
+            row_tile, n_idx = tile_coordinates(loop_info.index[0], num_row_tiles, n_tiles, config.grid_tile_width)
             group, a_block, out_block, lo, hi, k_start, k_steps = (tiles_gmem[row_tile, f] for f in range(7))
             n_slice = pl.ds(n_idx * tile_n, tile_n)
 
@@ -163,7 +187,7 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
                     _store_rows(out_smem.at[wg], out_gmem.at[out_rows, n_slice], wg_lo,
                                 jnp.maximum(wg_hi - wg_lo, 0), WG_ROWS)
 
-                def step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
+                def step(indices, a_smem, b_smem, sa_smem, sb_smem, acc):
                     # a_smem [tile_m, 128] e4m3; b_smem [tile_n, 128] e4m3 ([128, tile_n] interpreted)
                     # sa_smem [1, tile_m] f32; sb_smem [1, scale_n] f32; acc [64, tile_n] f32
                     rows = pl.ds(wg * WG_ROWS, WG_ROWS)
@@ -176,17 +200,21 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
                     sa = config.layout(sa_smem[0, rows], plgpu.Layout.WGMMA.reduce(1))  # [64]
                     sb = config.layout(sb_smem[0, pl.ds(0, tile_n)], plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
                     scale = lax.broadcast_in_dim(sa, partial.shape, [0]) * lax.broadcast_in_dim(sb, partial.shape, [1])
+                    if config.k_grouped and config.for_interpreter:  # steps past the group's K range
+                        scale = jnp.where(indices[0] < k_steps, scale, 0.0)
                     return acc + partial * scale  # promotion on the CUDA cores, in f32
 
                 m_rows = pl.ds(a_block * tile_m, tile_m)
                 b_group = b_gmem.at[0 if config.k_grouped else group]
                 sb_group = sb_gmem.at[0 if config.k_grouped else group]
-                if config.k_grouped:  # this group's K range; the slices run past k but are never read there
+                k_offset = None
+                if dynamic_k:  # this group's K range; the slices run past k but are never read there
                     k_cols, k_blocks, steps = pl.ds(k_start * BLOCK_K, k), pl.ds(k_start, static_steps), k_steps
                 else:
                     k_cols, k_blocks, steps = slice(None), slice(None), static_steps
+                    k_offset = k_start if config.k_grouped else None
                 b_tile = b_group.at[k_cols, n_slice] if kn_b else b_group.at[n_slice, k_cols]
-                make_pipeline(step, compute_context, steps)(
+                make_pipeline(step, compute_context, steps, k_offset)(
                     a_gmem.at[m_rows, k_cols], b_tile, sa_gmem.at[k_blocks, m_rows],
                     sb_group.at[k_blocks, pl.ds(n_idx * tile_n, scale_n)], allocations=pipeline_allocs)
 

@@ -1,0 +1,150 @@
+"""Every GPU check and benchmark in one process, for the few minutes a GPU is lent (H200 target < 8 min).
+
+1. Roofline peers measured now: copy bandwidth, bf16 matmul rate.
+2. FP8 GEMM kernels on odd shapes against the XLA reference (all four ops, on the GPU).
+3. FP8 GEMM speed over DeepGEMM's shapes (``benchmarks/fp8_gemm.py``) and a small tile sweep.
+4. Training-step throughput (``benchmarks/train_tiny.py``).
+
+    python benchmarks/gpu_suite.py [--quick] [--out DIR]
+
+Imports only jax, flax, optax, orbax and rich (the lent GPU machine has no polars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import fp8_gemm  # noqa: E402
+from timing import copy_bandwidth_gbps, gpu_kernel_ms, matmul_tflops  # noqa: E402
+
+
+def fp8_correctness_in_subprocess(timeout_s: int = 240) -> list[dict]:
+    """``fp8_correctness`` in a child process: a kernel that hangs on the GPU must not stall the suite."""
+    import subprocess
+    result = subprocess.run([sys.executable, __file__, "--correctness-only"], capture_output=True, text=True,
+                            timeout=timeout_s)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode:
+        rows.append({"error": f"exit {result.returncode}: {result.stderr[-1500:]}"})
+    return rows
+
+
+def fp8_correctness() -> list[dict]:
+    """Each op on unaligned shapes, ragged/empty groups: Mosaic GPU kernel vs the XLA path."""
+    from pallas_kernels.fp8_gemm import api
+    from pallas_kernels.quant import per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8
+
+    key = jax.random.key
+    x = jax.random.normal(key(0), (300, 520))
+    w = jax.random.normal(key(1), (3, 200, 520))
+    qx, qw = per_token_cast_to_fp8(x), jax.vmap(per_block_cast_to_fp8)(w)
+    m_indices = jnp.array([0] * 70 + [-1] * 30 + [2] * 200, jnp.int32)
+    xm = jax.random.normal(key(2), (3, 150, 520))
+    qxm = jax.vmap(per_token_cast_to_fp8)(xm)
+    masked_m = jnp.array([1, 0, 150], jnp.int32)
+    dy, act = jax.random.normal(key(3), (640, 96)), jax.random.normal(key(4), (640, 136))
+    qa, qb = per_channel_cast_to_fp8(dy), per_channel_cast_to_fp8(act)
+    group_ks = jnp.array([256, 0, 384], jnp.int32)
+    cases = {
+        "fp8_gemm_nt 300x200x520": lambda impl: api.fp8_gemm_nt(qx, (qw.data[0], qw.scale[0]), implementation=impl),
+        "fp8_gemm_nt 1x200x520": lambda impl: api.fp8_gemm_nt((qx.data[:1], qx.scale[:1]), (qw.data[0], qw.scale[0]),
+                                                              implementation=impl),
+        "contiguous ragged 70/skip30/0/200": lambda impl: api.m_grouped_fp8_gemm_nt_contiguous(
+            qx, qw, m_indices, implementation=impl),
+        "masked 1/0/150": lambda impl: api.m_grouped_fp8_gemm_nt_masked(qxm, qw, masked_m, 64, implementation=impl)[2],
+        "k_grouped 256/0/384": lambda impl: api.k_grouped_fp8_gemm_nt_contiguous(
+            (qa.data.T, qa.scale.T), (qb.data.T, qb.scale.T), group_ks, implementation=impl),
+    }
+    rows = []
+    for name, fn in cases.items():
+        try:
+            kernel, xla = np.asarray(fn("mosaic_gpu"), np.float32), np.asarray(fn("xla"), np.float32)
+            rows.append({"case": name, "calc_diff_vs_xla": fp8_gemm.calc_diff(kernel, xla),
+                         "max_abs_diff": float(np.abs(kernel - xla).max()), "finite": bool(np.isfinite(kernel).all())})
+        except Exception as error:
+            rows.append({"case": name, "error": f"{type(error).__name__}: {error}"[:400]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def tile_sweep(m=4096, n=7168, k=16384) -> list[dict]:
+    """A few kernel configs on one compute-bound shape (what the heuristic should pick)."""
+    from pallas_kernels.fp8_gemm import kernel_ops, reference, schedule
+    from pallas_kernels.fp8_gemm.config import num_sms_of_device, select_config
+    from pallas_kernels.fp8_gemm.mosaic_gpu import KernelConfig
+    from pallas_kernels.quant import per_block_cast_to_fp8, per_token_cast_to_fp8
+
+    x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16)
+    (a, sa), (b, sb) = per_token_cast_to_fp8(x), per_block_cast_to_fp8(w)
+    sb_cols = reference.block_scales_per_column(sb, n)[None]
+    sms = num_sms_of_device()
+    heuristic, _ = select_config(m // 128, n, 2, num_sms=sms)
+    configs = [heuristic] + [KernelConfig(tile_n=t, max_concurrent_steps=s, num_sms=sms, grid_tile_width=w)
+                             for t, s, w in ((128, 4, 8), (128, 5, 16), (128, 5, 4), (112, 5, 8), (128, 6, 8))]
+    rows = []
+    for config in configs:
+        def run(a, sa, b, sb_cols, config=config):
+            return kernel_ops.run(a, sa, b[None], sb_cols, row_tiles=m // 128, out_dtype=jnp.bfloat16, interpret=False,
+                              make_tiles=lambda mp, ks: (schedule.dense_tiles(m, mp, 128, ks), mp), config=config)
+        try:
+            ms = gpu_kernel_ms(jax.jit(run), a, sa, b, sb_cols)
+            rows.append({"config": str(config), "tflops": 2 * m * n * k / ms / 1e9, "heuristic": config is heuristic})
+        except Exception as error:
+            rows.append({"config": str(config), "error": f"{type(error).__name__}: {error}"[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def training() -> list[dict]:
+    import train_tiny
+    return [train_tiny.measure("tiny", 20), train_tiny.measure("small", 20, bf16=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few shapes per benchmark")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--correctness-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.correctness_only:
+        fp8_correctness()
+        return
+    device = jax.devices()[0]
+    report = {"device": device.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+    print(f"{device.device_kind}, jax {jax.__version__}", flush=True)
+    sections = {
+        "peers": lambda: {"copy_gbps": copy_bandwidth_gbps(), "bf16_matmul_tflops": matmul_tflops()},
+        "fp8_correctness": fp8_correctness_in_subprocess,
+        "fp8_gemm": lambda: fp8_gemm.run(args.quick),
+        "fp8_tile_sweep": tile_sweep,
+        "training": training,
+    }
+    for name, section in sections.items():
+        start = time.time()
+        try:
+            report[name] = section()
+        except Exception:
+            report[name] = {"error": traceback.format_exc()[-2000:]}
+        print(f"== {name} ({time.time() - start:.0f} s): {json.dumps(report[name])[:3000]}", flush=True)
+    if isinstance(report.get("fp8_gemm"), list):
+        print(fp8_gemm.format_table(report["fp8_gemm"]))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'gpu_suite.json'}")
+
+
+if __name__ == "__main__":
+    main()
