@@ -29,11 +29,13 @@ import fp8_gemm  # noqa: E402
 from timing import copy_bandwidth_gbps, gpu_kernel_ms, matmul_tflops  # noqa: E402
 
 
-def fp8_correctness_in_subprocess(timeout_s: int = 240) -> list[dict]:
-    """``fp8_correctness`` in a child process: a kernel that hangs on the GPU must not stall the suite."""
+def in_subprocess(flag: str, timeout_s: int = 240) -> list[dict]:
+    """One section in a child process: a kernel that hangs or faults on the GPU must not stop the suite."""
     import subprocess
-    result = subprocess.run([sys.executable, __file__, "--correctness-only"], capture_output=True, text=True,
-                            timeout=timeout_s)
+    try:
+        result = subprocess.run([sys.executable, __file__, flag], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        return [{"error": f"timed out after {timeout_s} s", "stdout": str(error.stdout)[-1500:]}]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode:
         rows.append({"error": f"exit {result.returncode}: {result.stderr[-1500:]}"})
@@ -91,8 +93,10 @@ def tile_sweep(m=4096, n=7168, k=16384) -> list[dict]:
     sb_cols = reference.block_scales_per_column(sb, n)[None]
     sms = num_sms_of_device()
     heuristic, _ = select_config(m // 128, n, 2, num_sms=sms)
-    configs = [heuristic] + [KernelConfig(tile_n=t, max_concurrent_steps=s, num_sms=sms, grid_tile_width=w)
-                             for t, s, w in ((128, 4, 8), (128, 5, 16), (128, 5, 4), (112, 5, 8), (128, 6, 8))]
+    configs = [heuristic] + [KernelConfig(tile_n=t, max_concurrent_steps=s, num_sms=sms, grid_tile_width=w,
+                                          direct_scale_loads=d)
+                             for t, s, w, d in ((128, 4, 16, False), (128, 3, 8, False), (96, 4, 8, False),
+                                                (128, 4, 8, True))]
     rows = []
     for config in configs:
         def run(a, sa, b, sb_cols, config=config):
@@ -117,19 +121,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few shapes per benchmark")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--correctness-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.correctness_only:
-        fp8_correctness()
+    if args.correctness_only or args.sweep_only:
+        (fp8_correctness if args.correctness_only else tile_sweep)()
         return
     device = jax.devices()[0]
     report = {"device": device.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
     print(f"{device.device_kind}, jax {jax.__version__}", flush=True)
     sections = {
         "peers": lambda: {"copy_gbps": copy_bandwidth_gbps(), "bf16_matmul_tflops": matmul_tflops()},
-        "fp8_correctness": fp8_correctness_in_subprocess,
+        "fp8_correctness": lambda: in_subprocess("--correctness-only"),
         "fp8_gemm": lambda: fp8_gemm.run(args.quick),
-        "fp8_tile_sweep": tile_sweep,
         "training": training,
+        "fp8_tile_sweep": lambda: in_subprocess("--sweep-only"),
     }
     for name, section in sections.items():
         start = time.time()
