@@ -120,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few shapes per benchmark")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--sections", default="peers,fp8_correctness,fp8_gemm,training,fp8_tile_sweep",
+                        help="comma-separated subset of the sections to run")
     parser.add_argument("--correctness-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sweep-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,6 +139,8 @@ def main() -> None:
         "fp8_tile_sweep": lambda: in_subprocess("--sweep-only"),
     }
     for name, section in sections.items():
+        if name not in args.sections.split(","):
+            continue
         start = time.time()
         try:
             report[name] = section()
