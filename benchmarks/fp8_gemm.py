@@ -18,12 +18,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from timing import gpu_kernel_ms  # noqa: E402
 
 from pallas_kernels.fp8_gemm import api  # noqa: E402
+from pallas_kernels.numerics import calc_diff  # noqa: E402
 from pallas_kernels.quant import per_block_cast_to_fp8, per_token_cast_to_fp8  # noqa: E402
 
 FP8_PEAK_TFLOPS = 1979.0  # H100/H200/H800 dense FP8 tensor-core peak
@@ -31,12 +31,6 @@ NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7
 NORMAL = [(m, n, k) for m in (64, 128, 4096) for n, k in NK]
 CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
 MASKED = [(g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in ((4096, 7168), (7168, 2048))]
-
-
-def calc_diff(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    denominator = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denominator) if denominator else 0.0
 
 
 def _row(kind, shape, flops, bytes_moved, ms, diff, peers):

@@ -25,6 +25,8 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master parameters")
+    p.add_argument("--fp8", action="store_true",
+                   help="DeepSeek-V3 FP8 GEMMs (1x128 / 128x128 scaling) in every linear layer and expert")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -40,10 +42,12 @@ def _train(args, console: Console) -> int:
     tc = tc.replace(**overrides)
     if args.bf16:
         mc = mc.replace(compute_dtype="bfloat16")
+    if args.fp8:
+        mc = mc.with_fp8()
     out = args.out or f"runs/{args.preset}"
     import jax
 
-    console.print(f"[bold]jaxseek train[/] preset={args.preset} steps={tc.steps} batch={tc.batch_size}x{tc.seq_len} "
+    console.print(f"[bold]jaxseek train[/] preset={args.preset} fp8={mc.fp8} steps={tc.steps} batch={tc.batch_size}x{tc.seq_len} "
                   f"devices={jax.device_count()} ({jax.devices()[0].platform}) out={out}")
     result = train(mc, tc, out, resume=args.resume, stop_after=args.stop_after, console=console,
                    show_progress=not args.no_progress)

@@ -117,6 +117,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_seq_len: int = 4096
     compute_dtype: ComputeDtype = "float32"
+    fp8: bool = False  # DeepSeek-V3's FP8 GEMMs in the dense projections (see also moe.grouped_matmul)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -140,6 +141,10 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_fp8(self) -> ModelConfig:
+        """FP8 training as DeepSeek-V3: every linear GEMM except the embedding, output head and router."""
+        return self.replace(fp8=True, moe=dataclasses.replace(self.moe, grouped_matmul="fp8"))
 
 
 @dataclasses.dataclass(frozen=True)

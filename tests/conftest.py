@@ -11,6 +11,15 @@ import pytest  # noqa: E402
 from jaxseek.config import MLAConfig, ModelConfig, MoEConfig, TrainConfig  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (``item.rep_call``), for fixtures that clean up after
+    a failure (the Mosaic GPU interpreter must be reset after a kernel fails inside it)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def micro_config() -> ModelConfig:
     """A model small enough that a jit-compiled train step runs in milliseconds."""

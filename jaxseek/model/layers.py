@@ -1,4 +1,5 @@
-"""Small building blocks shared by attention, experts and MTP: linear, RMSNorm, RoPE, SwiGLU."""
+"""Small building blocks shared by attention, experts and MTP: dense projections (optionally FP8), RMSNorm,
+RoPE, SwiGLU."""
 
 from __future__ import annotations
 
@@ -6,11 +7,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.fp8_gemm.vjp import fp8_linear
 
-def linear(in_features: int, out_features: int, *, dtype, init_std: float, rngs: nnx.Rngs) -> nnx.Linear:
-    """A bias-free projection whose fp32 master weight is cast to ``dtype`` for the matmul."""
-    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.normal(init_std), rngs=rngs)
+
+class Dense(nnx.Module):
+    """A bias-free projection ``x @ kernel`` with an fp32 master ``kernel`` [in, out].
+
+    The matmul runs in ``dtype`` (float32 or bfloat16), or, with ``fp8``, as DeepSeek-V3's FP8 GEMMs
+    (1x128 activation and 128x128 weight scaling in forward, dgrad and wgrad; ``pallas_kernels.fp8_gemm``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, init_std: float, fp8: bool, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (in_features, out_features),
+                                                                  jnp.float32))
+        self.dtype = dtype
+        self.fp8 = fp8
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., in] -> [..., out] in ``dtype``."""
+        x = x.astype(self.dtype)
+        if self.fp8:
+            return fp8_linear(x, self.kernel[...].T)
+        return x @ self.kernel[...].astype(self.dtype)
+
+
+def linear(in_features: int, out_features: int, *, dtype, init_std: float, rngs: nnx.Rngs, fp8: bool = False) -> Dense:
+    return Dense(in_features, out_features, dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
 
 
 def rms_norm(features: int, *, eps: float, dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -40,10 +62,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, init_std: float, rngs: nnx.Rngs):
-        self.gate_proj = linear(hidden_size, intermediate_size, dtype=dtype, init_std=init_std, rngs=rngs)
-        self.up_proj = linear(hidden_size, intermediate_size, dtype=dtype, init_std=init_std, rngs=rngs)
-        self.down_proj = linear(intermediate_size, hidden_size, dtype=dtype, init_std=init_std, rngs=rngs)
+    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, init_std: float, rngs: nnx.Rngs,
+                 fp8: bool = False):
+        dense = dict(dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
+        self.gate_proj = linear(hidden_size, intermediate_size, **dense)
+        self.up_proj = linear(hidden_size, intermediate_size, **dense)
+        self.down_proj = linear(intermediate_size, hidden_size, **dense)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., hidden] -> [..., hidden]."""

@@ -67,20 +67,21 @@ def latent_attention(q_latent: jax.Array, kv_latent: jax.Array, mask: jax.Array,
 
 
 class MultiHeadLatentAttention(nnx.Module):
-    def __init__(self, hidden_size: int, config: MLAConfig, *, eps: float, dtype, init_std: float, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, config: MLAConfig, *, eps: float, dtype, init_std: float, rngs: nnx.Rngs,
+                 fp8: bool = False):
         self.config = config
         h = config.num_heads
+        dense = dict(dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
         if config.q_lora_rank > 0:
-            self.wq_a = linear(hidden_size, config.q_lora_rank, dtype=dtype, init_std=init_std, rngs=rngs)
+            self.wq_a = linear(hidden_size, config.q_lora_rank, **dense)
             self.q_norm = rms_norm(config.q_lora_rank, eps=eps, dtype=dtype, rngs=rngs)
-            self.wq_b = linear(config.q_lora_rank, h * config.qk_head_dim, dtype=dtype, init_std=init_std, rngs=rngs)
+            self.wq_b = linear(config.q_lora_rank, h * config.qk_head_dim, **dense)
         else:
-            self.wq = linear(hidden_size, h * config.qk_head_dim, dtype=dtype, init_std=init_std, rngs=rngs)
-        self.wkv_a = linear(hidden_size, config.latent_dim, dtype=dtype, init_std=init_std, rngs=rngs)
+            self.wq = linear(hidden_size, h * config.qk_head_dim, **dense)
+        self.wkv_a = linear(hidden_size, config.latent_dim, **dense)
         self.kv_norm = rms_norm(config.kv_lora_rank, eps=eps, dtype=dtype, rngs=rngs)
-        self.wkv_b = linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim),
-                            dtype=dtype, init_std=init_std, rngs=rngs)
-        self.wo = linear(h * config.v_head_dim, hidden_size, dtype=dtype, init_std=init_std, rngs=rngs)
+        self.wkv_b = linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), **dense)
+        self.wo = linear(h * config.v_head_dim, hidden_size, **dense)
 
     @property
     def softmax_scale(self) -> float:

@@ -29,7 +29,8 @@ class MoEStats(NamedTuple):
 
 
 class MoE(nnx.Module):
-    def __init__(self, hidden_size: int, config: MoEConfig, *, dtype, init_std: float, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, config: MoEConfig, *, dtype, init_std: float, rngs: nnx.Rngs,
+                 fp8: bool = False):
         self.config = config
         self.dtype = dtype
         e, d, f = config.num_routed_experts, hidden_size, config.intermediate_size
@@ -39,7 +40,7 @@ class MoE(nnx.Module):
         self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32))  # [experts, hidden, inter]
         self.w_up = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32))  # [experts, hidden, inter]
         self.w_down = nnx.Param(init(rngs.params(), (e, f, d), jnp.float32))  # [experts, inter, hidden]
-        self.shared = (SwiGLU(d, config.num_shared_experts * f, dtype=dtype, init_std=init_std, rngs=rngs)
+        self.shared = (SwiGLU(d, config.num_shared_experts * f, dtype=dtype, init_std=init_std, rngs=rngs, fp8=fp8)
                        if config.num_shared_experts else None)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEStats]:

@@ -42,10 +42,11 @@ class Block(nnx.Module):
         dtype, std, eps = _dtype(config), config.init_std, config.rms_norm_eps
         self.attn_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
         self.attn = MultiHeadLatentAttention(config.hidden_size, config.mla, eps=eps, dtype=dtype, init_std=std,
-                                             rngs=rngs)
+                                             rngs=rngs, fp8=config.fp8)
         self.ffn_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
-        self.ffn = (MoE(config.hidden_size, config.moe, dtype=dtype, init_std=std, rngs=rngs) if use_moe
-                    else SwiGLU(config.hidden_size, config.intermediate_size, dtype=dtype, init_std=std, rngs=rngs))
+        self.ffn = (MoE(config.hidden_size, config.moe, dtype=dtype, init_std=std, rngs=rngs, fp8=config.fp8)
+                    if use_moe else SwiGLU(config.hidden_size, config.intermediate_size, dtype=dtype, init_std=std,
+                                           rngs=rngs, fp8=config.fp8))
 
     @property
     def is_moe(self) -> bool:
@@ -67,7 +68,8 @@ class MTPModule(nnx.Module):
         dtype, eps = _dtype(config), config.rms_norm_eps
         self.hidden_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
         self.embed_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
-        self.proj = linear(2 * config.hidden_size, config.hidden_size, dtype=dtype, init_std=config.init_std, rngs=rngs)
+        self.proj = linear(2 * config.hidden_size, config.hidden_size, dtype=dtype, init_std=config.init_std, rngs=rngs,
+                           fp8=config.fp8)
         self.block = Block(config, use_moe=config.num_moe_layers > 0, rngs=rngs)
 
     def __call__(self, h_prev: jax.Array, next_embeddings: jax.Array, positions: jax.Array
