@@ -94,10 +94,8 @@ def tile_sweep(m=4096, n=7168, k=16384) -> list[dict]:
     sb_cols = reference.block_scales_per_column(sb, n)[None]
     sms = num_sms_of_device()
     heuristic, _ = select_config(m // 128, n, 2, num_sms=sms)
-    configs = [heuristic] + [KernelConfig(tile_n=t, max_concurrent_steps=s, num_sms=sms, grid_tile_width=w,
-                                          direct_scale_loads=d)
-                             for t, s, w, d in ((128, 4, 16, False), (128, 3, 8, False), (96, 4, 8, False),
-                                                (128, 4, 8, True))]
+    configs = [heuristic] + [KernelConfig(tile_n=t, max_concurrent_steps=s, num_sms=sms, grid_tile_width=w)
+                             for t, s, w in ((128, 4, 16), (128, 3, 8), (96, 4, 8))]
     rows = []
     for config in configs:
         def run(a, sa, b, sb_cols, config=config):

@@ -49,9 +49,6 @@ class KernelConfig:
       the A and B tiles they share stay in L2.
     k_grouped: every tile reads its own K range from the schedule (weight-gradient GEMMs); otherwise all
       tiles contract the whole K, a static pipeline length.
-    direct_scale_loads: load the scale vectors from SMEM straight into the accumulator's row/column
-      layouts (``plgpu.load``) instead of a plain load plus a relayout (an experiment; the interpreter
-      has no rule for ``plgpu.load``).
     for_interpreter: trace the variant the CPU interpreter can run (jax 0.10-0.11): B in [k, n] layout
       (it cannot yet run a wgmma on a transposed operand) and no register layout casts (it has no rule
       for them). The GPU kernel is the default: K-major B, which FP8 wgmma requires.
@@ -63,7 +60,6 @@ class KernelConfig:
     grid_tile_width: int = 8
     k_grouped: bool = False
     for_interpreter: bool = False
-    direct_scale_loads: bool = False
 
     @property
     def tile_m(self) -> int:
@@ -77,11 +73,6 @@ class KernelConfig:
         """Places a register array in a Mosaic GPU layout (a no-op for the interpreter)."""
         return x if self.for_interpreter else plgpu.layout_cast(x, layout)
 
-    def load_vector(self, ref, layout) -> jax.Array:
-        """Reads a 1-D SMEM ref into registers in ``layout``."""
-        if self.direct_scale_loads and not self.for_interpreter:
-            return plgpu.load(ref, (), layout=layout)
-        return self.layout(ref[...], layout)
 
     def smem_bytes(self, out_itemsize: int) -> int:
         """Shared memory the launch needs: the pipeline's buffers plus the epilogue's staging tile."""
@@ -138,8 +129,8 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
 
     def make_pipeline(body, compute_context, k_steps, k_offset=None):
         # The interpreter runs k-grouped tiles as full-length pipelines whose block index is offset to
-        # the group's K range (clamped), the surplus steps masked in ``step``: it cannot run
-        # dynamic-length pipelines (they hang or crash it in jax 0.10.2).
+        # the group's K range (clamped), the surplus steps masked in ``step``: a dynamic-length pipeline
+        # can hang it (jax 0.10.2). On a GPU each tile's pipeline runs exactly its group's K steps.
         if k_offset is None:
             k_index = lambda s: s  # noqa: E731
         else:
@@ -207,8 +198,9 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
                         return partial_ref[...]
 
                     partial = pl.run_scoped(mma, plgpu.ACC((WG_ROWS, tile_n), jnp.float32))  # this K step alone
-                    sa = config.load_vector(sa_smem.at[0, rows], plgpu.Layout.WGMMA.reduce(1))  # [64]
-                    sb = config.load_vector(sb_smem.at[0, pl.ds(0, tile_n)], plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
+                    # (loading these straight into the layouts with plgpu.load measured no faster on an H200)
+                    sa = config.layout(sa_smem[0, rows], plgpu.Layout.WGMMA.reduce(1))  # [64]
+                    sb = config.layout(sb_smem[0, pl.ds(0, tile_n)], plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
                     scale = lax.broadcast_in_dim(sa, partial.shape, [0]) * lax.broadcast_in_dim(sb, partial.shape, [1])
                     if config.k_grouped and config.for_interpreter:  # steps past the group's K range
                         scale = jnp.where(indices[0] < k_steps, scale, 0.0)
@@ -233,7 +225,7 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
 
 def grouped_fp8_gemm(a, sa_t, b, sb_cols, tiles, *, out_rows: int, out_dtype, config: KernelConfig,
                      interpret=None):
-    """Launches the kernel on operands already padded and laid out by ``launch.py``.
+    """Launches the kernel on operands already padded and laid out by ``kernel_ops.py``.
 
     Args:
       a: [m_pad, k] e4m3 (m_pad a multiple of 128, k of 128).
