@@ -12,42 +12,16 @@ Mosaic GPU kernel run by the CPU interpreter) force one.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.dispatch import dispatch
 from pallas_kernels.fp8_gemm import kernel_ops, reference
 from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K
 from pallas_kernels.quant import FP8_DTYPE, ceil_div
 
-IMPLEMENTATIONS = ("xla", "mosaic_gpu", "interpret")
-HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 OUT_DTYPES = (jnp.bfloat16, jnp.float32)
-
-
-def _on_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and any(kind in device.device_kind for kind in HOPPER_KINDS)
-
-
-def _dispatch(implementation: str | None, run_xla: Callable[[], jax.Array],
-              run_kernel: Callable[[bool], jax.Array]) -> jax.Array:
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    order = [implementation] if implementation else (["mosaic_gpu", "xla"] if _on_hopper() else ["xla"])
-    for name in order:
-        try:
-            if name == "xla":
-                return run_xla()
-            if name == "mosaic_gpu" and not _on_hopper():
-                raise NotImplementedError("mosaic_gpu: the kernel needs a Hopper GPU (sm_90a)")
-            return run_kernel(name == "interpret")
-        except NotImplementedError:
-            if implementation is not None:
-                raise
-    raise AssertionError("unreachable: xla always runs")
 
 
 def _unpack(pair, name: str, ndim: int) -> tuple[jax.Array, jax.Array]:
@@ -99,7 +73,7 @@ def fp8_gemm_nt(lhs, rhs, *, out_dtype=jnp.bfloat16, implementation: str | None 
     _expect_shape(sb, (ceil_div(n, BLOCK_K), ceil_div(k, BLOCK_K)), "rhs scales")
     _check_out_dtype(out_dtype)
 
-    return _dispatch(implementation, lambda: reference.fp8_gemm_nt(a, sa, b, sb, out_dtype),
+    return dispatch(implementation, lambda: reference.fp8_gemm_nt(a, sa, b, sb, out_dtype),
                      lambda interpret: kernel_ops.fp8_gemm_nt(a, sa, b, sb, out_dtype=out_dtype, interpret=interpret))
 
 
@@ -168,7 +142,7 @@ def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, m_indices=None, *, group_offsets=
             row_groups = jnp.where(row_valid, jnp.searchsorted(group_offsets[1:], rows, side="right"), -1)
         return reference.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, row_groups.astype(jnp.int32), out_dtype)
 
-    return _dispatch(implementation, xla, kernel)
+    return dispatch(implementation, xla, kernel)
 
 
 def m_grouped_fp8_gemm_nt_masked(lhs, rhs, masked_m, expected_m: int, *, out_dtype=jnp.bfloat16,
@@ -196,7 +170,7 @@ def m_grouped_fp8_gemm_nt_masked(lhs, rhs, masked_m, expected_m: int, *, out_dty
     if not isinstance(expected_m, (int, np.integer)) or expected_m < 0:
         raise ValueError(f"expected_m: expected a non-negative Python int, got {expected_m!r}")
 
-    return _dispatch(implementation,
+    return dispatch(implementation,
                      lambda: reference.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, out_dtype),
                      lambda interpret: kernel_ops.m_grouped_masked(a, sa, b, sb, masked_m, int(expected_m),
                                                                    out_dtype=out_dtype, interpret=interpret))
@@ -235,6 +209,6 @@ def k_grouped_fp8_gemm_nt_contiguous(lhs, rhs, group_ks, *, c=None, implementati
             raise ValueError(f"c: expected float32, got {c.dtype}")
         _expect_shape(c, (num_groups, m, n), "c")
 
-    out = _dispatch(implementation, lambda: reference.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_ks),
+    out = dispatch(implementation, lambda: reference.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_ks),
                     lambda interpret: kernel_ops.k_grouped_contiguous(a, sa, b, sb, group_ks, interpret=interpret))
     return out if c is None else out + c

@@ -1,0 +1,106 @@
+"""MLA decoding over a paged KV cache (FlashMLA's API, JAX style: it returns the outputs).
+
+The cache holds one row per token of width d (576 for DeepSeek: 512 compressed latent + 64 RoPE key);
+V is its first ``head_dim_v`` (512) columns. ``q`` carries the absorbed queries (``MultiHeadLatentAttention
+.absorb_queries``). Pages hold 64 tokens; ``block_table[b, j]`` is the page of sequence b's tokens
+64 j .. 64 j + 63.
+
+``implementation``: None picks ``mosaic_gpu`` on a Hopper GPU when it supports the inputs, else
+``xla``; ``"xla"``, ``"mosaic_gpu"`` and ``"interpret"`` force one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.dispatch import check_implementation, dispatch
+from pallas_kernels.mla_decode import reference
+from pallas_kernels.mla_decode.fp8_cache import dequantize_kv_cache, fp8_row_bytes
+from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata, get_mla_metadata
+
+Q_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def _concrete(x):
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache):
+    if q.ndim != 4:
+        raise ValueError(f"q: expected [batch, s_q, h_q, d], got shape {q.shape}")
+    batch, _, h_q, d = q.shape
+    if jnp.dtype(q.dtype) not in [jnp.dtype(t) for t in Q_DTYPES]:
+        raise ValueError(f"q: expected bfloat16, float16 or float32, got {q.dtype}")
+    if k_cache.ndim != 4 or k_cache.shape[1] != BLOCK_SIZE:
+        raise ValueError(f"k_cache: expected [num_blocks, {BLOCK_SIZE}, h_kv, d], got shape {k_cache.shape}")
+    h_kv = k_cache.shape[2]
+    if is_fp8_kvcache:
+        if k_cache.dtype != jnp.uint8 or k_cache.shape[3] != fp8_row_bytes(d, head_dim_v):
+            raise ValueError(f"k_cache: an FP8 cache of d={d}, head_dim_v={head_dim_v} is uint8 with "
+                             f"{fp8_row_bytes(d, head_dim_v)} bytes per token, got {k_cache.dtype} {k_cache.shape}")
+    else:
+        if k_cache.shape[3] != d:
+            raise ValueError(f"q: head dim {d} does not match k_cache's {k_cache.shape[3]}")
+        if k_cache.dtype != q.dtype:
+            raise ValueError(f"k_cache: dtype {k_cache.dtype} does not match q's {q.dtype}")
+    if not 0 < head_dim_v <= d:
+        raise ValueError(f"head_dim_v: must be in (0, {d}], got {head_dim_v}")
+    if h_q % h_kv:
+        raise ValueError(f"q: h_q={h_q} must be a multiple of the cache's h_kv={h_kv}")
+    if block_table.dtype != jnp.int32 or block_table.ndim != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table: expected int32 [{batch}, max_blocks], got {block_table.dtype} "
+                         f"{block_table.shape}")
+    if cache_seqlens.dtype != jnp.int32 or cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens: expected int32 [{batch}], got {cache_seqlens.dtype} {cache_seqlens.shape}")
+    lengths = _concrete(cache_seqlens)
+    if lengths is not None and lengths.size and lengths.max() > block_table.shape[1] * BLOCK_SIZE:
+        raise ValueError(f"block_table: {block_table.shape[1]} pages hold {block_table.shape[1] * BLOCK_SIZE} "
+                         f"tokens, fewer than the longest sequence ({lengths.max()})")
+
+
+def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Array, cache_seqlens: jax.Array,
+                           head_dim_v: int = 512, metadata: MLAMetadata | None = None,
+                           softmax_scale: float | None = None, causal: bool = False, *,
+                           is_fp8_kvcache: bool = False, implementation: str | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
+    """Decoding attention of ``s_q`` new tokens per sequence over its cached tokens.
+
+    Args:
+      q: [batch, s_q, h_q, d] bf16/fp16 (float32 for the xla path).
+      k_cache: [num_blocks, 64, h_kv, d] same dtype, or uint8 [..., 656] with ``is_fp8_kvcache``.
+      block_table: [batch, max_blocks] int32 pages of each sequence.
+      cache_seqlens: [batch] int32 tokens in each sequence's cache (the s_q new ones included).
+      head_dim_v: V width (the first columns of K).
+      metadata: ``get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)``; computed here when None.
+        Compute it once per decode step and pass it to every layer.
+      softmax_scale: default d ** -0.5.
+      causal: query token i sees cached tokens ``t <= len - s_q + i`` (forced off when s_q == 1).
+    Returns:
+      (out [batch, s_q, h_q, head_dim_v] in q's dtype, lse [batch, h_q, s_q] float32). A query that sees
+      no token gets out 0 and lse +inf.
+    """
+    _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache)
+    check_implementation(implementation)
+    batch, s_q, h_q, d = q.shape
+    h_kv = k_cache.shape[2]
+    causal = causal and s_q > 1
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+    def xla():
+        cache = dequantize_kv_cache(k_cache, d, head_dim_v, q.dtype) if is_fp8_kvcache else k_cache
+        return reference.mla_decode_reference(q, cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
+                                              softmax_scale=scale, causal=causal)
+
+    def kernel(interpret: bool):
+        from pallas_kernels.mla_decode import kernel_ops
+        meta = metadata if metadata is not None else get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
+        return kernel_ops.flash_mla(q, k_cache, block_table, cache_seqlens, meta, head_dim_v=head_dim_v,
+                                    softmax_scale=scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache,
+                                    interpret=interpret)
+
+    return dispatch(implementation, xla, kernel)

@@ -1,0 +1,85 @@
+"""The split-KV tile schedule (FlashMLA's ``get_mla_metadata``), computed once per decode step.
+
+Every sequence costs ``ceil(len / 64)`` KV blocks plus a fixed overhead of 5 blocks (FlashMLA's
+``fixed_overhead_num_blocks``: launching a split, its combine). The total cost is divided into
+``num_sm_parts`` equal payloads of ``ceil(total / parts) + 5``; a part takes the blocks that fall in its
+payload window, so a long sequence is split over several parts and several short ones share a part.
+Each (part, sequence) overlap is one work item; the kernel writes each item's partial softmax to its own
+slot and ``combine.py`` merges a sequence's slots. The schedule depends only on the lengths, so every
+layer of a decode step reuses it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+BLOCK_SIZE = 64  # tokens per KV-cache page
+FIXED_OVERHEAD_BLOCKS = 5
+ROWS_PER_TILE = 64  # query rows (s_q x heads per KV head) per kernel tile
+HOPPER_SMS = 132
+
+
+class MLAMetadata(NamedTuple):
+    """Split-KV schedule. ``work[i] = (batch, first_block, end_block, slot)``; an item with
+    ``first_block >= end_block`` is empty. ``split_offsets[b]:split_offsets[b + 1]`` are sequence b's slots."""
+
+    work: jax.Array  # [num_sm_parts + batch, 4] int32
+    num_splits: jax.Array  # [batch] int32, splits (work items) per sequence
+    split_offsets: jax.Array  # [batch + 1] int32, prefix sum of num_splits
+
+    @property
+    def num_slots(self) -> int:
+        return self.work.shape[0]
+
+
+def num_sm_parts(num_q_tokens_per_head_k: int, num_heads_k: int, num_sms: int = HOPPER_SMS) -> int:
+    """FlashMLA's rule: the SMs left for one (KV head, 64-row query tile) pair, at least 1."""
+    row_tiles = -(-num_q_tokens_per_head_k // ROWS_PER_TILE)
+    return max(num_sms // num_heads_k // row_tiles, 1)
+
+
+def get_mla_metadata(cache_seqlens: jax.Array, num_q_tokens_per_head_k: int, num_heads_k: int, *,
+                     num_sms: int = HOPPER_SMS) -> MLAMetadata:
+    """The schedule for one decode step.
+
+    Args:
+      cache_seqlens: [batch] int32 tokens in each sequence's cache (including this step's).
+      num_q_tokens_per_head_k: s_q * h_q / h_kv, the query rows that share one KV head.
+      num_heads_k: KV heads (1 for MLA).
+    Returns:
+      MLAMetadata with ``num_sm_parts + batch`` work slots.
+    """
+    if cache_seqlens.ndim != 1:
+        raise ValueError(f"cache_seqlens: expected [batch], got shape {cache_seqlens.shape}")
+    if num_q_tokens_per_head_k < 1 or num_heads_k < 1:
+        raise ValueError(f"num_q_tokens_per_head_k, num_heads_k: must be >= 1, got "
+                         f"{num_q_tokens_per_head_k}, {num_heads_k}")
+    parts = num_sm_parts(num_q_tokens_per_head_k, num_heads_k, num_sms)
+    batch = cache_seqlens.shape[0]
+    blocks = (jnp.maximum(cache_seqlens.astype(jnp.int32), 0) + BLOCK_SIZE - 1) // BLOCK_SIZE  # [batch]
+    cost = blocks + jnp.where(blocks > 0, FIXED_OVERHEAD_BLOCKS, 0)
+    cost_start = jnp.cumsum(cost) - cost
+    payload = (cost.sum() + parts - 1) // parts + FIXED_OVERHEAD_BLOCKS
+    # Sequence b's blocks sit at cost positions [cost_start + 5, cost_start + 5 + blocks).
+    first_pos = cost_start + FIXED_OVERHEAD_BLOCKS
+    window = jnp.arange(parts, dtype=jnp.int32)[:, None] * payload  # [parts, 1]
+    lo = jnp.clip(window - first_pos[None], 0, blocks[None])  # [parts, batch]
+    hi = jnp.clip(window + payload - first_pos[None], 0, blocks[None])
+    overlaps = hi > lo
+    # Items ordered by (batch, part): a sequence's splits get consecutive slots.
+    flat_overlaps = overlaps.T.reshape(-1)  # [batch * parts]
+    slot_of = jnp.cumsum(flat_overlaps) - 1
+    num_items = parts + batch
+    target = jnp.where(flat_overlaps, slot_of, num_items)  # non-overlaps are dropped
+    batch_ids = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), parts)
+    work = jnp.zeros((num_items, 4), jnp.int32)
+    work = work.at[target, 0].set(batch_ids, mode="drop")
+    work = work.at[target, 1].set(lo.T.reshape(-1), mode="drop")
+    work = work.at[target, 2].set(hi.T.reshape(-1), mode="drop")
+    work = work.at[:, 3].set(jnp.arange(num_items, dtype=jnp.int32))
+    num_splits = overlaps.sum(0).astype(jnp.int32)
+    split_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(num_splits)]).astype(jnp.int32)
+    return MLAMetadata(work, num_splits, split_offsets)
