@@ -1,4 +1,5 @@
-"""``jaxseek`` command line: ``train`` (the main job) and ``info`` (sizes and FLOPs of a preset)."""
+"""``jaxseek`` command line: ``train`` (the main job), ``generate`` (text from a trained run) and ``info``
+(sizes and FLOPs of a preset)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,51 @@ def _train(args, console: Console) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue prompts with a trained run's latest checkpoint (paged MLA decode)")
+    p.add_argument("--checkpoint", required=True, help="a `jaxseek train --out` directory")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _generate(args, console: Console) -> int:
+    import codecs
+    import time
+
+    from jaxseek.generate import Generator, SamplingConfig, load_model
+
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    model = load_model(args.checkpoint)
+    generator = Generator(model, max_blocks_per_seq=-(-(max(len(p.encode()) for p in args.prompt)
+                                                        + sampling.max_new_tokens) // 64))
+    prompts = [list(p.encode()) for p in args.prompt]
+    stream = len(prompts) == 1
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if stream:
+        console.print(args.prompt[0], end="", style="bold", highlight=False)
+
+    def on_tokens(tokens):
+        if stream:
+            console.print(decoder.decode(bytes([int(tokens[0])])), end="", highlight=False, markup=False)
+            console.file.flush()
+
+    start = time.perf_counter()
+    outputs = generator.generate(prompts, sampling, on_tokens=on_tokens)
+    elapsed = time.perf_counter() - start
+    if stream:
+        console.print(decoder.decode(b"", final=True), highlight=False, markup=False)
+    else:
+        for prompt, output in zip(args.prompt, outputs):
+            console.print(f"[bold]{prompt}[/]" + bytes(output).decode("utf-8", errors="replace"), highlight=False)
+    total = sum(len(o) for o in outputs)
+    console.print(f"[dim]{total} tokens in {elapsed:.2f} s ({total / elapsed:,.1f} tokens/s, "
+                  f"prefill and compilation included)[/]")
+    return 0
+
+
 def _info(args, console: Console) -> int:
     from jaxseek.model.accounting import count_parameters, flops_per_token, parameter_shapes
 
@@ -99,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_generate(sub)
     info = sub.add_parser("info", help="parameter counts, per-layer shapes and FLOPs of a preset (abstract)")
     info.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESET_BUILDERS))
     args = parser.parse_args(argv)
     console = Console()
     try:
-        return {"train": _train, "info": _info}[args.command](args, console)
+        return {"train": _train, "generate": _generate, "info": _info}[args.command](args, console)
     except ValueError as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2

@@ -55,7 +55,10 @@ class Block(nnx.Module):
     def __call__(self, h: jax.Array, positions: jax.Array, *, form: Literal["expanded", "absorbed"] = "expanded"
                  ) -> tuple[jax.Array, MoEStats | None]:
         """[batch, seq, hidden], [batch, seq] int32 -> ([batch, seq, hidden], MoEStats or None for dense)."""
-        h = h + self.attn(self.attn_norm(h), positions, form=form)
+        return self.feed_forward(h + self.attn(self.attn_norm(h), positions, form=form))
+
+    def feed_forward(self, h: jax.Array) -> tuple[jax.Array, MoEStats | None]:
+        """The block's second half: h + FFN(norm(h)), with the MoE statistics (None for a dense FFN)."""
         if self.is_moe:
             ffn_out, stats = self.ffn(self.ffn_norm(h))
         else:

@@ -1,0 +1,63 @@
+"""The model's forward pass over a paged KV cache: prefill and decode through absorbed MLA.
+
+Per layer: the new tokens' latent rows ``[c_kv | k_rope]`` are written into their pages, the absorbed
+queries attend over the sequence's pages with ``flash_mla_with_kvcache`` (the FlashMLA kernel on a
+Hopper GPU, XLA elsewhere), and the latent output is projected back through W_uv and W_o. The same
+function serves prefill (s new tokens, causal) and decode (1 new token per sequence).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxseek.kv_cache import KVPages, write_rows
+from jaxseek.model.transformer import Transformer
+from pallas_kernels.mla_decode.api import flash_mla_with_kvcache
+from pallas_kernels.mla_decode.metadata import get_mla_metadata
+
+
+def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_tokens: jax.Array, pages: KVPages,
+                  block_table: jax.Array, *, implementation: str | None = None) -> tuple[jax.Array, KVPages]:
+    """Runs new tokens through the model, reading and extending the cache.
+
+    Args:
+      tokens: [batch, s] int32 new tokens (rows past ``new_tokens`` are padding).
+      start: [batch] int32 tokens already cached per sequence (the position of tokens[:, 0]).
+      new_tokens: [batch] int32 valid new tokens per sequence (0..s).
+      pages: the cache; block_table: [batch, max_blocks] int32, pages reserved for start + new_tokens.
+    Returns:
+      (logits [batch, s, vocab] float32, updated pages).
+    """
+    config = model.config
+    batch, s = tokens.shape
+    positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]  # [batch, s]
+    valid = jnp.arange(s)[None] < new_tokens[:, None]
+    # Causal rows see t <= len - s + i: with len = start + s, row i sees exactly the cache and the new
+    # tokens up to itself. Padding rows (i >= new_tokens) write nothing and their outputs are ignored.
+    attend_len = (start + s).astype(jnp.int32)
+    metadata = get_mla_metadata(attend_len, s * config.mla.num_heads, 1)
+    h = model.embed(tokens)
+    layers = []
+    for index, block in enumerate(model.blocks):
+        attn = block.attn
+        x = block.attn_norm(h)
+        q = attn.absorb_queries(*attn.project_queries(x, positions))  # [batch, s, heads, latent]
+        layer_pages = write_rows(pages.data[index], attn.project_latent(x, positions), block_table, positions, valid)
+        layers.append(layer_pages)
+        out, _ = flash_mla_with_kvcache(q.astype(layer_pages.dtype), layer_pages, block_table, attend_len,
+                                        head_dim_v=config.mla.kv_lora_rank, metadata=metadata,
+                                        softmax_scale=attn.softmax_scale, causal=True, implementation=implementation)
+        h, _ = block.feed_forward(h + attn.output_from_latent(out.astype(x.dtype)))
+    return model.logits(h), KVPages(jnp.stack(layers))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"), donate_argnames=("pages",))
+def paged_forward_jit(graphdef: nnx.GraphDef, state, tokens, start, new_tokens, pages, block_table,
+                      implementation=None):
+    """``paged_forward`` of ``nnx.merge(graphdef, state)``, jit-compiled once per token-block shape."""
+    return paged_forward(nnx.merge(graphdef, state), tokens, start, new_tokens, pages, block_table,
+                         implementation=implementation)

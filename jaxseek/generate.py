@@ -1,0 +1,148 @@
+"""Text generation from a trained checkpoint: paged KV cache, prefill, batched decode, sampling.
+
+``Generator.generate`` prefills each request (its prompt in one causal pass over fresh pages, reusing a
+stored prefix when the ``PrefixStore`` has one), then decodes all requests together, one token per
+sequence per step, each sequence at its own length. Greedy when ``temperature == 0``, else temperature
+and top-p (nucleus) sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxseek.checkpoint import Checkpointer, load_configs
+from jaxseek.config import ModelConfig
+from jaxseek.decode import paged_forward_jit
+from jaxseek.kv_cache import InMemoryPrefixStore, KVPages, PageAllocator, PrefixStore, empty_pages
+from jaxseek.model.transformer import Transformer
+from jaxseek.train_step import init_train_state
+from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
+
+PREFILL_BUCKET = BLOCK_SIZE  # prompts are padded to a multiple of this, so prefill compiles once per bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """[batch, vocab] float32 -> [batch] int32 tokens."""
+    if temperature == 0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, -1), -1)
+    keep_sorted = jnp.cumsum(sorted_probs, -1) - sorted_probs < top_p  # smallest set reaching top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jax.random.categorical(key, jnp.where(keep, logits, -jnp.inf)).astype(jnp.int32)
+
+
+def load_model(run_dir: str | pathlib.Path) -> Transformer:
+    """The model of a ``jaxseek train`` run directory, at its latest checkpoint."""
+    mc, tc = load_configs(run_dir)
+    checkpointer = Checkpointer(run_dir, save_every=tc.checkpoint_every)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ValueError(f"checkpoint: no checkpoint under {run_dir}")
+    graphdef, state = init_train_state(mc, tc)
+    state = checkpointer.restore(step, state)
+    checkpointer.close()
+    return nnx.merge(graphdef, state.params, state.model_state)
+
+
+class Generator:
+    """Serves generation requests from one model and one paged cache."""
+
+    def __init__(self, model: Transformer, *, num_blocks: int = 256, max_blocks_per_seq: int = 32,
+                 prefix_store: PrefixStore | None = None, implementation: str | None = None):
+        self.config: ModelConfig = model.config
+        self.graphdef, self.state = nnx.split(model)
+        dtype = jnp.bfloat16 if self.config.compute_dtype == "bfloat16" else jnp.float32
+        self.pages: KVPages = empty_pages(self.config.num_layers, num_blocks, self.config.mla.latent_dim, dtype)
+        self.allocator = PageAllocator(num_blocks, max_blocks_per_seq)
+        self.prefix_store = prefix_store if prefix_store is not None else InMemoryPrefixStore()
+        self.implementation = implementation
+
+    def _forward(self, seq_ids, tokens, start, new_tokens):
+        table = jnp.asarray(self.allocator.block_table(seq_ids))
+        logits, self.pages = paged_forward_jit(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32),
+                                               jnp.asarray(start, jnp.int32), jnp.asarray(new_tokens, jnp.int32),
+                                               self.pages, table, implementation=self.implementation)
+        return logits
+
+    def _layer_rows(self, seq_id: int, length: int) -> np.ndarray:
+        """[num_layers, length, latent_dim] cached rows of a sequence (for the prefix store)."""
+        table = self.allocator.block_table([seq_id])[0][: -(-length // BLOCK_SIZE)]
+        rows = np.asarray(self.pages.data[:, table, :, 0])  # [layers, pages, 64, latent]
+        return rows.reshape(rows.shape[0], -1, rows.shape[-1])[:, :length]
+
+    def prefill(self, seq_id: int, prompt: list[int]) -> jax.Array:
+        """Caches the prompt; returns the [vocab] logits after its last token."""
+        reused, rows = self.prefix_store.lookup(tuple(prompt[:-1]))  # the last token is always computed
+        self.allocator.reserve(seq_id, len(prompt))
+        if reused:
+            table = self.allocator.block_table([seq_id])[0]
+            pages = self.pages.data.at[:, table[: reused // BLOCK_SIZE]].set(
+                jnp.asarray(rows, self.pages.data.dtype).reshape(rows.shape[0], -1, BLOCK_SIZE, 1, rows.shape[-1]))
+            self.pages = KVPages(pages)
+        rest = prompt[reused:]
+        width = -(-len(rest) // PREFILL_BUCKET) * PREFILL_BUCKET
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(rest)] = rest
+        logits = self._forward([seq_id], tokens, [reused], [len(rest)])
+        self.prefix_store.store(tuple(prompt), self._layer_rows(seq_id, len(prompt)))
+        return logits[0, len(rest) - 1]
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig(),
+                 on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+        """Completes every prompt (lists of token ids; lengths may differ).
+
+        Args:
+          on_tokens: called with the [len(prompts)] int32 tokens of each step, for streaming.
+        Returns:
+          the new tokens of each request.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts: need at least one non-empty prompt")
+        seq_ids = list(range(len(prompts)))
+        key = jax.random.key(sampling.seed)
+        try:
+            logits = jnp.stack([self.prefill(i, list(p)) for i, p in zip(seq_ids, prompts)])
+            lengths = np.array([len(p) for p in prompts], np.int32)
+            outputs = [[] for _ in prompts]
+            for step in range(sampling.max_new_tokens):
+                key, step_key = jax.random.split(key)
+                tokens = np.asarray(sample(logits, step_key, sampling.temperature, sampling.top_p))
+                for out, token in zip(outputs, tokens):
+                    out.append(int(token))
+                if on_tokens is not None:
+                    on_tokens(tokens)
+                if step == sampling.max_new_tokens - 1:
+                    break
+                for seq_id, length in zip(seq_ids, lengths):
+                    self.allocator.reserve(seq_id, int(length) + 1)
+                logits = self._forward(seq_ids, tokens[:, None], lengths, np.ones_like(lengths))[:, 0]
+                lengths = lengths + 1
+            return outputs
+        finally:
+            for seq_id in seq_ids:
+                self.allocator.release(seq_id)
