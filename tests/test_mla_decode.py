@@ -1,0 +1,139 @@
+"""Paged MLA decoding against a float64 NumPy reference, with FlashMLA's test invariants: every cache slot
+past ``cache_seqlens`` and every unused page NaN-poisoned, block tables that are random permutations,
+lengths 0, 1 and non-multiples of 64, s_q in {1, 2} with causal masking, FlashMLA's tolerances."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.interpret import reset_interpreter
+from pallas_kernels.mla_decode.api import flash_mla_with_kvcache
+from pallas_kernels.mla_decode.combine import combine_splits
+from pallas_kernels.mla_decode.fp8_cache import dequantize_kv_cache, quantize_kv_cache
+from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, get_mla_metadata
+
+
+@pytest.fixture(autouse=True)
+def _reset_interpreter_after_failure(request):
+    yield
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        reset_interpreter()
+
+
+def make_case(seqlens, s_q, h_q, d=576, dv=512, dtype=jnp.bfloat16, seed=0, spare_blocks=3):
+    """Random q, a NaN-poisoned paged cache under a shuffled block table."""
+    rng = np.random.default_rng(seed)
+    batch = len(seqlens)
+    max_blocks = max(-(-max(seqlens) // BLOCK_SIZE), 1) + 1
+    num_blocks = batch * max_blocks + spare_blocks
+    cache = np.full((num_blocks, BLOCK_SIZE, 1, d), np.nan, np.float32)  # unused pages stay NaN
+    table = rng.permutation(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks).astype(np.int32)
+    for b, length in enumerate(seqlens):
+        for t in range(length):
+            cache[table[b, t // BLOCK_SIZE], t % BLOCK_SIZE, 0] = np.clip(rng.normal(size=d) / 10, -1, 1)
+    q = np.clip(rng.normal(size=(batch, s_q, h_q, d)) / 10, -1, 1)
+    return (jnp.asarray(q, dtype), jnp.asarray(cache, dtype), jnp.asarray(table), jnp.asarray(seqlens, jnp.int32))
+
+
+def reference64(q, cache, table, seqlens, dv, scale, causal):
+    """Per sequence, per query token, in float64: gather the visible tokens and softmax."""
+    q, cache, table = np.asarray(q, np.float64), np.asarray(cache, np.float64), np.asarray(table)
+    batch, s_q, h_q, d = q.shape
+    out = np.zeros((batch, s_q, h_q, dv))
+    lse = np.full((batch, h_q, s_q), np.inf)
+    for b, length in enumerate(np.asarray(seqlens)):
+        keys = np.concatenate([cache[p, :, 0] for p in table[b]])[:length]  # [length, d]
+        for i in range(s_q):
+            visible = length - s_q + i + 1 if causal else length
+            if visible <= 0:
+                continue
+            scores = q[b, i] @ keys[:visible].T * scale  # [h_q, visible]
+            peak = scores.max(-1, keepdims=True)
+            weights = np.exp(scores - peak)
+            out[b, i] = weights @ keys[:visible, :dv] / weights.sum(-1, keepdims=True)
+            lse[b, :, i] = (peak[:, 0] + np.log(weights.sum(-1)))
+    return out, lse
+
+
+def assert_flashmla_close(out, lse, ref_out, ref_lse):
+    out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+    assert np.isfinite(out).all(), "NaN from a poisoned cache slot"
+    close = np.abs(out - ref_out) <= np.maximum(8e-4, 2.01 / 128 * np.abs(ref_out))
+    assert close.all(), f"out: max error {np.abs(out - ref_out).max()}"
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    assert np.all(np.abs(lse[finite] - ref_lse[finite]) <= np.maximum(1e-6, 8.01 / 65536 * np.abs(ref_lse[finite])))
+
+
+XLA_CASES = [((0, 1, 63, 64, 65, 300), 1, 16, False), ((7, 130, 1, 200), 2, 32, True),
+             ((256, 129), 1, 64, False), ((100, 2, 70), 2, 128, True)]
+
+
+@pytest.mark.parametrize("seqlens, s_q, h_q, causal", XLA_CASES)
+def test_xla_path_matches_float64_reference(seqlens, s_q, h_q, causal):
+    q, cache, table, lens = make_case(seqlens, s_q, h_q)
+    out, lse = flash_mla_with_kvcache(q, cache, table, lens, 512, causal=causal, implementation="xla")
+    assert out.shape == (len(seqlens), s_q, h_q, 512) and out.dtype == jnp.bfloat16
+    assert lse.shape == (len(seqlens), h_q, s_q) and lse.dtype == jnp.float32
+    assert_flashmla_close(out, lse, *reference64(q, cache, table, lens, 512, 576 ** -0.5, causal))
+
+
+def test_metadata_covers_every_block_once_and_splits_long_sequences():
+    seqlens = jnp.array([0, 1, 64, 65, 4096, 300], jnp.int32)
+    meta = get_mla_metadata(seqlens, 16, 1, num_sms=8)
+    work = np.asarray(meta.work)
+    for b, length in enumerate(np.asarray(seqlens)):
+        items = work[(work[:, 0] == b) & (work[:, 1] < work[:, 2])]
+        covered = sorted(block for _, lo, hi, _ in items for block in range(lo, hi))
+        assert covered == list(range(-(-length // BLOCK_SIZE)))
+        assert len(items) == int(meta.num_splits[b])
+        offsets = np.asarray(meta.split_offsets)
+        assert sorted(items[:, 3]) == list(range(offsets[b], offsets[b + 1]))
+    assert int(meta.num_splits[4]) > 1  # the 4096-token sequence is split over several SM parts
+    assert int(meta.num_splits[0]) == 0
+
+
+def test_combine_of_any_split_equals_the_whole_softmax():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(2, 3, 50))  # [batch, rows, keys]
+    values = rng.normal(size=(2, 50, 4))
+    work = np.array([[0, 0, 2, 0], [0, 2, 5, 1], [1, 0, 5, 2], [0, 0, 0, 3]], np.int32)  # keys by tens
+    partial_out, partial_lse = [], []
+    for b, lo, hi, _ in work:
+        s = scores[b, :, lo * 10:hi * 10]
+        lse = np.log(np.exp(s).sum(-1)) if hi > lo else np.full(3, -np.inf)
+        partial_lse.append(lse)
+        partial_out.append(np.exp(s - lse[:, None]) @ values[b, lo * 10:hi * 10] if hi > lo else np.zeros((3, 4)))
+    meta = get_mla_metadata(jnp.array([50, 50]), 3, 1)._replace(work=jnp.asarray(work))
+    out, lse = combine_splits(jnp.asarray(np.array(partial_out), jnp.float32),
+                              jnp.asarray(np.array(partial_lse), jnp.float32), meta, batch=2)
+    exact = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(out), (exact / exact.sum(-1, keepdims=True)) @ values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), np.log(np.exp(scores).sum(-1)), rtol=1e-6)
+
+
+def test_fp8_cache_round_trip_and_decode():
+    q, cache, table, lens = make_case((90, 200), 1, 16, seed=2)
+    clean = jnp.nan_to_num(cache)
+    packed = quantize_kv_cache(clean, 512)
+    assert packed.shape[-1] == 656 and packed.dtype == jnp.uint8
+    back = dequantize_kv_cache(packed, 576, 512)
+    np.testing.assert_array_equal(np.asarray(back[..., 512:]), np.asarray(clean[..., 512:]))  # RoPE stays bf16
+    out, _ = flash_mla_with_kvcache(q, packed, table, lens, 512, is_fp8_kvcache=True, implementation="xla")
+    ref_out, _ = reference64(q, back, table, lens, 512, 576 ** -0.5, False)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref_out, atol=8e-4, rtol=2.01 / 128)
+
+
+@pytest.mark.parametrize("change, argument", [
+    (lambda q, c, t, l: (q[..., :512], c, t, l), "q"),  # wrong head dim
+    (lambda q, c, t, l: (q, c, t[:, :1], l), "block_table"),  # too short for the longest sequence
+    (lambda q, c, t, l: (q, c.astype(jnp.float16), t, l), "k_cache"),  # dtype mismatch
+    (lambda q, c, t, l: (q, c, t, l.astype(jnp.float32)), "cache_seqlens"),
+])
+def test_bad_inputs_name_the_argument(change, argument):
+    args = change(*make_case((70, 200), 1, 16))
+    with pytest.raises(ValueError, match=argument):
+        flash_mla_with_kvcache(*args, 512, implementation="xla")
+    with pytest.raises(ValueError, match="head_dim_v"):
+        flash_mla_with_kvcache(*make_case((70,), 1, 16), 600, implementation="xla")
