@@ -4,6 +4,7 @@
 2. FP8 GEMM kernels on odd shapes against the XLA reference (all four ops, on the GPU).
 3. FP8 GEMM speed over DeepGEMM's shapes (``benchmarks/fp8_gemm.py``) and a small tile sweep.
 4. Training-step throughput (``benchmarks/train_tiny.py``).
+5. MLA decoding over FlashMLA's sweep (``benchmarks/mla_decode.py``).
 
     python benchmarks/gpu_suite.py [--quick] [--out DIR]
 
@@ -110,6 +111,11 @@ def tile_sweep(m=4096, n=7168, k=16384) -> list[dict]:
     return rows
 
 
+def mla_decode_sweep() -> dict:
+    import mla_decode
+    return mla_decode.sweep()
+
+
 def training() -> list[dict]:
     import train_tiny
     return [train_tiny.measure("tiny", 20), train_tiny.measure("small", 20, bf16=True)]
@@ -119,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few shapes per benchmark")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--sections", default="peers,fp8_correctness,fp8_gemm,training,fp8_tile_sweep",
+    parser.add_argument("--sections", default="peers,fp8_correctness,fp8_gemm,training,fp8_tile_sweep,mla_decode",
                         help="comma-separated subset of the sections to run")
     parser.add_argument("--correctness-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sweep-only", action="store_true", help=argparse.SUPPRESS)
@@ -136,6 +142,7 @@ def main() -> None:
         "fp8_gemm": lambda: fp8_gemm.run(args.quick),
         "training": training,
         "fp8_tile_sweep": lambda: in_subprocess("--sweep-only"),
+        "mla_decode": mla_decode_sweep,
     }
     for name, section in sections.items():
         if name not in args.sections.split(","):

@@ -6,7 +6,8 @@ V is its first ``head_dim_v`` (512) columns. ``q`` carries the absorbed queries 
 64 j .. 64 j + 63.
 
 ``implementation``: None picks ``mosaic_gpu`` on a Hopper GPU when it supports the inputs, else
-``xla``; ``"xla"``, ``"mosaic_gpu"`` and ``"interpret"`` force one.
+``xla``; ``"xla"``, ``"mosaic_gpu"`` and ``"interpret"`` force one. The Mosaic GPU kernel is not built
+yet: asking for it raises ``NotImplementedError`` and None runs the XLA path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from pallas_kernels.dispatch import check_implementation, dispatch
 from pallas_kernels.mla_decode import reference
 from pallas_kernels.mla_decode.fp8_cache import dequantize_kv_cache, fp8_row_bytes
-from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata, get_mla_metadata
+from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata
 
 Q_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -76,8 +77,8 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
       block_table: [batch, max_blocks] int32 pages of each sequence.
       cache_seqlens: [batch] int32 tokens in each sequence's cache (the s_q new ones included).
       head_dim_v: V width (the first columns of K).
-      metadata: ``get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)``; computed here when None.
-        Compute it once per decode step and pass it to every layer.
+      metadata: ``get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)``, computed once per decode step
+        and passed to every layer; the split-KV kernel's schedule (the XLA path needs none).
       softmax_scale: default d ** -0.5.
       causal: query token i sees cached tokens ``t <= len - s_q + i`` (forced off when s_q == 1).
     Returns:
@@ -97,10 +98,7 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
                                               softmax_scale=scale, causal=causal)
 
     def kernel(interpret: bool):
-        from pallas_kernels.mla_decode import kernel_ops
-        meta = metadata if metadata is not None else get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
-        return kernel_ops.flash_mla(q, k_cache, block_table, cache_seqlens, meta, head_dim_v=head_dim_v,
-                                    softmax_scale=scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache,
-                                    interpret=interpret)
+        raise NotImplementedError("flash_mla_with_kvcache: the Mosaic GPU decoding kernel is not built yet; "
+                                  "use implementation=None or 'xla'")
 
     return dispatch(implementation, xla, kernel)
