@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxseek.config import MLAConfig, ModelConfig, MoEConfig, TrainConfig
+from jaxseek.config import EPLBConfig, MLAConfig, ModelConfig, MoEConfig, TrainConfig
 
 CONFIG_FILE = "config.json"
 
@@ -29,7 +29,9 @@ def configs_from_json(text: str) -> tuple[ModelConfig, TrainConfig]:
     raw = json.loads(text)
     model = dict(raw["model"])
     model["mla"], model["moe"] = MLAConfig(**model["mla"]), MoEConfig(**model["moe"])
-    return ModelConfig(**model), TrainConfig(**raw["train"])
+    train = dict(raw["train"])
+    train["eplb"] = EPLBConfig(**train.get("eplb", {}))
+    return ModelConfig(**model), TrainConfig(**train)
 
 
 def load_configs(directory: str | pathlib.Path) -> tuple[ModelConfig, TrainConfig]:

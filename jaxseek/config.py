@@ -75,6 +75,8 @@ class MoEConfig:
     seq_aux_loss_weight: float = 0.0
     grouped_matmul: str = "xla"
     dispatch: str = "local"
+    num_physical_experts: int = 0  # EPLB: expert slots including redundant replicas (0 = no replicas)
+    eplb_gpus: int = 1  # EPLB: expert-parallel ranks the slots are placed on
 
     def __post_init__(self):
         _require(self.num_routed_experts > 0, "moe.num_routed_experts", f"must be positive, got {self.num_routed_experts}")
@@ -98,6 +100,11 @@ class MoEConfig:
         _require(self.grouped_matmul in GROUPED_MATMULS, "moe.grouped_matmul",
                  f"expected one of {GROUPED_MATMULS}, got {self.grouped_matmul!r}")
         _require(self.dispatch in DISPATCHERS, "moe.dispatch", f"expected one of {DISPATCHERS}, got {self.dispatch!r}")
+        if self.num_physical_experts:
+            _require(self.num_physical_experts >= self.num_routed_experts, "moe.num_physical_experts",
+                     f"must be 0 or >= num_routed_experts={self.num_routed_experts}, got {self.num_physical_experts}")
+            _require(self.eplb_gpus > 0 and self.num_physical_experts % self.eplb_gpus == 0, "moe.eplb_gpus",
+                     f"must divide num_physical_experts={self.num_physical_experts}, got {self.eplb_gpus}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +155,26 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EPLBConfig:
+    """Online expert placement during training (needs ``moe.num_physical_experts`` > 0 to act).
+
+    every: rebalance every this many steps (0 = never); nodes: server nodes the EP ranks form;
+    load_decay: the exponential average of per-expert token counts the placement is computed from;
+    min_improvement: a layer keeps its placement unless balancedness improves by at least this much.
+    """
+
+    every: int = 0
+    nodes: int = 1
+    load_decay: float = 0.9
+    min_improvement: float = 0.02
+
+    def __post_init__(self):
+        _require(self.every >= 0, "eplb.every", f"must be >= 0 (0 = off), got {self.every}")
+        _require(self.nodes > 0, "eplb.nodes", f"must be positive, got {self.nodes}")
+        _require(0 <= self.load_decay < 1, "eplb.load_decay", f"must be in [0, 1), got {self.load_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop: batch, optimiser (AdamW, warmup + cosine), clipping, checkpoints, evaluation."""
 
@@ -165,6 +192,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     seed: int = 0
+    eplb: EPLBConfig = EPLBConfig()
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "eval_every", "eval_batches"):

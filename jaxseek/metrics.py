@@ -40,7 +40,11 @@ class MetricsLog:
         import polars as pl
 
         path = pathlib.Path(path)
-        pl.DataFrame(self.rows, schema_overrides={"valid_loss": pl.Float64}).write_parquet(path)
+        optional_floats = {"valid_loss", "eplb_balancedness_before", "eplb_balancedness_after"}
+        overrides = {name: pl.Float64 for name in optional_floats if self.rows and name in self.rows[0]}
+        if self.rows and "eplb_moved_slots" in self.rows[0]:
+            overrides["eplb_moved_slots"] = pl.Int64
+        pl.DataFrame(self.rows, schema_overrides=overrides).write_parquet(path)
         return path
 
     @classmethod

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from jaxseek.checkpoint import Checkpointer
 from jaxseek.config import ModelConfig, TrainConfig
 from jaxseek.data import ByteCorpus, SequenceBatches, load_stdlib_corpus, unigram_entropy
+from jaxseek.expert_placement import current_placements, placement_balancedness, rebalance
 from jaxseek.metrics import MetricsLog, plot_training
 from jaxseek.train_step import TrainState, init_train_state, make_eval_step, make_train_step
 from sharding.mesh import batch_shards, batch_sharding, make_mesh, replicated
@@ -84,6 +85,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
         checkpointer.write_configs(mc, tc)
 
     step_fn, evaluate = make_train_step(graphdef, mc, tc), make_eval_step(graphdef)
+    eplb_on = bool(mc.moe.num_physical_experts and tc.eplb.every)
     data_sharding = batch_sharding(mesh)
     tokens_per_step = tc.batch_size * tc.seq_len
     step_times = []
@@ -100,6 +102,16 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
             if step > start + 1:
                 step_times.append(elapsed)
             row = log.append(step, metrics, step_time_s=elapsed, tokens=tokens_per_step)
+            if eplb_on:
+                placements = current_placements(graphdef, state.params, state.model_state)
+                row.update(eplb_balancedness=float(placement_balancedness(
+                    metrics["expert_load"], placements, mc.moe.num_routed_experts, mc.moe.eplb_gpus).mean()),
+                    eplb_balancedness_before=None, eplb_balancedness_after=None, eplb_moved_slots=None)
+                if step % tc.eplb.every == 0 and step < end:
+                    state, report = rebalance(state, graphdef, mc, np.asarray(state.load_average), tc.eplb)
+                    state = jax.device_put(state, replicated(mesh))
+                    row.update(eplb_balancedness_before=report.balancedness_before,
+                               eplb_balancedness_after=report.balancedness_after, eplb_moved_slots=report.moved_slots)
             if step % tc.eval_every == 0 or step == end:
                 log.set_valid_loss(_evaluate(evaluate, state, valid_batches, data_sharding))
             checkpointer.save(step, state, force=step == end)

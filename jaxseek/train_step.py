@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from jaxseek.config import ModelConfig, TrainConfig
+from jaxseek.expert_placement import sum_replica_gradients
 from jaxseek.model.transformer import Transformer
 
 
@@ -23,6 +24,7 @@ class TrainState(NamedTuple):
     params: Any  # nnx.State of nnx.Param (fp32 master weights)
     model_state: Any  # nnx.State of everything else (the experts' load-balancing bias)
     opt_state: Any  # optax state
+    load_average: jax.Array  # [moe_layers, experts] float32, exponential average of tokens per expert
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -46,7 +48,9 @@ def init_train_state(mc: ModelConfig, tc: TrainConfig) -> tuple[nnx.GraphDef, Tr
     model = Transformer(mc, rngs=nnx.Rngs(tc.seed))
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     opt_state = make_optimizer(tc).init(params)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, model_state, opt_state)
+    moe_layers = len(model.moe_layers())
+    load_average = jnp.zeros((moe_layers, mc.moe.num_routed_experts), jnp.float32)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, model_state, opt_state, load_average)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -96,6 +100,8 @@ def make_train_step(graphdef: nnx.GraphDef, mc: ModelConfig, tc: TrainConfig
                                        mc.moe.seq_aux_loss_weight)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if mc.moe.num_physical_experts:  # replicas of one expert take one summed update
+            grads = sum_replica_gradients(graphdef, grads, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         model = nnx.merge(graphdef, params, state.model_state)
@@ -107,7 +113,10 @@ def make_train_step(graphdef: nnx.GraphDef, mc: ModelConfig, tc: TrainConfig
             "learning_rate": schedule(state.step), "expert_load": aux["expert_load"],
             "expert_balance": expert_balance(aux["expert_load"]),
         }
-        return TrainState(state.step + 1, params, model_state, opt_state), metrics
+        load = aux["expert_load"].astype(jnp.float32)
+        decay = tc.eplb.load_decay
+        load_average = jnp.where(state.step == 0, load, decay * state.load_average + (1 - decay) * load)
+        return TrainState(state.step + 1, params, model_state, opt_state, load_average), metrics
 
     return jax.jit(step, donate_argnums=0)
 

@@ -1,0 +1,98 @@
+"""EPLB online: expert loads tracked during training, replicas re-placed every N steps.
+
+The train step keeps an exponential average of tokens per expert in the state (``TrainState
+.load_average``, so it is checkpointed and a resumed run rebalances exactly like an uninterrupted one).
+
+The MoE layers hold physical expert slots (``MoEConfig.num_physical_experts``) and the placement maps
+(phy2log, log2phy, logcnt). Replicas of one logical expert hold identical weights: their gradients are
+summed and given to every replica (``sum_replica_gradients``), so identical optimizer updates keep them
+identical. A rebalance computes a new placement from the load average (``sharding.eplb``) and lays out
+the physical weights and their Adam moments from the logical experts, so the model computes exactly the
+same function before and after.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxseek.config import EPLBConfig, ModelConfig
+from jaxseek.model.moe import MoE, replica_table
+from sharding.eplb import balancedness, gpu_loads, rebalance_experts
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+class RebalanceReport(NamedTuple):
+    balancedness_before: float  # mean over layers, current placement under the tracked loads
+    balancedness_after: float
+    moved_slots: int  # physical expert slots whose weights changed
+
+
+def _moe_layers(graphdef, params_like, model_state) -> tuple[object, list[MoE]]:
+    model = nnx.merge(graphdef, params_like, model_state)
+    return model, model.moe_layers()
+
+
+def sum_replica_gradients(graphdef: nnx.GraphDef, grads, model_state):
+    """Gives every replica the sum of its expert's replica gradients (inside the jitted step)."""
+    model, layers = _moe_layers(graphdef, grads, model_state)
+    for layer in layers:
+        phy2log = layer.phy2log[...]
+        for name in EXPERT_WEIGHTS:
+            weight = getattr(layer, name)
+            weight[...] = jax.ops.segment_sum(weight[...], phy2log, layer.config.num_routed_experts)[phy2log]
+    return nnx.split(model, nnx.Param, ...)[1]
+
+
+def current_placements(graphdef, params, model_state) -> np.ndarray:
+    """[moe_layers, slots] phy2log of every MoE layer."""
+    _, layers = _moe_layers(graphdef, params, model_state)
+    return np.stack([np.asarray(layer.phy2log[...]) for layer in layers])
+
+
+def placement_balancedness(loads: np.ndarray, phy2log: np.ndarray, num_experts: int, num_gpus: int) -> np.ndarray:
+    """[L] mean / max GPU load of a placement under [L, E] loads."""
+    logcnt = np.stack([np.bincount(p, minlength=num_experts) for p in phy2log])
+    return balancedness(gpu_loads(np.asarray(loads, np.float64), phy2log, np.maximum(logcnt, 1), num_gpus))
+
+
+def _relayout(graphdef, params_like, model_state, gathers: list[np.ndarray]):
+    """Permutes the expert slots of a params-shaped state: slot s takes old slot gathers[layer][s]."""
+    model, layers = _moe_layers(graphdef, params_like, model_state)
+    for layer, gather in zip(layers, gathers):
+        for name in EXPERT_WEIGHTS:
+            weight = getattr(layer, name)
+            weight[...] = weight[...][jnp.asarray(gather)]
+    return nnx.split(model, nnx.Param, ...)[1]
+
+
+def rebalance(state, graphdef: nnx.GraphDef, mc: ModelConfig, loads: np.ndarray, eplb: EPLBConfig):
+    """(TrainState, [moe_layers, E] loads) -> (TrainState with new placements, RebalanceReport)."""
+    experts, gpus = mc.moe.num_routed_experts, mc.moe.eplb_gpus
+    previous = current_placements(graphdef, state.params, state.model_state)
+    placement = rebalance_experts(loads, mc.moe.num_physical_experts, mc.moe.n_group, eplb.nodes, gpus,
+                                  previous=previous, min_improvement=eplb.min_improvement)
+    # New slot s holds logical expert phy2log[s]: copy it from that expert's first old replica.
+    first_old_slot = [np.array([np.flatnonzero(p == e)[0] for e in range(experts)]) for p in previous]
+    gathers = [first[new] for first, new in zip(first_old_slot, placement.phy2log)]
+
+    def relayout_params_like(tree):
+        return jax.tree.map(lambda x: _relayout(graphdef, x, state.model_state, gathers)
+                            if isinstance(x, nnx.State) else x, tree, is_leaf=lambda x: isinstance(x, nnx.State))
+
+    params = _relayout(graphdef, state.params, state.model_state, gathers)
+    opt_state = relayout_params_like(state.opt_state)  # Adam's moments mirror the params
+    model, layers = _moe_layers(graphdef, params, state.model_state)
+    for layer, phy2log in zip(layers, placement.phy2log):
+        layer.phy2log[...] = jnp.asarray(phy2log, jnp.int32)
+        layer.log2phy[...] = jnp.asarray(replica_table(phy2log, experts))
+        layer.logcnt[...] = jnp.asarray(np.bincount(phy2log, minlength=experts), jnp.int32)
+    _, _, model_state = nnx.split(model, nnx.Param, ...)
+    report = RebalanceReport(float(placement_balancedness(loads, previous, experts, gpus).mean()),
+                             float(placement.balancedness.mean()), placement.moved_slots)
+    return state._replace(params=params, model_state=model_state, opt_state=opt_state), report
