@@ -1,9 +1,10 @@
-"""``jaxseek`` command line: ``train`` (the main job), ``generate`` (text from a trained run) and ``info``
-(sizes and FLOPs of a preset)."""
+"""``jaxseek`` command line: ``train`` (the main job), ``generate`` (text from a trained run), ``eplb``
+(expert placement from recorded loads) and ``info`` (sizes and FLOPs of a preset)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from rich.console import Console
@@ -29,6 +30,9 @@ def _add_train(sub) -> None:
     p.add_argument("--fp8", action="store_true",
                    help="DeepSeek-V3 FP8 GEMMs (1x128 / 128x128 scaling) in every linear layer and expert")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--eplb-replicas", type=int, help="EPLB: physical expert slots per MoE layer (redundant replicas)")
+    p.add_argument("--eplb-gpus", type=int, default=1, help="EPLB: expert-parallel ranks the slots are placed on")
+    p.add_argument("--eplb-every", type=int, default=50, help="EPLB: rebalance every N steps")
 
 
 def _train(args, console: Console) -> int:
@@ -45,6 +49,10 @@ def _train(args, console: Console) -> int:
         mc = mc.replace(compute_dtype="bfloat16")
     if args.fp8:
         mc = mc.with_fp8()
+    if args.eplb_replicas:
+        mc = mc.replace(moe=dataclasses.replace(mc.moe, num_physical_experts=args.eplb_replicas,
+                                                eplb_gpus=args.eplb_gpus))
+        tc = tc.replace(eplb=dataclasses.replace(tc.eplb, every=args.eplb_every))
     out = args.out or f"runs/{args.preset}"
     import jax
 
@@ -112,6 +120,31 @@ def _generate(args, console: Console) -> int:
     return 0
 
 
+def _add_eplb(sub) -> None:
+    p = sub.add_parser("eplb", help="an expert placement (EPLB) from recorded loads, with a GPU-load heat map")
+    p.add_argument("--loads", required=True,
+                   help="parquet: a run's metrics.parquet, or columns layer, expert, load")
+    p.add_argument("--replicas", type=int, required=True, help="physical experts per layer")
+    p.add_argument("--groups", type=int, default=1, help="expert groups (hierarchical policy if nodes divide it)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--last-steps", type=int, help="average only the last N steps of a metrics file")
+    p.add_argument("--out", default="eplb", help="directory for placement.parquet, placement.json, gpu_load.png")
+
+
+def _eplb(args, console: Console) -> int:
+    from jaxseek.placement_report import placement_from_file
+
+    summary = placement_from_file(args.loads, replicas=args.replicas, groups=args.groups, nodes=args.nodes,
+                                  gpus=args.gpus, out_dir=args.out, last_steps=args.last_steps)
+    before = summary["balancedness_before_mean"]
+    console.print(f"{summary['layers']} layers x {summary['experts']} experts -> {summary['replicas']} slots on "
+                  f"{summary['gpus']} GPUs; balancedness (mean / max GPU load) "
+                  f"{'n/a' if before is None else f'{before:.3f}'} -> {summary['balancedness_after_mean']:.3f}")
+    console.print(f"wrote {args.out}/placement.parquet, {args.out}/placement.json, {args.out}/gpu_load.png")
+    return 0
+
+
 def _info(args, console: Console) -> int:
     from jaxseek.model.accounting import count_parameters, flops_per_token, parameter_shapes
 
@@ -146,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_generate(sub)
+    _add_eplb(sub)
     info = sub.add_parser("info", help="parameter counts, per-layer shapes and FLOPs of a preset (abstract)")
     info.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESET_BUILDERS))
     args = parser.parse_args(argv)
     console = Console()
     try:
-        return {"train": _train, "generate": _generate, "info": _info}[args.command](args, console)
+        return {"train": _train, "generate": _generate, "eplb": _eplb, "info": _info}[args.command](args, console)
     except ValueError as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2

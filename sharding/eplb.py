@@ -222,7 +222,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
       num_nodes: server nodes; num_gpus: GPUs in all, a multiple of num_nodes.
       previous: [L, R] phy2log of the current placement. Layers whose balancedness would improve by less
         than ``min_improvement`` keep it; the others are re-aligned to it so few weights move.
-      avoid_colocation: never put two replicas of one expert on one GPU when another choice exists.
+      avoid_colocation: keep two replicas of one expert off one GPU when another choice exists, unless
+        the greedy placement without that rule balances strictly better.
+    Every layer's placement is at least as balanced as leaving each expert, unreplicated, on GPU
+    e // (E / gpus) (when gpus divides E): that layout, with spare slots holding replicas of a GPU's own
+    experts, is a candidate too.
     Returns:
       Placement (unpacks to phy2log [L, R], log2phy [L, E, max_replicas] padded with -1, logcnt [L, E]).
     """
@@ -238,15 +242,19 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         raise ValueError(f"num_replicas: {num_replicas} must be >= the {num_logical} logical experts")
     _check_divides(num_groups, num_logical, "num_groups", "the number of experts")
     if num_groups % num_nodes == 0:
-        if (num_replicas // num_nodes) < num_logical // num_nodes:
-            raise ValueError("num_replicas: each node needs a slot for each of its experts")
-        phy2log, rank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus,
-                                                               avoid_colocation=avoid_colocation)
-        nodes = num_nodes
+        groups, nodes = num_groups, num_nodes
     else:  # global policy: one group, one node
-        phy2log, rank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus,
-                                                               avoid_colocation=avoid_colocation)
-        nodes = 1
+        groups, nodes = 1, 1
+    phy2log, rank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, groups, nodes, num_gpus,
+                                                           avoid_colocation=avoid_colocation)
+    if avoid_colocation:  # the greedy placement that ignores colocation, if it balances strictly better
+        alt_phy2log, alt_rank, alt_logcnt = rebalance_experts_hierarchical(
+            weight, num_replicas, groups, nodes, num_gpus, avoid_colocation=False)
+        phy2log, rank, logcnt = _best_per_layer(weight, num_gpus, (phy2log, rank, logcnt),
+                                                (alt_phy2log, alt_rank, alt_logcnt))
+    if num_logical % num_gpus == 0:  # never worse than leaving the experts where they are
+        phy2log, rank, logcnt = _best_per_layer(weight, num_gpus, (phy2log, rank, logcnt),
+                                                _in_place_layout(weight, num_replicas, num_gpus))
     moved = 0
     if previous is not None:
         previous = np.asarray(previous)
@@ -262,6 +270,29 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         moved = int((phy2log != previous).sum())
     loads = gpu_loads(weight, phy2log, logcnt, num_gpus)
     return Placement(phy2log, _log2phy(phy2log, rank, logcnt), logcnt, loads, balancedness(loads), moved)
+
+
+def _in_place_layout(weight: np.ndarray, num_replicas: int, num_gpus: int):
+    """Every expert on GPU e // (E / gpus), the spare slots of a GPU filled with replicas of its own
+    heaviest experts: GPU loads equal those without any replication."""
+    layers, num_logical = weight.shape
+    per_gpu, experts_per_gpu = num_replicas // num_gpus, num_logical // num_gpus
+    phy2log = np.zeros((layers, num_replicas), np.int64)
+    for gpu in range(num_gpus):
+        own = np.arange(gpu * experts_per_gpu, (gpu + 1) * experts_per_gpu)
+        by_load = own[np.argsort(-weight[:, own], axis=1, kind="stable")]  # [L, experts_per_gpu]
+        spare = by_load[:, np.arange(per_gpu - experts_per_gpu) % experts_per_gpu]
+        phy2log[:, gpu * per_gpu:(gpu + 1) * per_gpu] = np.concatenate([np.tile(own, (layers, 1)), spare], 1)
+    logcnt = np.stack([np.bincount(p, minlength=num_logical) for p in phy2log])
+    return phy2log, _replica_ranks(phy2log), logcnt
+
+
+def _best_per_layer(weight: np.ndarray, num_gpus: int, preferred, alternative):
+    """Per layer, ``alternative`` where it is strictly more balanced, else ``preferred``."""
+    scores = [balancedness(gpu_loads(weight, candidate[0], candidate[2], num_gpus))
+              for candidate in (preferred, alternative)]
+    take = (scores[1] > scores[0] + 1e-12)[:, None]
+    return tuple(np.where(take, b, a) for a, b in zip(preferred, alternative))
 
 
 def _replica_ranks(phy2log: np.ndarray) -> np.ndarray:
