@@ -34,7 +34,8 @@ class RebalanceReport(NamedTuple):
 
 
 def _moe_layers(graphdef, params_like, model_state) -> tuple[object, list[MoE]]:
-    model = nnx.merge(graphdef, params_like, model_state)
+    """A copy of the model (so edits never reach the caller's state) and its MoE layers."""
+    model = nnx.merge(graphdef, params_like, model_state, copy=True)
     return model, model.moe_layers()
 
 

@@ -19,6 +19,9 @@ import dataclasses
 import numpy as np
 
 
+COLOCATION_MARGIN = 0.01  # balancedness a layer may give up to keep replicas of an expert on distinct GPUs
+
+
 def _check_divides(divisor: int, value: int, divisor_name: str, value_name: str) -> None:
     if divisor <= 0 or value % divisor:
         raise ValueError(f"{divisor_name}: {divisor} must be positive and divide {value_name}={value}")
@@ -223,7 +226,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
       previous: [L, R] phy2log of the current placement. Layers whose balancedness would improve by less
         than ``min_improvement`` keep it; the others are re-aligned to it so few weights move.
       avoid_colocation: keep two replicas of one expert off one GPU when another choice exists, unless
-        the greedy placement without that rule balances strictly better.
+        the greedy placement without that rule is more balanced by more than COLOCATION_MARGIN.
     Every layer's placement is at least as balanced as leaving each expert, unreplicated, on GPU
     e // (E / gpus) (when gpus divides E): that layout, with spare slots holding replicas of a GPU's own
     experts, is a candidate too.
@@ -247,11 +250,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         groups, nodes = 1, 1
     phy2log, rank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, groups, nodes, num_gpus,
                                                            avoid_colocation=avoid_colocation)
-    if avoid_colocation:  # the greedy placement that ignores colocation, if it balances strictly better
-        alt_phy2log, alt_rank, alt_logcnt = rebalance_experts_hierarchical(
-            weight, num_replicas, groups, nodes, num_gpus, avoid_colocation=False)
-        phy2log, rank, logcnt = _best_per_layer(weight, num_gpus, (phy2log, rank, logcnt),
-                                                (alt_phy2log, alt_rank, alt_logcnt))
+    if avoid_colocation:  # the greedy placement that ignores colocation, if avoiding it costs > 1% balance
+        alternative = rebalance_experts_hierarchical(weight, num_replicas, groups, nodes, num_gpus,
+                                                     avoid_colocation=False)
+        phy2log, rank, logcnt = _best_per_layer(weight, num_gpus, (phy2log, rank, logcnt), alternative,
+                                                margin=COLOCATION_MARGIN)
     if num_logical % num_gpus == 0:  # never worse than leaving the experts where they are
         phy2log, rank, logcnt = _best_per_layer(weight, num_gpus, (phy2log, rank, logcnt),
                                                 _in_place_layout(weight, num_replicas, num_gpus))
@@ -287,11 +290,11 @@ def _in_place_layout(weight: np.ndarray, num_replicas: int, num_gpus: int):
     return phy2log, _replica_ranks(phy2log), logcnt
 
 
-def _best_per_layer(weight: np.ndarray, num_gpus: int, preferred, alternative):
-    """Per layer, ``alternative`` where it is strictly more balanced, else ``preferred``."""
+def _best_per_layer(weight: np.ndarray, num_gpus: int, preferred, alternative, margin: float = 1e-12):
+    """Per layer, ``alternative`` where its balancedness beats ``preferred``'s by more than ``margin``."""
     scores = [balancedness(gpu_loads(weight, candidate[0], candidate[2], num_gpus))
               for candidate in (preferred, alternative)]
-    take = (scores[1] > scores[0] + 1e-12)[:, None]
+    take = (scores[1] > scores[0] + margin)[:, None]
     return tuple(np.where(take, b, a) for a, b in zip(preferred, alternative))
 
 
