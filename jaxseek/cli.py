@@ -70,6 +70,11 @@ def _train(args, console: Console) -> int:
     table.add_row("unigram entropy of the bytes", f"{result.unigram_entropy:.3f}")
     table.add_row("tokens/s (median step)", f"{result.tokens_per_s:,.0f}")
     table.add_row("expert balance max/mean (last step)", f"{last['expert_balance_mean']:.2f}")
+    rebalances = [r for r in result.log.rows if r.get("eplb_moved_slots") is not None]
+    if rebalances:
+        r = rebalances[-1]
+        table.add_row(f"EPLB GPU balancedness at step {r['step']} (mean/max)",
+                      f"{r['eplb_balancedness_before']:.3f} -> {r['eplb_balancedness_after']:.3f}")
     console.print(table)
     console.print(f"wrote {result.out_dir}/metrics.parquet, {result.out_dir}/training.png, {result.out_dir}/checkpoints/")
     return 0
