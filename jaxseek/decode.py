@@ -1,8 +1,9 @@
 """The model's forward pass over a paged KV cache: prefill and decode through absorbed MLA.
 
 Per layer: the new tokens' latent rows ``[c_kv | k_rope]`` are written into their pages, the absorbed
-queries attend over the sequence's pages with ``flash_mla_with_kvcache`` (the FlashMLA kernel on a
-Hopper GPU, XLA elsewhere), and the latent output is projected back through W_uv and W_o. The same
+queries attend over the sequence's pages with ``flash_mla_with_kvcache`` (its XLA path today; the
+Mosaic GPU kernel takes over on Hopper once built), and the latent output is projected back through
+W_uv and W_o. The same
 function serves prefill (s new tokens, causal) and decode (1 new token per sequence).
 """
 
