@@ -7,7 +7,8 @@ V is its first ``head_dim_v`` (512) columns. ``q`` carries the absorbed queries 
 
 ``implementation``: None picks ``mosaic_gpu`` on a Hopper GPU when it supports the inputs, else
 ``xla``; ``"xla"``, ``"mosaic_gpu"`` and ``"interpret"`` force one. The Mosaic GPU kernel is not built
-yet: asking for it raises ``NotImplementedError`` and None runs the XLA path.
+yet (``mosaic_gpu.py`` is work in progress): asking for it raises ``NotImplementedError`` and None runs
+the XLA path.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
                                               softmax_scale=scale, causal=causal)
 
     def kernel(interpret: bool):
-        raise NotImplementedError("flash_mla_with_kvcache: the Mosaic GPU decoding kernel is not built yet; "
-                                  "use implementation=None or 'xla'")
+        # The split-KV kernel (mosaic_gpu.py) lowers for CUDA but is not validated yet: it hangs in the
+        # CPU interpreter and has not run on a GPU. Until both pass, the API never launches it.
+        raise NotImplementedError("flash_mla_with_kvcache: the Mosaic GPU decoding kernel is not validated "
+                                  "yet; use implementation=None or 'xla'")
 
     return dispatch(implementation, xla, kernel)

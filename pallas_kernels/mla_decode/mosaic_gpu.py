@@ -1,0 +1,232 @@
+"""FlashMLA-style split-KV decoding over a paged cache, as a Pallas Mosaic GPU kernel (Hopper).
+
+STATUS: work in progress, not used by ``api.py``. It lowers for CUDA (``jax.export``; tested), but in
+jax 0.10.2's CPU interpreter its compute warpgroups wait forever on a barrier (the query tile's TMA
+barrier is the first suspect), and it has not run on a GPU yet.
+
+Work items come from ``get_mla_metadata``: (sequence, first page, end page, output slot). For each item
+and each 64-row tile of query rows (s_q x h_q rows share the single latent KV head), a CTA keeps the
+query tile in SMEM and streams the item's KV pages through the block table with a two-stage TMA
+pipeline driven by a memory warpgroup (Q 72 KB + 2 x 72 KB of pages fill Hopper's shared memory). Two compute warpgroups each run S = Q K^T over all 576
+columns (wgmma, bf16, f32 accumulation) and an online softmax, then O += P V for their own 256 of the
+512 value columns. Tokens past the sequence (or the causal limit) are masked out of S, and their value
+rows are zeroed in SMEM before P V, so poisoned cache slots cannot leak. Each item writes its partial
+result (O / l in the query dtype, lse in f32) to its slot; ``combine.py`` merges a sequence's slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
+
+ROWS = 64  # query rows per tile (the wgmma M)
+CHUNK = BLOCK_SIZE  # KV tokens per pipeline step: one page (bf16 wgmma needs K in multiples of 64)
+NUM_COMPUTE_WGS = 2
+STAGE_COLUMNS = 16  # output columns staged per TMA store (Q + 2 page stages leave ~11 KB of SMEM)
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    d: int  # cached row width (576)
+    dv: int  # value width, the first dv columns (512)
+    s_q: int
+    heads: int  # query heads (rows = s_q * heads)
+    softmax_scale: float
+    causal: bool
+    num_sms: int
+    max_concurrent_steps: int = 2
+    # The variant jax's CPU interpreter can run (0.10-0.11): K^T as a second, pre-transposed operand (it
+    # cannot run a wgmma on a transposed operand), full-length pipelines masked past the item's pages (a
+    # dynamic-length pipeline can hang it), no register layout casts and no run_state (it has no rules
+    # for them).
+    for_interpreter: bool = False
+
+    @property
+    def dv_per_wg(self) -> int:
+        return self.dv // NUM_COMPUTE_WGS
+
+    def layout(self, x, layout):
+        return x if self.for_interpreter else plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dimension):
+        if self.for_interpreter:
+            return lax.broadcasted_iota(jnp.int32, shape, dimension)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+
+
+def check_supported(q_dtype, d: int, dv: int, h_kv: int) -> None:
+    """Raises NotImplementedError for inputs this kernel does not take (the API then uses XLA)."""
+    if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise NotImplementedError(f"mla_decode kernel: bf16/fp16 only, got {q_dtype}")
+    if h_kv != 1:
+        raise NotImplementedError(f"mla_decode kernel: one latent KV head (MLA), got h_kv={h_kv}")
+    if d % 64 or dv % (64 * NUM_COMPUTE_WGS) or dv > d:
+        raise NotImplementedError(f"mla_decode kernel: d % 64 == 0 and dv % 128 == 0 needed, got d={d}, dv={dv}")
+
+
+def _kernel(q_gmem, k_gmem, kt_gmem, table_gmem, lens_gmem, work_gmem, out_gmem, lse_gmem, *, config: DecodeConfig):
+    # q_gmem:     [batch, rows_pad, d]           query rows of each sequence (s_q-major, then heads)
+    # k_gmem:     [num_blocks * 64, d]           the cache's rows, page p holding rows 64 p .. 64 p + 63
+    # kt_gmem:    [d, num_blocks * 64]           the same, transposed (interpreter only; else None)
+    # table_gmem: [batch, max_blocks] int32      lens_gmem: [batch] int32
+    # work_gmem:  [items, 4] int32               (sequence, first page, end page, slot)
+    # out_gmem:   [slots, rows_pad, dv] q dtype  lse_gmem: [slots, rows_pad] f32
+    rows_pad, d = q_gmem.shape[1], q_gmem.shape[2]
+    row_tiles = rows_pad // ROWS
+    dv_wg = config.dv_per_wg
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scale = config.softmax_scale * LOG2E  # scores in log2 units, softmax by exp2
+
+    def make_pipeline(body, compute_context, steps, index_map):
+        specs = [plgpu.BlockSpec((CHUNK, d), index_map, transforms=transforms)]
+        if config.for_interpreter:
+            specs.append(plgpu.BlockSpec((d, CHUNK), lambda j: tuple(reversed(index_map(j)))))
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(steps,), memory_registers=40,
+            in_specs=specs,
+            wg_axis="wg", num_compute_wgs=NUM_COMPUTE_WGS, max_concurrent_steps=config.max_concurrent_steps,
+            compute_context=compute_context)
+
+    ignore = lambda *_, **__: None  # noqa: E731
+    k_operands = (k_gmem, kt_gmem) if config.for_interpreter else (k_gmem,)
+    max_steps = table_gmem.shape[1] if config.for_interpreter else work_gmem[0, 2]
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=make_pipeline(ignore, ignore, max_steps, lambda j: (j, 0)).get_allocations(*k_operands),
+        q_smem=plgpu.SMEM((ROWS, d), q_gmem.dtype, transforms=transforms),
+        stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), q_gmem.dtype),
+        lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        q_barrier=plgpu.Barrier(num_arrivals=1),
+        sync_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+        collective_axes="wg",
+    )
+    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, sync_barrier):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((work_gmem.shape[0] * row_tiles,), collective_axes="sm")
+        def _item_loop(loop_info):
+            item, tile = loop_info.index[0] // row_tiles, loop_info.index[0] % row_tiles
+            seq, first, end, slot = (work_gmem[item, f] for f in range(4))
+            length = lens_gmem[seq]
+            q_rows = pl.ds(tile * ROWS, ROWS)
+
+            @pl.when(first < end)
+            def _work():
+                def compute_context(eval_pipeline):
+                    plgpu.barrier_arrive(sync_barrier)  # both warpgroups are done with the last tile's Q
+                    plgpu.barrier_wait(sync_barrier)
+
+                    @pl.when(wg == 0)
+                    def _load_q():
+                        plgpu.copy_gmem_to_smem(q_gmem.at[seq, q_rows], q_smem, q_barrier)
+
+                    plgpu.barrier_wait(q_barrier)
+                    acc = config.layout(jnp.zeros((ROWS, dv_wg), jnp.float32), plgpu.Layout.WGMMA)
+                    m = config.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    l = config.layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    acc, m, l = eval_pipeline((acc, m, l))
+                    visible = l > 0
+                    acc = acc / lax.broadcast_in_dim(jnp.where(visible, l, 1.0), acc.shape, [0])
+                    lse = jnp.where(visible, (m + jnp.log2(jnp.where(visible, l, 1.0))) / LOG2E, -jnp.inf)
+                    out = acc.astype(stage_smem.dtype)
+                    for c in range(dv_wg // STAGE_COLUMNS):  # the little SMEM left stages 16 columns at a time
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        stage_smem[wg] = out[:, c * STAGE_COLUMNS:(c + 1) * STAGE_COLUMNS]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            stage_smem.at[wg], out_gmem.at[slot, q_rows, pl.ds(wg * dv_wg + c * STAGE_COLUMNS,
+                                                                              STAGE_COLUMNS)])
+
+                    @pl.when(wg == 0)
+                    def _store_lse():
+                        lse_smem[...] = lse
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[slot, q_rows])
+
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                def step(indices, k_smem, *rest):
+                    # k_smem [64, d]: the tokens of the item's page j; rest: ([d, 64] K^T for the interpreter,)
+                    # carry = (acc [64, dv_wg] f32, m [64], l [64]) in log2 units
+                    *kt_smem, (acc, m, l) = rest
+                    token0 = first * BLOCK_SIZE + indices[0] * CHUNK
+
+                    def qk(s_ref):
+                        k_t = kt_smem[0] if config.for_interpreter else plgpu.transpose_ref(k_smem, (1, 0))
+                        plgpu.wgmma(s_ref, q_smem, k_t)
+                        return s_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((ROWS, CHUNK), jnp.float32)) * scale  # [64, 64]
+                    token = token0 + config.iota((ROWS, CHUNK), 1)
+                    row = tile * ROWS + config.iota((ROWS, CHUNK), 0)
+                    limit = length - config.s_q + row // config.heads + 1 if config.causal else length
+                    if config.for_interpreter:  # full-length pipeline: steps past the item's pages see nothing
+                        limit = jnp.minimum(limit, end * BLOCK_SIZE)
+                    s = jnp.where(token < limit, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1))
+                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    alpha = jnp.exp2(m - m_safe)
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                    l = l * alpha + p.sum(axis=1)
+                    v_smem = k_smem.at[:, pl.ds(wg * dv_wg, dv_wg)]  # [32, dv_wg]
+
+                    @pl.when(token0 + CHUNK > jnp.minimum(length, end * BLOCK_SIZE))
+                    def _zero_unwritten_rows():  # 0 * NaN would poison P V
+                        v = v_smem[...]
+                        tokens = token0 + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+                        v_smem[...] = jnp.where(tokens < jnp.minimum(length, end * BLOCK_SIZE), v, jnp.zeros_like(v))
+                        plgpu.commit_smem()
+
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p.astype(k_smem.dtype), v_smem)
+
+                    if config.for_interpreter:  # it has no rule for run_state: add a fresh product instead
+                        acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((ROWS, dv_wg), jnp.float32))
+                    else:  # accumulate in place: a second 64 x 256 f32 accumulator would not fit in registers
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    return acc, m_new, l
+
+                def index_map(j):  # step j -> the page (a 64-row block of k_gmem) of the item's j-th block
+                    return (table_gmem[seq, jnp.minimum(first + j, end - 1)], 0)
+
+                steps = max_steps if config.for_interpreter else end - first
+                make_pipeline(step, compute_context, steps, index_map)(*k_operands, allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def partial_attention(q_rows, k_rows, block_table, lengths, work, *, config: DecodeConfig, num_slots: int,
+                      interpret=None):
+    """Launches the kernel: per work item, the partial softmax over its pages.
+
+    Args:
+      q_rows: [batch, rows_pad, d] bf16/fp16; k_rows: [num_blocks * 64, d]; block_table: [batch, max_blocks];
+      lengths: [batch] int32; work: [items, 4] int32.
+    Returns:
+      (out [num_slots, rows_pad, dv] in q's dtype, lse [num_slots, rows_pad] float32 natural log); slots no
+      item writes are left unwritten.
+    """
+    rows_pad = q_rows.shape[1]
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, config=config),
+        out_type=(jax.ShapeDtypeStruct((num_slots, rows_pad, config.dv), q_rows.dtype),
+                  jax.ShapeDtypeStruct((num_slots, rows_pad), jnp.float32)),
+        grid=(config.num_sms,), grid_names=("sm",), num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret,
+    )
+    k_t = k_rows.T if config.for_interpreter else None
+    return kernel(q_rows, k_rows, k_t, block_table, lengths, work)
