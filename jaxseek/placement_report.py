@@ -70,13 +70,15 @@ def _plot(weight, placement: Placement, before: np.ndarray, path: pathlib.Path) 
     panels = [("after EPLB", placement.gpu_load, placement.balancedness)]
     if np.isfinite(before).all():
         panels.insert(0, ("one replica per expert, in order", plain_gpu_loads(weight, num_gpus), before))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.4 * weight.shape[0] + 2.5), squeeze=False)
-    peak = max(p[1].max() for p in panels) or 1.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.3 * weight.shape[0] + 2.5), squeeze=False)
     for ax, (title, loads, ratio) in zip(axes[0], panels):
-        image = ax.imshow(loads, aspect="auto", cmap="magma", vmin=0, vmax=peak)
+        relative = loads / np.maximum(loads.mean(1, keepdims=True), 1e-12)  # 1 = the layer's mean GPU load
+        image = ax.imshow(relative, aspect="auto", cmap="coolwarm", vmin=0.5, vmax=1.5, interpolation="nearest")
         ax.set(title=f"{title}\nmean balancedness {ratio.mean():.3f} (mean / max GPU load)", xlabel="GPU",
                ylabel="MoE layer")
-        fig.colorbar(image, ax=ax, label="load")
+        ax.set_xticks(range(num_gpus))
+        ax.set_yticks(range(loads.shape[0]))
+        fig.colorbar(image, ax=ax, label="GPU load / layer mean")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
