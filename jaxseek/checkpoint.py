@@ -54,12 +54,15 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / CONFIG_FILE).write_text(configs_to_json(mc, tc))
 
-    def check_configs(self, mc: ModelConfig) -> None:
-        """Raises ValueError if the run in this directory was built from another model config."""
-        saved, _ = load_configs(self.directory)
-        if saved != mc:
-            changed = [f.name for f in dataclasses.fields(mc) if getattr(saved, f.name) != getattr(mc, f.name)]
-            raise ValueError(f"resume: the model config differs from the checkpoint's in {changed}")
+    def check_configs(self, mc: ModelConfig, tc: TrainConfig) -> None:
+        """Raises ValueError if the run in this directory was started with other configs (an exact resume
+        needs the same model and the same schedule, data order and checkpoint cadence)."""
+        saved_model, saved_train = load_configs(self.directory)
+        for kind, saved, given in (("model", saved_model, mc), ("training", saved_train, tc)):
+            changed = [f.name for f in dataclasses.fields(given) if getattr(saved, f.name) != getattr(given, f.name)]
+            if changed:
+                raise ValueError(f"resume: the {kind} config differs from the run's in {changed}; "
+                                 "resume with the settings the run was started with")
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -73,7 +73,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
         start = checkpointer.latest_step()
         if start is None:
             raise ValueError(f"resume: no checkpoint under {out_dir}")
-        checkpointer.check_configs(mc)
+        checkpointer.check_configs(mc, tc)
         state = checkpointer.restore(start, state)
         if (out_dir / METRICS_FILE).exists():
             log = MetricsLog.read_parquet(out_dir / METRICS_FILE, up_to_step=start)

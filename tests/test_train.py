@@ -55,6 +55,8 @@ def test_existing_run_is_never_overwritten(micro_config, corpus, tmp_path):
         _train(micro_config, tc, tmp_path / "run", corpus)
     with pytest.raises(ValueError, match="resume"):
         _train(micro_config.replace(hidden_size=64), tc, tmp_path / "run", corpus, resume=True)
+    with pytest.raises(ValueError, match=r"training config .*steps"):
+        _train(micro_config, tc.replace(steps=3), tmp_path / "run", corpus, resume=True)
     with pytest.raises(ValueError, match="resume"):
         _train(micro_config, tc, tmp_path / "empty", corpus, resume=True)
 
