@@ -85,7 +85,8 @@ def fp8_correctness() -> list[dict]:
 def tile_sweep(m=4096, n=7168, k=16384) -> list[dict]:
     """A few kernel configs on one compute-bound shape (what the heuristic should pick)."""
     from pallas_kernels.fp8_gemm import kernel_ops, reference, schedule
-    from pallas_kernels.fp8_gemm.config import num_sms_of_device, select_config
+    from pallas_kernels.dispatch import num_sms_of_device
+    from pallas_kernels.fp8_gemm.config import select_config
     from pallas_kernels.fp8_gemm.mosaic_gpu import KernelConfig
     from pallas_kernels.quant import per_block_cast_to_fp8, per_token_cast_to_fp8
 

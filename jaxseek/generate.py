@@ -109,7 +109,8 @@ class Generator:
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(rest)] = rest
         logits = self._forward([seq_id], tokens, [reused], [len(rest)])
-        self.prefix_store.store(tuple(prompt), self._layer_rows(seq_id, len(prompt)))
+        if len(prompt) >= BLOCK_SIZE:  # the store keeps whole pages only: shorter prompts need no copy
+            self.prefix_store.store(tuple(prompt), self._layer_rows(seq_id, len(prompt)))
         return logits[0, len(rest) - 1]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig(),

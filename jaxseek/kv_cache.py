@@ -47,7 +47,8 @@ def write_rows(layer_pages: jax.Array, rows: jax.Array, block_table: jax.Array, 
 
 
 class PrefixStore(Protocol):
-    """Where finished prompts' KV rows are kept for reuse, keyed by the tokens they encode."""
+    """Where finished prompts' KV rows are kept for reuse, keyed by the tokens they encode. Prefixes are
+    whole pages (multiples of 64 tokens): the generator offers only prompts of at least one page."""
 
     def lookup(self, tokens: tuple[int, ...]) -> tuple[int, np.ndarray | None]:
         """(n, rows [num_layers, n, latent_dim]) for the longest stored prefix of ``tokens`` (n may be 0)."""

@@ -86,6 +86,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
 
     step_fn, evaluate = make_train_step(graphdef, mc, tc), make_eval_step(graphdef)
     eplb_on = bool(mc.moe.num_physical_experts and tc.eplb.every)
+    placements = current_placements(graphdef, state.params, state.model_state) if eplb_on else None
     data_sharding = batch_sharding(mesh)
     tokens_per_step = tc.batch_size * tc.seq_len
     step_times = []
@@ -103,13 +104,13 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
                 step_times.append(elapsed)
             row = log.append(step, metrics, step_time_s=elapsed, tokens=tokens_per_step)
             if eplb_on:
-                placements = current_placements(graphdef, state.params, state.model_state)
                 row.update(eplb_balancedness=float(placement_balancedness(
                     metrics["expert_load"], placements, mc.moe.num_routed_experts, mc.moe.eplb_gpus).mean()),
                     eplb_balancedness_before=None, eplb_balancedness_after=None, eplb_moved_slots=None)
                 if step % tc.eplb.every == 0 and step < end:
                     state, report = rebalance(state, graphdef, mc, np.asarray(state.load_average), tc.eplb)
                     state = jax.device_put(state, replicated(mesh))
+                    placements = current_placements(graphdef, state.params, state.model_state)
                     row.update(eplb_balancedness_before=report.balancedness_before,
                                eplb_balancedness_after=report.balancedness_after, eplb_moved_slots=report.moved_slots)
             if step % tc.eval_every == 0 or step == end:

@@ -29,9 +29,9 @@ def test_deepseek_v3_parameter_count():
     assert counts.activated == activated
     assert abs(counts.total / 671e9 - 1) < 0.01  # "671B total"
     # "37B activated": DeepSeek's figure is rounded; without the embedding table (a lookup) the count is
-    # 36.63B, which rounds to 37B (the same convention gives 20.8B for DeepSeek-V2's published 21B).
+    # 36.63B, 1.01% under 37B, which rounds to 37B (the same convention gives 20.8B for DeepSeek-V2's
+    # published 21B). The exact by-hand count above is the real check.
     assert round(counts.activated / 1e9) == 37
-    assert abs(counts.activated / 37e9 - 1) < 0.011
     # The MTP module: one MoE block plus a 2h -> h projection (the published "14B" also counts its copies
     # of the 0.93B embedding and head, shared with the main model here).
     assert 11e9 < counts.mtp_total < 12e9

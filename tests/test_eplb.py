@@ -154,3 +154,22 @@ def test_eplb_command_writes_placement_and_heat_map(tmp_path, capsys):
     placement = pl.read_parquet(tmp_path / "out" / "placement.parquet")
     assert placement.height == 3 * 24 and set(placement["gpu"].to_list()) == {0, 1, 2, 3}
     assert (tmp_path / "out" / "gpu_load.png").stat().st_size > 5_000
+
+
+def test_training_rebalances_on_schedule_and_logs_balancedness(micro_config, tmp_path):
+    from rich.console import Console
+
+    from jaxseek.config import TrainConfig
+    from jaxseek.data import load_stdlib_corpus
+    from jaxseek.train import train
+    tc = TrainConfig(steps=6, batch_size=8, seq_len=16, warmup_steps=1, checkpoint_every=6, eval_every=6,
+                     eplb=EPLBConfig(every=3, min_improvement=0.0))
+    result = train(_eplb_config(micro_config), tc, tmp_path / "run", corpus=load_stdlib_corpus(max_bytes=1_000_000),
+                   console=Console(quiet=True), show_progress=False)
+    rebalanced = [r["step"] for r in result.log.rows if r["eplb_moved_slots"] is not None]
+    assert rebalanced == [3]  # every 3 steps, not after the last one
+    row = result.log.rows[2]
+    assert row["eplb_balancedness_after"] >= row["eplb_balancedness_before"]
+    assert all(0 < r["eplb_balancedness"] <= 1 for r in result.log.rows)
+    frame = pl.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert frame["eplb_moved_slots"].drop_nulls().to_list() == [row["eplb_moved_slots"]]

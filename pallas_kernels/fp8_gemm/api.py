@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.dispatch import dispatch
+from pallas_kernels.dispatch import dispatch, known_value
 from pallas_kernels.fp8_gemm import kernel_ops, reference
 from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K
 from pallas_kernels.quant import FP8_DTYPE, ceil_div
@@ -45,14 +45,6 @@ def _expect_shape(x: jax.Array, shape: tuple[int, ...], name: str) -> None:
 def _check_out_dtype(out_dtype) -> None:
     if jnp.dtype(out_dtype) not in [jnp.dtype(d) for d in OUT_DTYPES]:
         raise ValueError(f"out_dtype: expected bfloat16 or float32, got {jnp.dtype(out_dtype)}")
-
-
-def _concrete(x) -> np.ndarray | None:
-    """The value of ``x`` when it is known at trace time (for checks that data-dependent code cannot do)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def fp8_gemm_nt(lhs, rhs, *, out_dtype=jnp.bfloat16, implementation: str | None = None) -> jax.Array:
@@ -119,13 +111,13 @@ def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, m_indices=None, *, group_offsets=
     if m_indices is not None:
         if m_indices.dtype != jnp.int32 or m_indices.shape != (m,):
             raise ValueError(f"m_indices: expected int32 [{m}], got {m_indices.dtype} {m_indices.shape}")
-        values = _concrete(m_indices)
+        values = known_value(m_indices)
         if values is not None and values.size and (values.min() < -1 or values.max() >= num_groups):
             raise ValueError(f"m_indices: values must be in [-1, {num_groups}), got [{values.min()}, {values.max()}]")
     else:
         if group_offsets.shape != (num_groups + 1,):
             raise ValueError(f"group_offsets: expected shape ({num_groups + 1},), got {group_offsets.shape}")
-        values = _concrete(group_offsets)
+        values = known_value(group_offsets)
         if values is not None and (values[0] != 0 or np.any(np.diff(values) < 0) or values[-1] > m):
             raise ValueError(f"group_offsets: must start at 0, be non-decreasing and end <= {m}, got {values}")
     starts, ends, row_valid = _group_ranges(m_indices, group_offsets, m, num_groups)
@@ -201,7 +193,7 @@ def k_grouped_fp8_gemm_nt_contiguous(lhs, rhs, group_ks, *, c=None, implementati
     num_groups = group_ks.shape[0] if group_ks.ndim == 1 else -1
     if num_groups < 1 or not jnp.issubdtype(group_ks.dtype, jnp.integer):
         raise ValueError(f"group_ks: expected int32 [g], got {group_ks.dtype} {group_ks.shape}")
-    values = _concrete(group_ks)
+    values = known_value(group_ks)
     if values is not None and (np.any(values % BLOCK_K) or np.any(values < 0) or values.sum() > k):
         raise ValueError(f"group_ks: must be non-negative multiples of {BLOCK_K} summing to <= {k}, got {values}")
     if c is not None:

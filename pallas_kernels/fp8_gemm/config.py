@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from pallas_kernels.fp8_gemm.mosaic_gpu import KernelConfig, round_up
 
 HOPPER_SMEM_BYTES = 232448  # per-block opt-in shared memory on H100 / H200 / H800
@@ -23,7 +21,6 @@ SMEM_RESERVE = 2048  # barriers and bookkeeping
 MAX_TILE_N = 128
 MIN_TILE_N = 16
 MAX_STAGES = 4
-HOPPER_SMS = 132  # H100 SXM, H200, H800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +54,6 @@ def pipeline_depth(tile_n: int, out_itemsize: int) -> int:
         if probe.smem_bytes(out_itemsize) + SMEM_RESERVE <= HOPPER_SMEM_BYTES:
             return stages
     return 2
-
-
-def num_sms_of_device() -> int:
-    """SMs of the default device; Hopper's 132 when the device does not say (the CPU interpreter)."""
-    count = getattr(jax.devices()[0], "core_count", None)
-    return int(count) if count else HOPPER_SMS
 
 
 def select_config(row_tiles: int, n: int, out_itemsize: int, *, num_sms: int, k_grouped: bool = False,

@@ -15,6 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import num_sms_of_device
 from pallas_kernels.fp8_gemm import config as tile_config
 from pallas_kernels.fp8_gemm import schedule
 from pallas_kernels.fp8_gemm.reference import block_scales_per_column
@@ -50,7 +51,7 @@ def run(a: jax.Array, sa: jax.Array, b: jax.Array, sb_cols: jax.Array, *,
     m, k = a.shape
     n = b.shape[1]
     m_pad, k_pad = round_up(max(m, 1), TILE_M), round_up(k, BLOCK_K)
-    num_sms = INTERPRET_SMS if interpret else tile_config.num_sms_of_device()
+    num_sms = INTERPRET_SMS if interpret else num_sms_of_device()
     if config is None:
         config, n_pad = tile_config.select_config(row_tiles, n, jnp.dtype(out_dtype).itemsize, num_sms=num_sms,
                                                   k_grouped=k_grouped, for_interpreter=interpret)

@@ -15,21 +15,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.dispatch import check_implementation, dispatch
+from pallas_kernels.dispatch import check_implementation, dispatch, known_value
 from pallas_kernels.mla_decode import reference
 from pallas_kernels.mla_decode.fp8_cache import dequantize_kv_cache, fp8_row_bytes
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata
 
 Q_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-
-
-def _concrete(x):
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache):
@@ -59,7 +51,7 @@ def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache
                          f"{block_table.shape}")
     if cache_seqlens.dtype != jnp.int32 or cache_seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens: expected int32 [{batch}], got {cache_seqlens.dtype} {cache_seqlens.shape}")
-    lengths = _concrete(cache_seqlens)
+    lengths = known_value(cache_seqlens)
     if lengths is not None and lengths.size and lengths.max() > block_table.shape[1] * BLOCK_SIZE:
         raise ValueError(f"block_table: {block_table.shape[1]} pages hold {block_table.shape[1] * BLOCK_SIZE} "
                          f"tokens, fewer than the longest sequence ({lengths.max()})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_gemm.config import num_sms_of_device
+from pallas_kernels.dispatch import num_sms_of_device
 from pallas_kernels.interpret import gpu_interpret_params
 from pallas_kernels.mla_decode.combine import combine_splits
 from pallas_kernels.mla_decode.metadata import MLAMetadata

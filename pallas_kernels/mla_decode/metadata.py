@@ -16,10 +16,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import HOPPER_SMS
+
 BLOCK_SIZE = 64  # tokens per KV-cache page
 FIXED_OVERHEAD_BLOCKS = 5
 ROWS_PER_TILE = 64  # query rows (s_q x heads per KV head) per kernel tile
-HOPPER_SMS = 132
 
 
 class MLAMetadata(NamedTuple):
