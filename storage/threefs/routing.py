@@ -1,0 +1,77 @@
+"""Routing: the chain table and target states that mgmtd owns and hands out as one picklable snapshot.
+
+3FS replicates each chunk on a chain of storage targets. A chain lists its targets in order: serving
+targets first (head ... tail), then syncing ones (they receive writes as the new tail but serve no reads),
+and offline ones last. Every membership or state change bumps the chain's version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class TargetState(enum.Enum):
+    """Public target states, as mgmtd publishes them with the chain table."""
+
+    SERVING = "serving"    # reads and writes
+    SYNCING = "syncing"    # writes only, while its predecessor copies the chunks it missed
+    WAITING = "waiting"    # back online, waiting for its turn to sync
+    LASTSRV = "lastsrv"    # the last serving target of a chain that lost all others
+    OFFLINE = "offline"    # neither
+
+
+class LocalState(enum.Enum):
+    """What a storage service reports about its own target in a heartbeat."""
+
+    UPTODATE = "up-to-date"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """One replication chain: `targets` in chain order, `version` bumped on every change."""
+
+    chain_id: int
+    version: int
+    targets: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainTable:
+    """The chains files are striped over; `version` bumps when any chain changes."""
+
+    table_id: int
+    version: int
+    chains: dict[int, Chain]
+
+    @property
+    def chain_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self.chains))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingInfo:
+    """Everything a client or service needs to route a chunk request, as of one mgmtd version."""
+
+    chain_table: ChainTable
+    target_states: dict[int, TargetState]
+    target_node: dict[int, int]
+    node_addresses: dict[int, str]
+
+    def chain(self, chain_id: int) -> Chain:
+        try:
+            return self.chain_table.chains[chain_id]
+        except KeyError:
+            raise KeyError(f"chain_id {chain_id} is not in chain table {self.chain_table.table_id}") from None
+
+    def write_path(self, chain_id: int) -> tuple[int, ...]:
+        """[targets] that take a write, head to tail: serving then syncing ones."""
+        writable = (TargetState.SERVING, TargetState.SYNCING, TargetState.LASTSRV)
+        return tuple(t for t in self.chain(chain_id).targets if self.target_states[t] in writable)
+
+    def readable_targets(self, chain_id: int) -> tuple[int, ...]:
+        """[targets] that may serve a read: serving ones only."""
+        readable = (TargetState.SERVING, TargetState.LASTSRV)
+        return tuple(t for t in self.chain(chain_id).targets if self.target_states[t] in readable)
