@@ -5,6 +5,7 @@ The interpreter lives under ``jax._src`` in jax 0.10-0.11; if its home moves, on
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -24,3 +25,17 @@ def reset_interpreter() -> None:
     from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
 
     reset_gpu_interpret_mode_state()
+
+
+def check_interpreter_threads(kernel_threads: int) -> None:
+    """Raises RuntimeError when XLA:CPU has too few threads to interpret a warp-specialised kernel.
+
+    The interpreter runs each warpgroup as a separate computation whose barrier waits block one of
+    XLA:CPU's intra-op threads; with fewer threads than warpgroups the last one never runs and the
+    kernel hangs. XLA sizes that pool from ``NPROC`` when set, else the CPU count, when jax starts.
+    """
+    threads = int(os.environ.get("NPROC") or 0) or len(os.sched_getaffinity(0))
+    if threads < kernel_threads:
+        raise RuntimeError(f"the Mosaic GPU interpreter needs >= {kernel_threads} XLA:CPU threads for this kernel's "
+                           f"warpgroups, this process has {threads}: set NPROC={2 * kernel_threads} in the "
+                           f"environment before jax starts")

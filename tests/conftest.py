@@ -3,6 +3,9 @@
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The Mosaic GPU interpreter runs each warpgroup on an XLA:CPU intra-op thread; XLA sizes that pool from
+# NPROC (else the core count), and a 2-core machine has fewer threads than a 3-warpgroup kernel needs.
+os.environ.setdefault("NPROC", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -139,10 +139,35 @@ def test_bad_inputs_name_the_argument(change, argument):
         flash_mla_with_kvcache(*make_case((70,), 1, 16), 600, implementation="xla")
 
 
+# Interpret mode is slow (each warpgroup a thread, every wgmma a host callback): h_q and d scaled down
+# where the case is about masking and splits, full 576/512 once.
+INTERPRET_CASES = [((0, 1, 63, 65, 600), 1, 16, False, 576, 512), ((7, 530, 64), 2, 32, True, 128, 128),
+                   ((500, 3), 2, 64, True, 128, 128), ((70, 1000), 1, 128, False, 192, 128)]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("seqlens, s_q, h_q, causal, d, dv", INTERPRET_CASES)
+def test_kernel_in_interpreter_matches_float64_reference(seqlens, s_q, h_q, causal, d, dv):
+    """The split-KV kernel, run by the Mosaic GPU interpreter over a schedule that splits long sequences
+    (4 SM parts), against float64 with FlashMLA's tolerances; one metadata serves two "layers"."""
+    q, cache, table, lens = make_case(seqlens, s_q, h_q, d=d, dv=dv, seed=len(seqlens))
+    metadata = get_mla_metadata(lens, s_q * h_q, 1, num_sms=4 * -(-s_q * h_q // 64))  # 4 parts
+    assert int(metadata.num_splits.max()) > 1, "the case must exercise the split-KV combine"
+    ref = reference64(q, cache, table, lens, dv, d ** -0.5, causal)
+    for layer in range(2):  # metadata reused across layers, as a decode step does
+        q_layer = q if layer == 0 else -q
+        out, lse = flash_mla_with_kvcache(q_layer, cache, table, lens, dv, metadata, causal=causal,
+                                          implementation="interpret")
+        assert out.shape == (len(seqlens), s_q, h_q, dv) and out.dtype == q.dtype
+        expected = ref if layer == 0 else reference64(q_layer, cache, table, lens, dv, d ** -0.5, causal)
+        assert_flashmla_close(out, lse, *expected)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("s_q, causal", [(1, False), (2, True)])
-def test_work_in_progress_kernel_lowers_for_cuda(s_q, causal):
-    """The split-KV Mosaic GPU kernel is not wired into the API yet; it must keep lowering for CUDA."""
+def test_kernel_lowers_for_cuda(s_q, causal):
+    """The Mosaic GPU variant (register P, transposed K operand, in-place accumulation) lowers for CUDA,
+    which enforces the hardware rules the interpreter does not."""
     from pallas_kernels.mla_decode.mosaic_gpu import DecodeConfig, partial_attention
     config = DecodeConfig(d=576, dv=512, s_q=s_q, heads=64, softmax_scale=576 ** -0.5, causal=causal, num_sms=132)
     S = jax.ShapeDtypeStruct
@@ -151,3 +176,11 @@ def test_work_in_progress_kernel_lowers_for_cuda(s_q, causal):
     exported = jax.export.export(jax.jit(lambda *a: partial_attention(*a, config=config, num_slots=136)),
                                  platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_interpreter_refuses_to_start_with_too_few_xla_threads(monkeypatch):
+    """With fewer XLA:CPU threads than warpgroups the interpreter would hang; it must say why instead."""
+    monkeypatch.setenv("NPROC", "2")
+    q, cache, table, lens = make_case((5,), 1, 16, d=128, dv=128)
+    with pytest.raises(RuntimeError, match="NPROC"):
+        flash_mla_with_kvcache(q, cache, table, lens, 128, implementation="interpret")

@@ -5,10 +5,10 @@ V is its first ``head_dim_v`` (512) columns. ``q`` carries the absorbed queries 
 .absorb_queries``). Pages hold 64 tokens; ``block_table[b, j]`` is the page of sequence b's tokens
 64 j .. 64 j + 63.
 
-``implementation``: None picks ``mosaic_gpu`` on a Hopper GPU when it supports the inputs, else
-``xla``; ``"xla"``, ``"mosaic_gpu"`` and ``"interpret"`` force one. The Mosaic GPU kernel is not built
-yet (``mosaic_gpu.py`` is work in progress): asking for it raises ``NotImplementedError`` and None runs
-the XLA path.
+``implementation``: ``"xla"`` (gather pages, f32 softmax), ``"mosaic_gpu"`` (the split-KV Pallas kernel,
+Hopper) or ``"interpret"`` (that kernel in the CPU interpreter). None runs ``xla``: the kernel matches the
+reference in the interpreter and lowers for CUDA, but it has not been measured or validated on a GPU yet,
+so it is never picked without being asked for by name.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
                                               softmax_scale=scale, causal=causal)
 
     def kernel(interpret: bool):
-        # The split-KV kernel (mosaic_gpu.py) lowers for CUDA but is not validated yet: it hangs in the
-        # CPU interpreter and has not run on a GPU. Until both pass, the API never launches it.
-        raise NotImplementedError("flash_mla_with_kvcache: the Mosaic GPU decoding kernel is not validated "
-                                  "yet; use implementation=None or 'xla'")
+        from pallas_kernels.mla_decode.kernel_ops import flash_mla
 
-    return dispatch(implementation, xla, kernel)
+        return flash_mla(q, k_cache, block_table, cache_seqlens, metadata, head_dim_v=head_dim_v,
+                         softmax_scale=scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache, interpret=interpret)
+
+    return dispatch(implementation or "xla", xla, kernel)

@@ -1,8 +1,8 @@
 """FlashMLA-style split-KV decoding over a paged cache, as a Pallas Mosaic GPU kernel (Hopper).
 
-STATUS: work in progress, not used by ``api.py``. It lowers for CUDA (``jax.export``; tested), but in
-jax 0.10.2's CPU interpreter its compute warpgroups wait forever on a barrier (the query tile's TMA
-barrier is the first suspect), and it has not run on a GPU yet.
+Status: it matches a float64 reference in jax's Mosaic GPU interpreter (tests/test_mla_decode.py, full
+576/512 rows, splits, causal s_q = 2) and lowers for CUDA; it has not run on a GPU yet, so the API only
+launches it when asked for by name.
 
 Work items come from ``get_mla_metadata``: (sequence, first page, end page, output slot). For each item
 and each 64-row tile of query rows (s_q x h_q rows share the single latent KV head), a CTA keeps the
@@ -107,11 +107,14 @@ def _kernel(q_gmem, k_gmem, kt_gmem, table_gmem, lens_gmem, work_gmem, out_gmem,
         q_smem=plgpu.SMEM((ROWS, d), q_gmem.dtype, transforms=transforms),
         stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), q_gmem.dtype),
         lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        # [wg, 64, 64] P staged for P V: the interpreter's wgmma takes its A operand from SMEM only
+        **({"p_smem": plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, CHUNK), q_gmem.dtype, transforms=transforms)}
+           if config.for_interpreter else {}),
         q_barrier=plgpu.Barrier(num_arrivals=1),
         sync_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
         collective_axes="wg",
     )
-    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, sync_barrier):
+    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, sync_barrier, p_smem=None):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((work_gmem.shape[0] * row_tiles,), collective_axes="sm")
@@ -191,11 +194,15 @@ def _kernel(q_gmem, k_gmem, kt_gmem, table_gmem, lens_gmem, work_gmem, out_gmem,
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p.astype(k_smem.dtype), v_smem)
+                        plgpu.wgmma(acc_ref, p_operand, v_smem)
 
                     if config.for_interpreter:  # it has no rule for run_state: add a fresh product instead
+                        p_smem[wg] = p.astype(k_smem.dtype)
+                        plgpu.commit_smem()
+                        p_operand = p_smem.at[wg]
                         acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((ROWS, dv_wg), jnp.float32))
                     else:  # accumulate in place: a second 64 x 256 f32 accumulator would not fit in registers
+                        p_operand = p.astype(k_smem.dtype)
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     return acc, m_new, l
 
