@@ -75,3 +75,25 @@ class RoutingInfo:
         """[targets] that may serve a read: serving ones only."""
         readable = (TargetState.SERVING, TargetState.LASTSRV)
         return tuple(t for t in self.chain(chain_id).targets if self.target_states[t] in readable)
+
+    def successor(self, chain_id: int, target_id: int) -> int | None:
+        """The target after `target_id` on the chain's write path, or None when `target_id` is its tail."""
+        path = self.write_path(chain_id)
+        if target_id not in path:
+            raise KeyError(f"target_id {target_id} is not on the write path of chain {chain_id}: {path}")
+        index = path.index(target_id)
+        return path[index + 1] if index + 1 < len(path) else None
+
+    def chain_of(self, target_id: int) -> int:
+        """The chain id that `target_id` belongs to (each target is in exactly one chain)."""
+        for chain in self.chain_table.chains.values():
+            if target_id in chain.targets:
+                return chain.chain_id
+        raise KeyError(f"target_id {target_id} is in no chain of table {self.chain_table.table_id}")
+
+    def local_target(self, chain_id: int, node_id: int) -> int | None:
+        """The target of `chain_id` that sits on node `node_id`, or None (a chain has at most one per node)."""
+        for target in self.chain(chain_id).targets:
+            if self.target_node.get(target) == node_id:
+                return target
+        return None

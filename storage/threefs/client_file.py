@@ -1,0 +1,183 @@
+"""An open 3FS file: a position, the layout the client stripes by, and the write session.
+
+Read-only opens are not tracked by the metadata service (training jobs open many files); a write open
+holds a file session. The file's length in metadata is only as exact as the last report: the client
+reports the end of its writes on ``fsync`` and ``close`` (3FS's precise-length query on close), and
+the service keeps the larger of the stored and reported lengths. Writes are synchronous (acknowledged
+by every replica of the chain before ``pwrite`` returns), so ``flush`` has nothing to do.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+from storage.threefs.file_api import OpenMode
+from storage.threefs.meta_schema import Inode
+
+if TYPE_CHECKING:
+    from storage.threefs.client import Client
+
+
+class ThreeFSFile:
+    """A binary, seekable file of a 3FS client (the ``File`` protocol of ``file_api``)."""
+
+    def __init__(self, client: Client, path: str, mode: str, open_mode: OpenMode, inode: Inode,
+                 session_id: str | None) -> None:
+        assert inode.layout is not None, "files always carry a layout"
+        self._client = client
+        self.path = path
+        self.mode = mode
+        self._open_mode = open_mode
+        self._inode_id = inode.inode_id
+        self._layout = inode.layout
+        self._session_id = session_id
+        self._length = inode.length  # what this handle knows: metadata's length, then its own writes
+        self._written_end = 0  # end of this handle's writes, reported on fsync/close
+        self._position = inode.length if open_mode.append else 0
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"ThreeFSFile({self.path!r}, mode={self.mode!r}, inode={self._inode_id})"
+
+    @property
+    def inode_id(self) -> int:
+        return self._inode_id
+
+    def readable(self) -> bool:
+        return self._open_mode.read
+
+    def writable(self) -> bool:
+        return self._open_mode.write
+
+    def seekable(self) -> bool:
+        return True
+
+    def _check(self, reading: bool) -> None:
+        if self.closed:
+            raise ValueError(f"I/O operation on closed file {self.path!r}")
+        if reading and not self._open_mode.read:
+            raise io.UnsupportedOperation(f"{self.path!r} is not open for reading (mode {self.mode!r})")
+        if not reading and not self._open_mode.write:
+            raise io.UnsupportedOperation(f"{self.path!r} is not open for writing (mode {self.mode!r})")
+
+    def _known_length(self, wanted_end: int) -> int:
+        """The file length, asking metadata again when a read reaches past what this handle knows
+        (another client may have appended since the open)."""
+        if wanted_end > self._length:
+            self._length = max(self._length, self._client.meta.stat_inode(self._inode_id).length)
+        return self._length
+
+    # ----------------------------------------------------------------------------- positional IO
+
+    def pread_into(self, buffer, offset: int) -> int:
+        """Reads up to len(buffer) bytes at `offset` into `buffer` (a writable bytes-like); returns the
+        count, short only at the end of the file."""
+        self._check(reading=True)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), self._known_length(offset + len(view)) - offset))
+        if count:
+            self._client.chunk_io.read(self._layout, self._inode_id, offset, view[:count])
+        return count
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """[n <= length] bytes at `offset`."""
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        buffer = bytearray(length)
+        return bytes(buffer[:self.pread_into(buffer, offset)])
+
+    def pwrite(self, data, offset: int) -> int:
+        """Writes all of `data` (bytes-like) at `offset`; returns its length once every replica has it."""
+        self._check(reading=False)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        view = memoryview(data).cast("B")
+        if len(view):
+            self._client.chunk_io.write(self._layout, self._inode_id, offset, view)
+            self._written_end = max(self._written_end, offset + len(view))
+            self._length = max(self._length, offset + len(view))
+        return len(view)
+
+    # ----------------------------------------------------------------------------- stream IO
+
+    def read(self, size: int = -1) -> bytes:
+        self._check(reading=True)
+        if size is None or size < 0:
+            size = max(0, self._known_length(self._position + 1) - self._position)
+            # a full read keeps going while another writer extends the file
+        data = self.pread(size, self._position)
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        count = self.pread_into(buffer, self._position)
+        self._position += count
+        return count
+
+    def write(self, data) -> int:
+        self._check(reading=False)
+        if self._open_mode.append:
+            self._position = self._known_length(self._length + 1)
+        count = self.pwrite(data, self._position)
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self.closed:
+            raise ValueError(f"I/O operation on closed file {self.path!r}")
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self._position + offset
+        elif whence == io.SEEK_END:
+            position = self._client.meta.stat_inode(self._inode_id).length if not self._open_mode.write \
+                else self._length
+            position = max(position, self._length) + offset
+        else:
+            raise ValueError(f"whence must be 0, 1 or 2, got {whence}")
+        if position < 0:
+            raise ValueError(f"negative seek position {position} in {self.path!r}")
+        self._position = position
+        return position
+
+    def tell(self) -> int:
+        return self._position
+
+    def truncate(self, size: int | None = None) -> int:
+        """Sets the length to `size` (default: the position); bytes past it are dropped from storage."""
+        self._check(reading=False)
+        size = self._position if size is None else size
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        old = max(self._length, self._client.meta.stat_inode(self._inode_id).length)
+        if size < old:
+            self._client.chunk_io.cut(self._layout, self._inode_id, size, old)
+        self._client.meta.truncate(self.path, size)
+        self._length = size
+        self._written_end = min(self._written_end, size)
+        return size
+
+    def flush(self) -> None:
+        if self.closed:
+            raise ValueError(f"I/O operation on closed file {self.path!r}")
+
+    def fsync(self) -> None:
+        """Makes metadata's length exact (stat sees every byte written through this handle)."""
+        self._check(reading=False)
+        self._client.meta.sync(self._inode_id, self._written_end)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._session_id is not None:
+            self._client.meta.close(self._inode_id, self._session_id, self._written_end)
+
+    def __enter__(self) -> ThreeFSFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,205 @@
+"""``EmbeddedCluster``: mgmtd, a metadata service and the storage nodes of a 3FS in one process.
+
+The default: zero set-up, everything under one directory, surviving a restart::
+
+    root/cluster.json          the cluster's shape (nodes, targets, replicas, chunk size, stripe)
+    root/mgmtd.json            mgmtd's chain table, target states and node addresses
+    root/meta.sqlite           the metadata KV store (3FS uses FoundationDB)
+    root/node-N/target-T/      one storage target's chunks and chunk metadata
+
+A background thread plays the heartbeats: every storage node reports its targets' local states and
+resyncs the syncing targets that follow its own, and mgmtd marks silent nodes offline. ``stop_node`` /
+``start_node`` simulate a storage server dying and coming back (its peers get ``NodeUnavailable``);
+for real process kills use ``ProcessCluster``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from storage.threefs.chunk_store import ChunkStore
+from storage.threefs.client import Client
+from storage.threefs.errors import NodeUnavailable
+from storage.threefs.kv import open_kv
+from storage.threefs.layout import LayoutPolicy
+from storage.threefs.meta import MetaService
+from storage.threefs.mgmtd import Manager
+from storage.threefs.routing import TargetState
+from storage.threefs.storage_service import StorageService
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterShape:
+    """How many storage nodes and targets, how chunks replicate, and the default file layout."""
+
+    nodes: int = 3
+    targets_per_node: int = 2
+    replicas: int = 3
+    chunk_size: int = 1 << 20
+    stripe: int = 4
+
+    def __post_init__(self) -> None:
+        for field in ("nodes", "targets_per_node", "replicas", "stripe"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.replicas > self.nodes:
+            raise ValueError(f"replicas ({self.replicas}) must be <= nodes ({self.nodes}): the replicas of a "
+                             f"chain live on different nodes")
+        LayoutPolicy(self.chunk_size, self.stripe)  # validates chunk_size
+
+    def targets(self) -> dict[int, list[int]]:
+        """node id -> its target ids (3FS style: node 1 holds targets 101, 102, ...)."""
+        return {node: [node * 100 + i for i in range(1, self.targets_per_node + 1)]
+                for node in range(1, self.nodes + 1)}
+
+    @staticmethod
+    def load_or_create(root: Path, requested: ClusterShape | None) -> ClusterShape:
+        """The shape stored under `root`; a different explicit request for an existing cluster is an error."""
+        path = root / "cluster.json"
+        if path.exists():
+            stored = ClusterShape(**json.loads(path.read_text()))
+            if requested is not None and requested != stored:
+                raise ValueError(f"shape: the cluster at {root} was created as {stored}, not {requested}")
+            return stored
+        shape = requested or ClusterShape()
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(shape)))
+        return shape
+
+
+def target_dir(root: Path, node: int, target: int) -> Path:
+    return root / f"node-{node}" / f"target-{target}"
+
+
+class EmbeddedCluster:
+    """A whole 3FS in this process.
+
+    Args:
+      root: the cluster's directory (created if missing; an existing cluster is reopened).
+      shape: nodes, targets, replicas, chunk size, stripe (default ``ClusterShape()``; must match an
+        existing cluster's).
+      heartbeat_interval: seconds between heartbeats of the background thread (None: no thread; call
+        ``tick`` yourself).
+      heartbeat_timeout: seconds of silence before mgmtd marks a node's targets offline.
+    """
+
+    def __init__(self, root: str | Path, shape: ClusterShape | None = None, *,
+                 heartbeat_interval: float | None = 0.2, heartbeat_timeout: float = 2.0) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.shape = ClusterShape.load_or_create(self.root, shape)
+        self.manager = Manager(self.root / "mgmtd.json", heartbeat_timeout=heartbeat_timeout)
+        if not self.manager.routing().chain_table.chains:
+            self.manager.create_chains(self.shape.targets(), self.shape.replicas)
+        self._kv = open_kv(f"sqlite:///{self.root / 'meta.sqlite'}")
+        self.meta = MetaService(self._kv, lambda: self.manager.routing().chain_table,
+                                LayoutPolicy(self.shape.chunk_size, self.shape.stripe))
+        self.services: dict[int, StorageService] = {}
+        self._stores: dict[int, list[ChunkStore]] = {}
+        self._stopped: set[int] = set()
+        self._lock = threading.RLock()
+        for node in self.shape.targets():
+            self.start_node(node)
+        self._closing = threading.Event()
+        self._heartbeats = None
+        if heartbeat_interval is not None:
+            self._heartbeats = threading.Thread(target=self._beat, args=(heartbeat_interval,),
+                                                name="3fs-heartbeats", daemon=True)
+            self._heartbeats.start()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedCluster({str(self.root)!r}, {self.shape})"
+
+    # ----------------------------------------------------------------------------- nodes
+
+    def storage(self, node: int) -> StorageService:
+        """The storage service of a running node; NodeUnavailable for a stopped one (as over RPC)."""
+        with self._lock:
+            if node in self._stopped or node not in self.services:
+                raise NodeUnavailable(f"storage node {node} of the embedded cluster at {self.root} is down")
+            return self.services[node]
+
+    def start_node(self, node: int) -> None:
+        """(Re)starts a storage node on its directories, as a restarted server process would."""
+        with self._lock:
+            old = self.services.get(node)
+            if old is not None and node not in self._stopped:
+                return
+            for store in self._stores.pop(node, []):
+                store.close()
+            targets = {t: ChunkStore(target_dir(self.root, node, t)) for t in self.shape.targets()[node]}
+            self._stores[node] = list(targets.values())
+            self.services[node] = StorageService(node, targets, self.manager.routing, self.storage,
+                                                 on_successor_failure=self.manager.mark_offline)
+            self.manager.register_node(node, f"embedded://{self.root}/node-{node}")
+            self._stopped.discard(node)
+
+    def stop_node(self, node: int) -> None:
+        """Simulates a dead storage server: no heartbeats, every request to it fails."""
+        with self._lock:
+            if node not in self.services:
+                raise ValueError(f"node: expected one of {sorted(self.services)}, got {node}")
+            self._stopped.add(node)
+
+    # ----------------------------------------------------------------------------- heartbeats
+
+    def tick(self) -> None:
+        """One heartbeat round: every running node heartbeats (and resyncs its syncing successors),
+        then mgmtd marks nodes that stayed silent offline."""
+        with self._lock:
+            running = [s for n, s in self.services.items() if n not in self._stopped]
+        for service in running:
+            try:
+                service.tick(self.manager)
+            except NodeUnavailable:
+                pass  # a peer died mid-resync: the next round retries
+        self.manager.check()
+
+    def _beat(self, interval: float) -> None:
+        while not self._closing.wait(interval):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep beating; a failing round is retried next interval
+                if self._closing.is_set():
+                    return
+
+    def wait_until_serving(self, timeout: float = 30.0) -> None:
+        """Blocks until every target is serving (after a restart or a resync); TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.manager.routing().target_states
+            if all(state is TargetState.SERVING for state in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"targets not serving after {timeout} s: "
+                                   f"{ {t: s.value for t, s in states.items() if s is not TargetState.SERVING} }")
+            if self._heartbeats is None:
+                self.tick()
+            time.sleep(0.05)
+
+    # ----------------------------------------------------------------------------- clients
+
+    def client(self, **kwargs: Any) -> Client:
+        """A client of this cluster (keyword arguments go to ``Client``)."""
+        return Client(self.meta, self.manager.routing, self.storage, **kwargs)
+
+    def close(self) -> None:
+        """Stops the heartbeats and closes every store; the data stays under `root`."""
+        self._closing.set()
+        if self._heartbeats is not None:
+            self._heartbeats.join()
+        with self._lock:
+            for stores in self._stores.values():
+                for store in stores:
+                    store.close()
+        self._kv.close()
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,408 @@
+"""The storage service: CRAQ writes and reads for the targets of one storage node.
+
+Writes (3FS's version of CRAQ). A client sends a write to the chain's head. Each target on the write
+path takes its per-chunk lock (so writes to one chunk are serialized at the head), checks the request's
+chain version, applies the update as the chunk's pending version and forwards it to its successor; the
+tail commits first and the acknowledgements flow back, each target committing its pending version as the
+ack passes. A syncing successor gets the whole new chunk (a full-chunk replace) since it may have missed
+earlier versions. When a successor does not answer, the target reports it (`on_successor_failure`, wired
+to mgmtd, which moves it to the chain's end) and forwards to the new successor, or commits as the new
+tail.
+
+Reads (CRAQ's apportioned queries). Any serving target answers. A chunk with only a committed version is
+clean and read locally. A dirty chunk (one with a pending version) costs a version query to the tail: if
+the tail has committed the pending version, the write is committed cluster-wide and the pending bytes are
+returned, otherwise the committed ones. (3FS returns a status code instead; the query is the CRAQ paper's
+design.) A checksum failure fetches the chunk from another serving replica and repairs the local copy.
+
+`tick(manager)` is the heartbeat: report local states, take the routing, and resync every syncing target
+whose predecessor lives here (see `resync.py`). Every method takes and returns plain picklable values,
+so a peer may be this object or an RPC proxy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from storage.threefs.chunk_store import ChunkId, ChunkMeta, ChunkStore, as_chunk_id
+from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.resync import ResyncReport, resync_target
+from storage.threefs.routing import LocalState, RoutingInfo, TargetState
+
+_READABLE = (TargetState.SERVING, TargetState.LASTSRV)
+_WHOLE = 1 << 62  # a length that covers any chunk
+
+
+class ChunkLocks:
+    """Per-(target, chunk) mutexes, created on first use and dropped when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[tuple[int, ChunkId], list[Any]] = {}  # key -> [lock, holders + waiters]
+
+    @contextlib.contextmanager
+    def hold(self, target_id: int, chunk_id: ChunkId) -> Iterator[None]:
+        key = (target_id, chunk_id)
+        with self._mutex:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._mutex:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+
+class StorageService:
+    """CRAQ for the targets of storage node `node_id`.
+
+    Args:
+      node_id: this node's id in the chain table.
+      targets: target id -> its ChunkStore, for the targets placed on this node.
+      routing: returns the latest RoutingInfo (mgmtd's, or this node's cached copy).
+      peer: node id -> the StorageService (or RPC proxy) of that node; raises NodeUnavailable when dead.
+      on_successor_failure: called with a successor target that did not answer (the cluster wires
+        Manager.mark_offline); None makes such a write fail instead.
+      retry_timeout: seconds a write keeps re-forwarding while routing settles after a failure.
+    """
+
+    def __init__(self, node_id: int, targets: dict[int, ChunkStore], routing: Callable[[], RoutingInfo],
+                 peer: Callable[[int], Any], on_successor_failure: Callable[[int], Any] | None = None,
+                 retry_timeout: float = 10.0) -> None:
+        self.node_id = node_id
+        self._targets = dict(targets)
+        self._routing_source = routing
+        self._peer = peer
+        self._on_successor_failure = on_successor_failure
+        self._retry_timeout = retry_timeout
+        self._locks = ChunkLocks()
+        self._recovering = {t: False for t in self._targets}  # saw itself out of the chain: needs a resync
+        self._state_lock = threading.Lock()
+
+    def close_stores(self) -> None:
+        """Closes this node's chunk stores (the service is unusable afterwards)."""
+        for store in self._targets.values():
+            store.close()
+
+    def __repr__(self) -> str:
+        return f"StorageService(node_id={self.node_id}, targets={sorted(self._targets)})"
+
+    # ----------------------------------------------------------------------------- local plumbing
+
+    def routing_info(self) -> RoutingInfo:
+        """The latest routing; notes any of this node's targets that left the chain (they must resync)."""
+        routing = self._routing_source()
+        self._observe(routing)
+        return routing
+
+    def store(self, target_id: int) -> ChunkStore:
+        """The ChunkStore of a target on this node."""
+        try:
+            return self._targets[target_id]
+        except KeyError:
+            raise TargetNotServing(f"target {target_id} is not on storage node {self.node_id} "
+                                   f"(it holds {sorted(self._targets)})") from None
+
+    def chunk_lock(self, target_id: int, chunk_id: ChunkId) -> contextlib.AbstractContextManager[None]:
+        """The per-chunk lock of a local target (writes, resync transfers and repairs hold it)."""
+        return self._locks.hold(target_id, as_chunk_id(chunk_id))
+
+    def service_of(self, routing: RoutingInfo, target_id: int) -> Any:
+        """The StorageService (self, or a peer) that holds `target_id`."""
+        node = routing.target_node[target_id]
+        return self if node == self.node_id else self._peer(node)
+
+    def _require_state(self, routing: RoutingInfo, target_id: int, allowed: tuple[TargetState, ...],
+                       what: str) -> ChunkStore:
+        store = self.store(target_id)
+        state = routing.target_states.get(target_id)
+        if state not in allowed:
+            raise TargetNotServing(f"target {target_id} on node {self.node_id} is "
+                                   f"{state.value if state else 'unknown'}; it cannot {what}")
+        return store
+
+    # ----------------------------------------------------------------------------- writes
+
+    def write(self, chain_id: int, chain_version: int, chunk_id: ChunkId, offset: int, data: bytes,
+              full_replace: bool = False) -> int:
+        """A client write at the chain's head; returns the version committed along the chain."""
+        chunk_id = as_chunk_id(chunk_id)
+        routing = self.routing_info()
+        chain = routing.chain(chain_id)
+        if chain_version != chain.version:
+            raise ChainVersionMismatch(f"chain {chain_id} is at version {chain.version}, the write carries "
+                                       f"{chain_version}: refresh routing and retry")
+        path = routing.write_path(chain_id)
+        if not path or routing.target_node[path[0]] != self.node_id:
+            raise TargetNotServing(f"node {self.node_id} does not hold the head of chain {chain_id} "
+                                   f"(write path {path})")
+        head = path[0]
+        store = self.store(head)
+        with self._locks.hold(head, chunk_id):
+            store.abort_pending(chunk_id)  # under the lock, a pending version is a leftover
+            version = self._apply(routing, chain_id, head, chunk_id,
+                                  lambda: store.apply_write(chunk_id, offset, data, chain.version, full_replace))
+            try:
+                self._forward_and_commit(chain_id, head, chunk_id, offset, data, full_replace, version)
+            except BaseException:
+                store.abort_pending(chunk_id)
+                raise
+            return version
+
+    def update(self, chain_id: int, chain_version: int, target_id: int, chunk_id: ChunkId, offset: int,
+               data: bytes, full_replace: bool, version: int) -> int:
+        """A write forwarded by `target_id`'s predecessor, carrying the head's `version`; returns it
+        once committed here (after everything downstream committed)."""
+        chunk_id = as_chunk_id(chunk_id)
+        routing = self.routing_info()
+        chain = routing.chain(chain_id)
+        if chain_version != chain.version:
+            raise ChainVersionMismatch(f"chain {chain_id} is at version {chain.version} on node {self.node_id}, "
+                                       f"the forwarded write carries {chain_version}")
+        if target_id not in routing.write_path(chain_id):
+            raise TargetNotServing(f"target {target_id} is not on the write path of chain {chain_id}")
+        store = self.store(target_id)
+        with self._locks.hold(target_id, chunk_id):
+            if routing.target_states[target_id] is TargetState.SYNCING:
+                if not full_replace:
+                    raise TargetNotServing(f"target {target_id} is syncing and takes full-chunk replaces only")
+                store.replace(chunk_id, data, version, chain.version)  # recovery: committed at once
+                self._forward_and_commit(chain_id, target_id, chunk_id, 0, data, True, version)
+                return version
+            meta = store.meta(chunk_id)
+            if meta is not None and meta.committed_version >= version:
+                return meta.committed_version  # a re-forward of a write already committed here
+            store.abort_pending(chunk_id)
+            self._apply(routing, chain_id, target_id, chunk_id, lambda: store.apply_write(
+                chunk_id, offset, data, chain.version, full_replace, version=version))
+            try:
+                self._forward_and_commit(chain_id, target_id, chunk_id, offset, data, full_replace, version)
+            except BaseException:
+                store.abort_pending(chunk_id)
+                raise
+            return version
+
+    def _apply(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId,
+               apply: Callable[[], int]) -> int:
+        """Runs an apply_write; if the committed base it builds on is damaged, repairs it and retries."""
+        try:
+            return apply()
+        except ChecksumError:
+            self.repair_locked(routing, chain_id, target_id, chunk_id)
+            return apply()
+
+    def _forward_and_commit(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
+                            full_replace: bool, version: int) -> None:
+        """Forwards the pending `version` to the successor until one acks (or this target is the tail),
+        then commits it here."""
+        store = self.store(target_id)
+        deadline = time.monotonic() + self._retry_timeout
+        while True:
+            routing = self.routing_info()
+            chain_version = routing.chain(chain_id).version
+            path = routing.write_path(chain_id)
+            if target_id not in path:
+                raise TargetNotServing(f"target {target_id} left the write path of chain {chain_id} during "
+                                       f"a write of chunk {chunk_id}")
+            successor = routing.successor(chain_id, target_id)
+            if successor is None:
+                break  # the tail: commit first
+            full = full_replace or routing.target_states[successor] is TargetState.SYNCING
+            payload = store.read_version(chunk_id, version, 0, _WHOLE) if full and not full_replace else data
+            if payload is None:
+                raise TargetNotServing(f"version {version} of chunk {chunk_id} vanished from target {target_id}")
+            try:
+                self.service_of(routing, successor).update(chain_id, chain_version, successor, chunk_id,
+                                                           0 if full else offset, payload, full, version)
+                break
+            except NodeUnavailable:
+                if self._on_successor_failure is None or time.monotonic() > deadline:
+                    raise
+                self._on_successor_failure(successor)
+            except (ChainVersionMismatch, TargetNotServing):
+                if time.monotonic() > deadline:  # the successor's routing is behind or ahead of ours
+                    raise
+                time.sleep(0.01)
+        store.commit(chunk_id, version, chain_version)
+
+    def full_chunk_replace(self, target_id: int, chunk_id: ChunkId, content: bytes, version: int,
+                           chain_version: int) -> None:
+        """Installs a whole chunk as committed `version` (resync's transfer)."""
+        chunk_id = as_chunk_id(chunk_id)
+        store = self._require_state(self.routing_info(), target_id,
+                                    (TargetState.SYNCING, *_READABLE), "take a full-chunk replace")
+        with self._locks.hold(target_id, chunk_id):
+            store.replace(chunk_id, content, version, chain_version)
+
+    def remove_chunk(self, target_id: int, chunk_id: ChunkId) -> bool:
+        """Deletes one chunk from a local target (resync removes chunks the predecessor lacks)."""
+        chunk_id = as_chunk_id(chunk_id)
+        store = self.store(target_id)
+        with self._locks.hold(target_id, chunk_id):
+            return store.remove(chunk_id)
+
+    def remove_chunks(self, chain_id: int, inode_id: int, target_id: int | None = None) -> int:
+        """Deletes file `inode_id`'s chunks from this node's target of the chain (or `target_id`) and
+        forwards the removal down the write path; returns how many chunks this target held."""
+        routing = self.routing_info()
+        target = routing.local_target(chain_id, self.node_id) if target_id is None else target_id
+        if target is None:
+            raise TargetNotServing(f"node {self.node_id} holds no target of chain {chain_id}")
+        store = self.store(target)
+        removed = 0
+        for meta in store.list_meta():
+            if meta.chunk_id.inode_id == inode_id:
+                with self._locks.hold(target, meta.chunk_id):
+                    removed += store.remove(meta.chunk_id)
+        deadline = time.monotonic() + self._retry_timeout
+        while True:
+            routing = self.routing_info()
+            if target not in routing.write_path(chain_id):
+                return removed  # an offline target is cleaned by its resync
+            successor = routing.successor(chain_id, target)
+            if successor is None:
+                return removed
+            try:
+                self.service_of(routing, successor).remove_chunks(chain_id, inode_id, successor)
+                return removed
+            except NodeUnavailable:
+                if self._on_successor_failure is None or time.monotonic() > deadline:
+                    raise
+                self._on_successor_failure(successor)
+
+    # ----------------------------------------------------------------------------- reads
+
+    def read(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, length: int) -> bytes:
+        """Committed bytes [offset, offset + length) of a chunk from a serving target (short past the end,
+        b"" for a hole). A dirty chunk asks the tail which version is committed."""
+        chunk_id = as_chunk_id(chunk_id)
+        if offset < 0 or length < 0:
+            raise ValueError(f"offset and length must be >= 0, got offset={offset}, length={length}")
+        for _ in range(16):
+            routing = self.routing_info()
+            if target_id not in routing.chain(chain_id).targets:
+                raise TargetNotServing(f"target {target_id} is not in chain {chain_id}")
+            store = self._require_state(routing, target_id, _READABLE, "serve reads")
+            meta = store.meta(chunk_id)
+            if meta is None:
+                return b""
+            version = meta.committed_version
+            if meta.pending_version and self._tail_committed(routing, chain_id, target_id, chunk_id,
+                                                             meta) >= meta.pending_version:
+                version = meta.pending_version
+            if version == 0:
+                return b""
+            try:
+                data = store.read_version(chunk_id, version, offset, length)
+            except ChecksumError:
+                with self._locks.hold(target_id, chunk_id):
+                    self.repair_locked(routing, chain_id, target_id, chunk_id)
+                continue
+            if data is not None:
+                return data
+            # that version was committed over or aborted meanwhile: look again
+        raise TargetNotServing(f"chunk {chunk_id} on target {target_id} kept changing during a read; retry")
+
+    def _tail_committed(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId,
+                        meta: ChunkMeta) -> int:
+        """CRAQ's version query: the version of the chunk that the chain's tail has committed."""
+        tail = routing.readable_targets(chain_id)[-1]
+        if tail == target_id:
+            return meta.committed_version  # the tail's pending version is not committed yet
+        try:
+            return self.service_of(routing, tail).committed_version(tail, chunk_id)
+        except NodeUnavailable:
+            raise TargetNotServing(f"chunk {chunk_id} is dirty on target {target_id} and the tail {tail} did "
+                                   f"not answer the version query; retry after routing changes") from None
+
+    def repair_locked(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId) -> None:
+        """Local only, with the chunk lock held (`chunk_lock`): if the local committed copy fails its checksum, replaces it with an
+        intact copy of the same version from another serving replica."""
+        store = self.store(target_id)
+        meta = store.meta(chunk_id)
+        if meta is None or meta.committed_version == 0:
+            return
+        try:
+            store.read_version(chunk_id, meta.committed_version, 0, 0)
+            return  # intact (repaired meanwhile, or only a pending version was damaged)
+        except ChecksumError as exc:
+            damage = exc
+        for other in routing.readable_targets(chain_id):
+            if other == target_id:
+                continue
+            try:
+                content, version, chain_version = self.service_of(routing, other).read_chunk(other, chunk_id)
+            except (NodeUnavailable, ChecksumError, TargetNotServing):
+                continue
+            if version == meta.committed_version:
+                store.replace(chunk_id, content, version, chain_version)
+                return
+        raise ChecksumError(f"chunk {chunk_id} version {meta.committed_version} is damaged on target {target_id} "
+                            f"({store.directory}) and no other replica of chain {chain_id} holds it intact: "
+                            f"{damage}") from damage
+
+    def committed_version(self, target_id: int, chunk_id: ChunkId) -> int:
+        """The committed version of a chunk on a local target (0 when it holds none)."""
+        meta = self.store(target_id).meta(as_chunk_id(chunk_id))
+        return meta.committed_version if meta else 0
+
+    def read_chunk(self, target_id: int, chunk_id: ChunkId) -> tuple[bytes, int, int]:
+        """(content, committed version, chain version) of a whole chunk on a serving target (b"", 0, 0
+        when it holds none); the content passed its checksum."""
+        chunk_id = as_chunk_id(chunk_id)
+        store = self._require_state(self.routing_info(), target_id, _READABLE, "serve reads")
+        for _ in range(16):
+            meta = store.meta(chunk_id)
+            if meta is None or meta.committed_version == 0:
+                return b"", 0, 0
+            content = store.read_version(chunk_id, meta.committed_version, 0, _WHOLE)
+            if content is not None:
+                return content, meta.committed_version, meta.chain_version
+        raise TargetNotServing(f"chunk {chunk_id} on target {target_id} kept changing during a read; retry")
+
+    def dump_chunkmeta(self, target_id: int) -> list[ChunkMeta]:
+        """Metadata of every chunk on a local target (what a predecessor diffs against in a resync)."""
+        return self.store(target_id).list_meta()
+
+    # ----------------------------------------------------------------------------- membership
+
+    def local_states(self) -> dict[int, LocalState]:
+        """Each local target's local state: online while it has to resync, else up-to-date."""
+        with self._state_lock:
+            return {t: LocalState.ONLINE if r else LocalState.UPTODATE for t, r in self._recovering.items()}
+
+    def tick(self, manager: Any) -> list[ResyncReport]:
+        """One heartbeat: take the routing (noting targets that left their chains), send local states,
+        then resync every syncing target whose predecessor is on this node. Returns the resync reports."""
+        self._observe(manager.routing())
+        routing = manager.heartbeat(self.node_id, self.local_states())
+        self._observe(routing)
+        reports = []
+        for chain_id in routing.chain_table.chain_ids:
+            path = routing.write_path(chain_id)
+            for previous, target in zip(path, path[1:]):
+                if (routing.target_states[target] is TargetState.SYNCING
+                        and routing.target_node[previous] == self.node_id):
+                    try:
+                        reports.append(resync_target(self, chain_id, target, manager))
+                    except (NodeUnavailable, TargetNotServing, ChainVersionMismatch) as exc:
+                        reports.append(ResyncReport(chain_id, target, 0, 0, 0, f"{type(exc).__name__}: {exc}"))
+        return reports
+
+    def _observe(self, routing: RoutingInfo) -> None:
+        """A target that routing shows offline, waiting or syncing must resync before it reports
+        up-to-date again (3FS's returning service); serving again clears that."""
+        with self._state_lock:
+            for target in self._targets:
+                state = routing.target_states.get(target)
+                if state in (TargetState.OFFLINE, TargetState.WAITING, TargetState.SYNCING):
+                    self._recovering[target] = True
+                elif state is TargetState.SERVING:
+                    self._recovering[target] = False
