@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.threefs.chunk_store import ChunkId, ChunkStore, PendingVersionExists
+from storage.threefs.chunk_store import ChunkId, ChunkMeta, ChunkStore, PendingVersionExists
 from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
 from storage.threefs.mgmtd import Manager, next_public_state, place_chains
 from storage.threefs.resync import REMOVE, SKIP, TRANSFER, chunk_action
@@ -322,7 +322,8 @@ def test_write_read_round_trips(cluster):
         data = rng.randbytes(rng.choice([1, rng.randint(1, 70_000)]))
         version = cluster.write(chain_id, chunk, offset, data)
         apply_model(model, offset, data)
-        assert cluster.store(cluster.manager.routing().chain(chain_id).targets[0]).meta(chunk).committed_version == version
+        head = cluster.manager.routing().chain(chain_id).targets[0]
+        assert cluster.store(head).meta(chunk).committed_version == version
     for (chain_id, chunk), model in models.items():
         for target in cluster.manager.routing().readable_targets(chain_id):
             assert cluster.read(chain_id, target, chunk) == bytes(model)
@@ -636,11 +637,9 @@ def test_lastsrv_when_all_others_fail(cluster):
 
 
 def test_resync_rules():
-    def meta(committed, pending=0, chain_version=1):
-        return (ChunkId(1, 0), committed, pending, chain_version, 0, 0)
+    def m(committed: int, pending: int = 0, chain_version: int = 1) -> ChunkMeta:
+        return ChunkMeta(ChunkId(1, 0), committed, pending, chain_version, 0, 0)
 
-    from storage.threefs.chunk_store import ChunkMeta
-    m = lambda *a, **k: ChunkMeta(*meta(*a, **k))  # noqa: E731
     assert chunk_action(m(3), None) == TRANSFER
     assert chunk_action(None, m(3)) == REMOVE
     assert chunk_action(m(3, chain_version=4), m(3, chain_version=2)) == TRANSFER

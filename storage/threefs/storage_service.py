@@ -323,8 +323,8 @@ class StorageService:
                                    f"not answer the version query; retry after routing changes") from None
 
     def repair_locked(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId) -> None:
-        """Local only, with the chunk lock held (`chunk_lock`): if the local committed copy fails its checksum, replaces it with an
-        intact copy of the same version from another serving replica."""
+        """Local only, with the chunk lock held (`chunk_lock`): if the local committed copy fails its
+        checksum, replaces it with an intact copy of the same version from another serving replica."""
         store = self.store(target_id)
         meta = store.meta(chunk_id)
         if meta is None or meta.committed_version == 0:
