@@ -13,7 +13,7 @@ lengths and CRC32s). The order of effects makes a kill at any point safe: a cont
 fsynced before any metadata names it, and an old file is deleted only after the transaction that stops
 naming it. Opening a store drops pending versions (their writes never completed) and deletes files no
 metadata names, so a reopened store reads exactly the last committed versions. Every read checks the
-CRC32 of the whole version against the one stored when it was written.
+CRC32 of the whole version against the one stored when it was written. (Chunk ids: `chunk_id.py`.)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from storage.threefs.chunk_id import ChunkId, ChunkMeta, as_chunk_id  # re-exported
 from storage.threefs.errors import ChecksumError
 
 _SCHEMA = """
@@ -47,60 +48,6 @@ class PendingVersionExists(RuntimeError):
 
 class ChunkVersionMismatch(RuntimeError):
     """An update carries a version that does not follow this target's committed version of the chunk."""
-
-
-class ChunkId(NamedTuple):
-    """A chunk of a file: (inode id, chunk index within the file).
-
-    Its 16-byte key follows 3FS's chunk id: tenant (1 byte), reserved (1), inode id (8, big-endian),
-    track (2), chunk index (4, big-endian); byte order therefore sorts by inode, then chunk index.
-    """
-
-    inode_id: int
-    chunk_index: int
-
-    def to_bytes(self) -> bytes:
-        """The 16-byte big-endian key (tenant 0, track 0)."""
-        if not 0 <= self.inode_id < 1 << 64:
-            raise ValueError(f"inode_id must be in [0, 2**64), got {self.inode_id}")
-        if not 0 <= self.chunk_index < 1 << 32:
-            raise ValueError(f"chunk_index must be in [0, 2**32), got {self.chunk_index}")
-        return (b"\x00\x00" + self.inode_id.to_bytes(8, "big") + b"\x00\x00"
-                + self.chunk_index.to_bytes(4, "big"))
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> ChunkId:
-        """Inverse of `to_bytes`."""
-        if len(raw) != 16:
-            raise ValueError(f"a chunk id key is 16 bytes, got {len(raw)}")
-        return cls(int.from_bytes(raw[2:10], "big"), int.from_bytes(raw[12:16], "big"))
-
-    def hex(self) -> str:
-        """The key as 32 hex digits, used in content file names."""
-        return self.to_bytes().hex()
-
-    @classmethod
-    def from_hex(cls, text: str) -> ChunkId:
-        """Inverse of `hex`."""
-        return cls.from_bytes(bytes.fromhex(text))
-
-
-class ChunkMeta(NamedTuple):
-    """One chunk's metadata as dump-chunkmeta reports it.
-
-    committed_version: 0 when the chunk has no committed content yet.
-    pending_version: 0 when no write is pending, else committed_version + 1 (or the version a
-      full-chunk replace will install).
-    chain_version: the chain version stored with the committed version.
-    length, checksum: byte length and zlib.crc32 of the committed content.
-    """
-
-    chunk_id: ChunkId
-    committed_version: int
-    pending_version: int
-    chain_version: int
-    length: int
-    checksum: int
 
 
 class _Record(NamedTuple):
@@ -129,15 +76,6 @@ class _Opened(NamedTuple):
     name: str
     length: int
     checksum: int
-
-
-def as_chunk_id(chunk_id: object) -> ChunkId:
-    """`chunk_id` as a ChunkId (a plain (inode_id, chunk_index) tuple, as it may arrive over RPC)."""
-    if isinstance(chunk_id, ChunkId):
-        return chunk_id
-    if isinstance(chunk_id, tuple) and len(chunk_id) == 2 and all(isinstance(x, int) for x in chunk_id):
-        return ChunkId(*chunk_id)
-    raise TypeError(f"chunk_id must be a ChunkId (inode_id, chunk_index), got {chunk_id!r}")
 
 
 def _check_nonnegative(name: str, value: object) -> int:

@@ -9,11 +9,8 @@ earlier versions. When a successor does not answer, the target reports it (`on_s
 to mgmtd, which moves it to the chain's end) and forwards to the new successor, or commits as the new
 tail.
 
-Reads (CRAQ's apportioned queries). Any serving target answers. A chunk with only a committed version is
-clean and read locally. A dirty chunk (one with a pending version) costs a version query to the tail: if
-the tail has committed the pending version, the write is committed cluster-wide and the pending bytes are
-returned, otherwise the committed ones. (3FS returns a status code instead; the query is the CRAQ paper's
-design.) A checksum failure fetches the chunk from another serving replica and repairs the local copy.
+Reads (CRAQ's apportioned queries, with the tail version query and checksum repair) are
+`ReadPathMixin` in `storage_reads.py`; `StorageService` combines both paths.
 
 `tick(manager)` is the heartbeat: report local states, take the routing, and resync every syncing target
 whose predecessor lives here (see `resync.py`). Every method takes and returns plain picklable values,
@@ -28,13 +25,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from storage.threefs.chunk_store import ChunkId, ChunkMeta, ChunkStore, as_chunk_id
+from storage.threefs.chunk_id import ChunkId, as_chunk_id
+from storage.threefs.chunk_store import ChunkStore
 from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
 from storage.threefs.resync import ResyncReport, resync_target
 from storage.threefs.routing import LocalState, RoutingInfo, TargetState
-
-_READABLE = (TargetState.SERVING, TargetState.LASTSRV)
-_WHOLE = 1 << 62  # a length that covers any chunk
+from storage.threefs.storage_reads import _READABLE, _WHOLE, ReadPathMixin
 
 
 class ChunkLocks:
@@ -60,7 +56,7 @@ class ChunkLocks:
                     del self._locks[key]
 
 
-class StorageService:
+class StorageService(ReadPathMixin):
     """CRAQ for the targets of storage node `node_id`.
 
     Args:
@@ -276,100 +272,6 @@ class StorageService:
                 if self._on_successor_failure is None or time.monotonic() > deadline:
                     raise
                 self._on_successor_failure(successor)
-
-    # ----------------------------------------------------------------------------- reads
-
-    def read(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, length: int) -> bytes:
-        """Committed bytes [offset, offset + length) of a chunk from a serving target (short past the end,
-        b"" for a hole). A dirty chunk asks the tail which version is committed."""
-        chunk_id = as_chunk_id(chunk_id)
-        if offset < 0 or length < 0:
-            raise ValueError(f"offset and length must be >= 0, got offset={offset}, length={length}")
-        for _ in range(16):
-            routing = self.routing_info()
-            if target_id not in routing.chain(chain_id).targets:
-                raise TargetNotServing(f"target {target_id} is not in chain {chain_id}")
-            store = self._require_state(routing, target_id, _READABLE, "serve reads")
-            meta = store.meta(chunk_id)
-            if meta is None:
-                return b""
-            version = meta.committed_version
-            if meta.pending_version and self._tail_committed(routing, chain_id, target_id, chunk_id,
-                                                             meta) >= meta.pending_version:
-                version = meta.pending_version
-            if version == 0:
-                return b""
-            try:
-                data = store.read_version(chunk_id, version, offset, length)
-            except ChecksumError:
-                with self._locks.hold(target_id, chunk_id):
-                    self.repair_locked(routing, chain_id, target_id, chunk_id)
-                continue
-            if data is not None:
-                return data
-            # that version was committed over or aborted meanwhile: look again
-        raise TargetNotServing(f"chunk {chunk_id} on target {target_id} kept changing during a read; retry")
-
-    def _tail_committed(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId,
-                        meta: ChunkMeta) -> int:
-        """CRAQ's version query: the version of the chunk that the chain's tail has committed."""
-        tail = routing.readable_targets(chain_id)[-1]
-        if tail == target_id:
-            return meta.committed_version  # the tail's pending version is not committed yet
-        try:
-            return self.service_of(routing, tail).committed_version(tail, chunk_id)
-        except NodeUnavailable:
-            raise TargetNotServing(f"chunk {chunk_id} is dirty on target {target_id} and the tail {tail} did "
-                                   f"not answer the version query; retry after routing changes") from None
-
-    def repair_locked(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId) -> None:
-        """Local only, with the chunk lock held (`chunk_lock`): if the local committed copy fails its
-        checksum, replaces it with an intact copy of the same version from another serving replica."""
-        store = self.store(target_id)
-        meta = store.meta(chunk_id)
-        if meta is None or meta.committed_version == 0:
-            return
-        try:
-            store.read_version(chunk_id, meta.committed_version, 0, 0)
-            return  # intact (repaired meanwhile, or only a pending version was damaged)
-        except ChecksumError as exc:
-            damage = exc
-        for other in routing.readable_targets(chain_id):
-            if other == target_id:
-                continue
-            try:
-                content, version, chain_version = self.service_of(routing, other).read_chunk(other, chunk_id)
-            except (NodeUnavailable, ChecksumError, TargetNotServing):
-                continue
-            if version == meta.committed_version:
-                store.replace(chunk_id, content, version, chain_version)
-                return
-        raise ChecksumError(f"chunk {chunk_id} version {meta.committed_version} is damaged on target {target_id} "
-                            f"({store.directory}) and no other replica of chain {chain_id} holds it intact: "
-                            f"{damage}") from damage
-
-    def committed_version(self, target_id: int, chunk_id: ChunkId) -> int:
-        """The committed version of a chunk on a local target (0 when it holds none)."""
-        meta = self.store(target_id).meta(as_chunk_id(chunk_id))
-        return meta.committed_version if meta else 0
-
-    def read_chunk(self, target_id: int, chunk_id: ChunkId) -> tuple[bytes, int, int]:
-        """(content, committed version, chain version) of a whole chunk on a serving target (b"", 0, 0
-        when it holds none); the content passed its checksum."""
-        chunk_id = as_chunk_id(chunk_id)
-        store = self._require_state(self.routing_info(), target_id, _READABLE, "serve reads")
-        for _ in range(16):
-            meta = store.meta(chunk_id)
-            if meta is None or meta.committed_version == 0:
-                return b"", 0, 0
-            content = store.read_version(chunk_id, meta.committed_version, 0, _WHOLE)
-            if content is not None:
-                return content, meta.committed_version, meta.chain_version
-        raise TargetNotServing(f"chunk {chunk_id} on target {target_id} kept changing during a read; retry")
-
-    def dump_chunkmeta(self, target_id: int) -> list[ChunkMeta]:
-        """Metadata of every chunk on a local target (what a predecessor diffs against in a resync)."""
-        return self.store(target_id).list_meta()
 
     # ----------------------------------------------------------------------------- membership
 

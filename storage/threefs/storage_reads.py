@@ -1,0 +1,128 @@
+"""The storage service's read path: CRAQ reads, the tail version query and checksum repair.
+
+CRAQ's apportioned queries: any serving target answers. A chunk with only a committed version is clean
+and read locally. A dirty chunk (one with a pending version) costs a version query to the tail: if the
+tail has committed the pending version, the write is committed cluster-wide and the pending bytes are
+returned, otherwise the committed ones. (3FS returns a status code instead; the query is the CRAQ paper's
+design.) A checksum failure fetches the chunk from another serving replica and repairs the local copy.
+
+`ReadPathMixin` holds these methods of `StorageService` (storage_service.py), which provides the routing,
+stores, chunk locks and peers they use; a peer may be a StorageService or an RPC proxy of one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from storage.threefs.chunk_id import ChunkId, ChunkMeta, as_chunk_id
+from storage.threefs.chunk_store import ChunkStore
+from storage.threefs.errors import ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.routing import RoutingInfo, TargetState
+
+_READABLE = (TargetState.SERVING, TargetState.LASTSRV)
+_WHOLE = 1 << 62  # a length that covers any chunk
+
+
+class ReadPathMixin:
+    """Reads, version queries and repairs of `StorageService`; see the module docstring."""
+
+    if TYPE_CHECKING:  # provided by StorageService
+        _locks: Any
+
+        def routing_info(self) -> RoutingInfo: ...
+        def store(self, target_id: int) -> ChunkStore: ...
+        def service_of(self, routing: RoutingInfo, target_id: int) -> Any: ...
+        def _require_state(self, routing: RoutingInfo, target_id: int, allowed: tuple[TargetState, ...],
+                           what: str) -> ChunkStore: ...
+
+    def read(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, length: int) -> bytes:
+        """Committed bytes [offset, offset + length) of a chunk from a serving target (short past the end,
+        b"" for a hole). A dirty chunk asks the tail which version is committed."""
+        chunk_id = as_chunk_id(chunk_id)
+        if offset < 0 or length < 0:
+            raise ValueError(f"offset and length must be >= 0, got offset={offset}, length={length}")
+        for _ in range(16):
+            routing = self.routing_info()
+            if target_id not in routing.chain(chain_id).targets:
+                raise TargetNotServing(f"target {target_id} is not in chain {chain_id}")
+            store = self._require_state(routing, target_id, _READABLE, "serve reads")
+            meta = store.meta(chunk_id)
+            if meta is None:
+                return b""
+            version = meta.committed_version
+            if meta.pending_version and self._tail_committed(routing, chain_id, target_id, chunk_id,
+                                                             meta) >= meta.pending_version:
+                version = meta.pending_version
+            if version == 0:
+                return b""
+            try:
+                data = store.read_version(chunk_id, version, offset, length)
+            except ChecksumError:
+                with self._locks.hold(target_id, chunk_id):
+                    self.repair_locked(routing, chain_id, target_id, chunk_id)
+                continue
+            if data is not None:
+                return data
+            # that version was committed over or aborted meanwhile: look again
+        raise TargetNotServing(f"chunk {chunk_id} on target {target_id} kept changing during a read; retry")
+
+    def _tail_committed(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId,
+                        meta: ChunkMeta) -> int:
+        """CRAQ's version query: the version of the chunk that the chain's tail has committed."""
+        tail = routing.readable_targets(chain_id)[-1]
+        if tail == target_id:
+            return meta.committed_version  # the tail's pending version is not committed yet
+        try:
+            return self.service_of(routing, tail).committed_version(tail, chunk_id)
+        except NodeUnavailable:
+            raise TargetNotServing(f"chunk {chunk_id} is dirty on target {target_id} and the tail {tail} did "
+                                   f"not answer the version query; retry after routing changes") from None
+
+    def repair_locked(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId) -> None:
+        """Local only, with the chunk lock held (`chunk_lock`): if the local committed copy fails its
+        checksum, replaces it with an intact copy of the same version from another serving replica."""
+        store = self.store(target_id)
+        meta = store.meta(chunk_id)
+        if meta is None or meta.committed_version == 0:
+            return
+        try:
+            store.read_version(chunk_id, meta.committed_version, 0, 0)
+            return  # intact (repaired meanwhile, or only a pending version was damaged)
+        except ChecksumError as exc:
+            damage = exc
+        for other in routing.readable_targets(chain_id):
+            if other == target_id:
+                continue
+            try:
+                content, version, chain_version = self.service_of(routing, other).read_chunk(other, chunk_id)
+            except (NodeUnavailable, ChecksumError, TargetNotServing):
+                continue
+            if version == meta.committed_version:
+                store.replace(chunk_id, content, version, chain_version)
+                return
+        raise ChecksumError(f"chunk {chunk_id} version {meta.committed_version} is damaged on target {target_id} "
+                            f"({store.directory}) and no other replica of chain {chain_id} holds it intact: "
+                            f"{damage}") from damage
+
+    def committed_version(self, target_id: int, chunk_id: ChunkId) -> int:
+        """The committed version of a chunk on a local target (0 when it holds none)."""
+        meta = self.store(target_id).meta(as_chunk_id(chunk_id))
+        return meta.committed_version if meta else 0
+
+    def read_chunk(self, target_id: int, chunk_id: ChunkId) -> tuple[bytes, int, int]:
+        """(content, committed version, chain version) of a whole chunk on a serving target (b"", 0, 0
+        when it holds none); the content passed its checksum."""
+        chunk_id = as_chunk_id(chunk_id)
+        store = self._require_state(self.routing_info(), target_id, _READABLE, "serve reads")
+        for _ in range(16):
+            meta = store.meta(chunk_id)
+            if meta is None or meta.committed_version == 0:
+                return b"", 0, 0
+            content = store.read_version(chunk_id, meta.committed_version, 0, _WHOLE)
+            if content is not None:
+                return content, meta.committed_version, meta.chain_version
+        raise TargetNotServing(f"chunk {chunk_id} on target {target_id} kept changing during a read; retry")
+
+    def dump_chunkmeta(self, target_id: int) -> list[ChunkMeta]:
+        """Metadata of every chunk on a local target (what a predecessor diffs against in a resync)."""
+        return self.store(target_id).list_meta()
