@@ -72,7 +72,7 @@ class Client:
             previous = self._stat_or_none(path) if open_mode.truncate else None
             inode, session = self.meta.create(path, self.client_id, exclusive=open_mode.exclusive,
                                               truncate=open_mode.truncate)
-            if previous is not None and previous.inode_id == inode.inode_id and previous.length:
+            if previous is not None and previous.inode_id == inode.inode_id:
                 self.chunk_io.remove_file(inode.layout, inode.inode_id)  # "wb" over an existing file
         if inode.type is not InodeType.FILE:
             if session is not None:

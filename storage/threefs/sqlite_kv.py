@@ -98,6 +98,8 @@ class SqliteKV:
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
             )
+            # per connection: WAL commits survive a killed process without an fsync per transaction
+            conn.execute("PRAGMA synchronous=NORMAL")
             with self._lock:
                 self._connections.append(conn)
             self._local.conn = conn
@@ -107,7 +109,6 @@ class SqliteKV:
         conn = self._connection()
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("CREATE TABLE IF NOT EXISTS kv(key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID")
 
     def _run_with_retries(self, step: Callable[[], T]) -> T:
