@@ -1,0 +1,706 @@
+"""storage.threefs end to end through the client, on an EmbeddedCluster (mgmtd, meta and storage in-process).
+
+Small chunks (4 KiB) so every file spans many chunks and every stripe chain. The cluster is 3 nodes x 3
+targets, 3 chains of 3 replicas (every node holds one target of each chain), files striped over all three
+chains. Replicas are checked through each node's ChunkStore, and on disk under root/node-N/target-T/.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import time
+import zlib
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from storage.threefs.chunk_id import ChunkId
+from storage.threefs.client import Client
+from storage.threefs.cluster import ClusterShape, EmbeddedCluster
+from storage.threefs.fsspec_fs import ThreeFSFileSystem
+from storage.threefs.connect import EMBEDDED, connect
+from storage.threefs.mount import MountClient
+from storage.threefs.routing import TargetState
+from storage.threefs.usrbio import IoRing, IoVec
+
+CHUNK = 4096
+STRIPE = 3
+SHAPE = ClusterShape(nodes=3, targets_per_node=3, replicas=3, chunk_size=CHUNK, stripe=STRIPE)
+WHOLE = 1 << 62
+
+
+def random_bytes(rng: np.random.Generator, n: int) -> bytes:
+    return rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = EmbeddedCluster(tmp_path / "cluster", SHAPE, heartbeat_interval=0.2)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def client(cluster):
+    cl = cluster.client()
+    yield cl
+    cl.close()
+
+
+# -- replica inspection ---------------------------------------------------------------------------------
+
+def replica_contents(cluster: EmbeddedCluster) -> dict[int, dict[ChunkId, bytes]]:
+    """target -> {chunk id: committed content} for every target of the cluster, read through its store
+    (which checks each chunk's CRC32). Asserts no chunk is left with a pending version."""
+    out: dict[int, dict[ChunkId, bytes]] = {}
+    for node, targets in cluster.shape.targets().items():
+        service = cluster.services[node]
+        for target in targets:
+            store = service.store(target)
+            chunks = {}
+            for meta in store.list_meta():
+                assert meta.pending_version == 0, f"target {target}: {meta} left a pending version"
+                chunks[meta.chunk_id] = store.read_version(meta.chunk_id, meta.committed_version, 0, WHOLE)
+            out[target] = chunks
+    return out
+
+
+def assert_chains_consistent(cluster: EmbeddedCluster) -> dict[int, dict[ChunkId, bytes]]:
+    """Every target of a chain holds the same chunks with the same bytes; returns chain -> chunks."""
+    contents = replica_contents(cluster)
+    per_chain = {}
+    for chain in cluster.manager.routing().chain_table.chains.values():
+        first, *rest = chain.targets
+        for other in rest:
+            assert set(contents[other]) == set(contents[first]), (chain, other)
+            for chunk_id, data in contents[first].items():
+                assert contents[other][chunk_id] == data, (chain, other, chunk_id)
+        per_chain[chain.chain_id] = contents[first]
+    return per_chain
+
+
+def chunk_files_on_disk(root: Path, inode_id: int) -> list[Path]:
+    """Content files of any version of any chunk of `inode_id`, in every target directory."""
+    prefix = ChunkId(inode_id, 0).hex()[:24]  # tenant, reserved, inode id, track
+    return sorted(root.glob(f"node-*/target-*/chunks/{prefix}*"))
+
+
+def expected_chunks(data: bytes) -> dict[int, bytes]:
+    """chunk index -> content of a file written as one piece from offset 0."""
+    return {i: data[i * CHUNK:(i + 1) * CHUNK] for i in range(-(-len(data) // CHUNK))}
+
+
+def patched(data: bytes, offset: int, patch: bytes) -> bytes:
+    """`data` after a pwrite of `patch` at `offset` (zero-filled past its end)."""
+    out = bytearray(data)
+    if offset + len(patch) > len(out):
+        out.extend(bytes(offset + len(patch) - len(out)))
+    out[offset:offset + len(patch)] = patch
+    return bytes(out)
+
+
+def read_all(client, path: str) -> bytes:
+    with client.open(path, "rb") as f:
+        return f.read()
+
+
+def write_file(client, path: str, data: bytes) -> None:
+    with client.open(path, "wb") as f:
+        assert f.write(data) == len(data)
+
+
+# -- byte-exact IO ---------------------------------------------------------------------------------------
+
+def test_random_pwrite_pread_match_a_byte_model(client):
+    rng = np.random.default_rng(20240601)
+    model = bytearray()
+    with client.open("/model.bin", "w+b") as f:
+        for step in range(60):
+            # offsets straddle chunk (4 KiB) and stripe (12 KiB) boundaries; some leave holes past the end
+            if rng.random() < 0.3:
+                offset = int(rng.integers(1, 4)) * CHUNK * STRIPE + int(rng.integers(-3, 4))
+            else:
+                offset = int(rng.integers(0, 70_000))
+            size = int(rng.choice([1, 7, CHUNK - 1, CHUNK, CHUNK + 1, int(rng.integers(0, 3 * CHUNK * STRIPE))]))
+            data = random_bytes(rng, size)
+            assert f.pwrite(data, max(0, offset)) == size
+            offset = max(0, offset)
+            if offset + size > len(model):
+                model.extend(bytes(offset + size - len(model)))
+            model[offset:offset + size] = data
+            for _ in range(2):
+                at = int(rng.integers(0, len(model) + CHUNK))
+                n = int(rng.integers(0, 3 * CHUNK * STRIPE))
+                assert f.pread(n, at) == bytes(model[at:at + n]), (step, at, n)
+        assert f.tell() == 0  # positional IO never moves the position
+        assert f.read() == bytes(model)
+        assert f.tell() == len(model)
+        f.fsync()
+        assert client.stat("/model.bin").size == len(model)
+    assert client.stat("/model.bin").size == len(model)
+    assert read_all(client, "/model.bin") == bytes(model)
+    # stream IO: readinto and seek in odd steps
+    with client.open("/model.bin", "rb") as f:
+        buffer = bytearray(CHUNK + 3)
+        got = bytearray()
+        while count := f.readinto(buffer):
+            got += buffer[:count]
+        assert got == model
+        assert f.seek(-5, io.SEEK_END) == len(model) - 5 and f.read() == bytes(model[-5:])
+        assert f.seek(CHUNK - 2) == CHUNK - 2 and f.read(5) == bytes(model[CHUNK - 2:CHUNK + 3])
+        assert f.seek(3, io.SEEK_CUR) == CHUNK + 6
+        assert f.pread(10, len(model) + 100) == b""
+
+
+def test_holes_read_as_zeros_and_sparse_chunks_are_not_stored(cluster, client):
+    far = 10 * CHUNK + 17
+    with client.open("/sparse", "wb") as f:
+        f.pwrite(b"head", 0)
+        f.pwrite(b"tail", far)
+    data = read_all(client, "/sparse")
+    assert data == b"head" + bytes(far - 4) + b"tail"
+    inode = client.stat("/sparse").inode_id
+    stored = {c.chunk_index for chunks in replica_contents(cluster).values() for c in chunks if c.inode_id == inode}
+    assert stored == {0, far // CHUNK}  # the hole's chunks never existed
+
+
+def test_truncate_down_then_write_past_the_end_reads_zeros_between(client):
+    rng = np.random.default_rng(5)
+    data = random_bytes(rng, 12 * CHUNK + 100)
+    for cut, write_at in [(5000, 9000), (2 * CHUNK, 7 * CHUNK + 1), (1, CHUNK * STRIPE), (0, 100)]:
+        write_file(client, "/t", data)
+        with client.open("/t", "r+b") as f:
+            assert f.truncate(cut) == cut
+            assert client.stat("/t").size == cut
+            f.pwrite(b"xyz", write_at)
+        expected = data[:cut] + bytes(write_at - cut) + b"xyz"
+        assert client.stat("/t").size == len(expected)
+        assert read_all(client, "/t") == expected, (cut, write_at)
+    # truncate up extends with zeros; truncate() without an argument cuts at the position
+    with client.open("/t", "r+b") as f:
+        f.truncate(3 * CHUNK)
+        f.seek(CHUNK + 1)
+        f.truncate()
+    assert read_all(client, "/t") == bytes(100) + b"xyz" + bytes(CHUNK + 1 - 103)
+
+
+def test_append_and_read_write_modes(client):
+    rng = np.random.default_rng(6)
+    a, b, c = (random_bytes(rng, n) for n in (CHUNK - 10, 2 * CHUNK + 7, 5))
+    with client.open("/log", "ab") as f:  # creates
+        f.write(a)
+        f.seek(0)
+        f.write(b)  # append mode writes at the end whatever the position
+    with client.open("/log", "ab") as f:
+        assert f.tell() == len(a + b)
+        f.write(c)
+    assert read_all(client, "/log") == a + b + c
+    with client.open("/log", "a+b") as f:
+        f.write(b"!")
+        assert f.pread(3, len(a + b + c) - 2) == (a + b + c)[-2:] + b"!"
+    with client.open("/log", "r+b") as f:  # neither truncates nor appends
+        assert f.read(4) == a[:4]
+        f.write(b"MID")
+        f.seek(0)
+        assert f.read() == a[:4] + b"MID" + (a + b + c)[7:] + b"!"
+    with client.open("/log", "w+b") as f:  # truncates
+        assert f.read() == b""
+        f.write(b"new")
+        f.seek(0)
+        assert f.read() == b"new"
+    assert read_all(client, "/log") == b"new"
+    assert client.stat("/log").size == 3
+
+
+def test_stat_size_exact_after_close_and_fsync(cluster, client):
+    other = cluster.client()
+    try:
+        with client.open("/s", "wb") as f:
+            f.write(bytes(3 * CHUNK + 5))
+            f.fsync()
+            assert client.stat("/s").size == 3 * CHUNK + 5
+            assert other.stat("/s").size == 3 * CHUNK + 5  # another client sees it while still open
+            f.pwrite(b"z", 10 * CHUNK)
+            f.fsync()
+            assert other.stat("/s").size == 10 * CHUNK + 1
+            with other.open("/s", "rb") as reader:  # a reader of the open file sees the synced bytes
+                assert reader.pread(2, 10 * CHUNK - 1) == b"\0z"
+        assert other.stat("/s").size == 10 * CHUNK + 1
+        with client.open("/s", "wb") as f:
+            f.write(b"abc")
+        assert other.stat("/s").size == 3
+        with other.open("/s", "r+b") as f:  # a shorter write does not shrink the file
+            f.pwrite(b"Z", 0)
+        assert client.stat("/s").size == 3 and read_all(client, "/s") == b"Zbc"
+    finally:
+        other.close()
+
+
+def test_modes_and_errors(client):
+    client.makedirs("/d")
+    write_file(client, "/d/f", b"data")
+    with pytest.raises(FileExistsError):
+        client.open("/d/f", "xb")
+    with pytest.raises(FileNotFoundError):
+        client.open("/d/missing", "rb")
+    with pytest.raises(FileNotFoundError):
+        client.open("/nowhere/f", "wb")
+    for mode in ("rb", "wb", "r+b", "ab"):
+        with pytest.raises(IsADirectoryError):
+            client.open("/d", mode)
+    with pytest.raises(ValueError, match="mode"):
+        client.open("/d/f", "r")
+    with client.open("/d/f", "rb") as f:
+        for op in (lambda: f.write(b"x"), lambda: f.pwrite(b"x", 0), lambda: f.truncate(0), f.fsync):
+            with pytest.raises(io.UnsupportedOperation):
+                op()
+    with client.open("/d/new", "xb") as f:
+        with pytest.raises(io.UnsupportedOperation):
+            f.read()
+        f.write(b"x")
+    f = client.open("/d/f", "rb")
+    f.close()
+    with pytest.raises(ValueError, match="closed"):
+        f.read()
+    assert read_all(client, "/d/f") == b"data" and read_all(client, "/d/new") == b"x"
+
+
+# -- namespace and garbage collection ---------------------------------------------------------------------
+
+def test_namespace_ops_and_garbage_collection(cluster, client):
+    rng = np.random.default_rng(7)
+    client.makedirs("/a/b/c")
+    client.makedirs("/a/b/c")  # exist_ok
+    with pytest.raises(FileExistsError):
+        client.makedirs("/a/b", exist_ok=False)
+    files = {f"/a/b/c/f{i}": random_bytes(rng, int(rng.integers(1, 5 * CHUNK))) for i in range(3)}
+    files["/a/top"] = random_bytes(rng, 4 * CHUNK)
+    for path, data in files.items():
+        write_file(client, path, data)
+    assert client.listdir("/a") == ["b", "top"]
+    assert client.listdir("/a/b/c") == ["f0", "f1", "f2"]
+    assert client.exists("/a/b/c/f1") and not client.exists("/a/b/c/f9")
+    assert client.stat("/a/b").type == "directory"
+    inodes = {path: client.stat(path).inode_id for path in files}
+    for path, inode in inodes.items():
+        assert len(chunk_files_on_disk(cluster.root, inode)) == 3 * -(-len(files[path]) // CHUNK)
+
+    # rename replaces an existing file atomically; the replaced file's chunks are collected
+    client.rename("/a/b/c/f0", "/a/top")
+    assert read_all(client, "/a/top") == files["/a/b/c/f0"]
+    assert not client.exists("/a/b/c/f0")
+    assert client.stat("/a/top").inode_id == inodes["/a/b/c/f0"]
+    assert chunk_files_on_disk(cluster.root, inodes["/a/top"]) == []
+    with pytest.raises(OSError) as info:
+        client.rename("/a/b", "/a/b/c/inside")
+    assert info.value.errno == errno.EINVAL
+    client.rename("/a/b/c", "/a/moved")  # a directory with its files
+    assert client.listdir("/a/moved") == ["f1", "f2"]
+    assert read_all(client, "/a/moved/f2") == files["/a/b/c/f2"]
+
+    with pytest.raises(OSError) as info:
+        client.remove("/a")
+    assert info.value.errno == errno.ENOTEMPTY
+    client.remove("/a/moved/f1")
+    assert chunk_files_on_disk(cluster.root, inodes["/a/b/c/f1"]) == []
+    client.remove("/a", recursive=True)
+    assert client.listdir("/") == [] and not client.exists("/a")
+    for inode in inodes.values():
+        assert chunk_files_on_disk(cluster.root, inode) == []
+    assert all(not chunks for chunks in replica_contents(cluster).values())
+    with pytest.raises(FileNotFoundError):
+        client.remove("/a")
+
+
+def test_a_removed_file_open_for_writing_keeps_its_chunks_until_closed(cluster, client):
+    f = client.open("/open", "wb")
+    f.write(bytes(range(256)) * 40)
+    inode = f.inode_id
+    client.remove("/open")
+    assert not client.exists("/open")
+    f.write(b"more")  # the writer keeps working on the orphan
+    assert len(chunk_files_on_disk(cluster.root, inode)) == 3 * 3
+    f.close()
+    assert client.collect_garbage() == 1
+    assert chunk_files_on_disk(cluster.root, inode) == []
+
+
+# -- placement and replication ----------------------------------------------------------------------------
+
+def test_striped_chunks_live_on_their_chains_with_identical_replicas(cluster, client):
+    rng = np.random.default_rng(8)
+    data = random_bytes(rng, 7 * STRIPE * CHUNK + 123)
+    write_file(client, "/striped", data)
+    inode = cluster.meta.stat("/striped")
+    layout = inode.layout
+    chains = cluster.manager.routing().chain_table.chains
+    assert layout.stripe_size == STRIPE and len(set(layout.chains)) == STRIPE and set(layout.chains) <= set(chains)
+    assert layout.chunk_size == CHUNK
+    contents = replica_contents(cluster)
+    expected = expected_chunks(data)
+    for index, chunk in expected.items():
+        chunk_id = ChunkId(inode.inode_id, index)
+        holders = [t for t, chunks in contents.items() if chunk_id in chunks]
+        chain = chains[layout.chain_of_chunk(index)]
+        assert sorted(holders) == sorted(chain.targets) and len(holders) == SHAPE.replicas, (index, holders)
+        assert {contents[t][chunk_id] for t in holders} == {chunk}
+        # the replicas sit on distinct nodes, one content file each
+        assert len({t // 100 for t in holders}) == SHAPE.replicas
+    assert len(chunk_files_on_disk(cluster.root, inode.inode_id)) == SHAPE.replicas * len(expected)
+    per_chain = {c: sum(1 for i in expected if layout.chain_of_chunk(i) == c) for c in layout.chains}
+    assert sorted(per_chain.values()) == [7, 7, 8]  # round-robin over the stripe
+    assert_chains_consistent(cluster)
+
+
+# -- USRBIO ---------------------------------------------------------------------------------------------
+
+def test_ioring_batched_reads_equal_one_at_a_time_reads(client):
+    rng = np.random.default_rng(9)
+    content = random_bytes(rng, 20 * CHUNK + 11)
+    write_file(client, "/big", content)
+    sizes = [int(n) for n in rng.integers(0, 3 * CHUNK, size=24)]
+    offsets = [int(o) for o in rng.integers(0, len(content), size=24)]
+    offsets[0] = len(content) - 100  # a short read at the end
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    with client.open("/big", "rb") as f, client.iovec(sum(sizes) + 1) as iov, \
+            client.ioring(32, for_read=True) as ring:
+        assert isinstance(iov, IoVec) and isinstance(ring, IoRing)
+        indices = [ring.prepare(iov[s:s + n], True, f, o, userdata=i)
+                   for i, (s, n, o) in enumerate(zip(starts, sizes, offsets))]
+        done = ring.submit().wait()
+        assert sorted(c.index for c in done) == sorted(indices)
+        for c in done:
+            i = c.userdata
+            expected = f.pread(sizes[i], offsets[i])
+            assert c.result == len(expected) and bytes(iov[starts[i]:starts[i] + c.result]) == expected
+        assert next(c for c in done if c.userdata == 0).result == min(sizes[0], 100)
+
+
+def test_ioring_batched_writes_equal_one_at_a_time_writes(client):
+    rng = np.random.default_rng(10)
+    pieces = [random_bytes(rng, int(n)) for n in rng.integers(1, 2 * CHUNK, size=16)]
+    gaps = rng.integers(0, CHUNK, size=16)
+    offsets, position = [], 0
+    for piece, gap in zip(pieces, gaps):  # disjoint ranges, so completion order cannot matter
+        offsets.append(position + int(gap))
+        position = offsets[-1] + len(piece)
+    with client.open("/batched", "wb") as f, IoVec(sum(map(len, pieces))) as iov, \
+            IoRing(16, for_read=False, io_depth=-5) as ring:
+        at = 0
+        for i, piece in enumerate(pieces):
+            memoryview(iov)[at:at + len(piece)] = piece
+            ring.prepare(iov[at:at + len(piece)], False, f, offsets[i], userdata=i)
+            at += len(piece)
+        done = ring.submit().wait()
+        assert ring.issued_batches == [5, 5, 5, 1]
+        assert sorted(c.userdata for c in done) == list(range(16))
+        assert all(c.result == len(pieces[c.userdata]) for c in done)
+    with client.open("/sequential", "wb") as f:
+        for piece, offset in zip(pieces, offsets):
+            f.pwrite(piece, offset)
+    assert read_all(client, "/batched") == read_all(client, "/sequential")
+    assert client.stat("/batched").size == client.stat("/sequential").size == position
+    # failures come back as -errno: a write ring over a read-only file
+    with client.open("/batched", "rb") as f, IoVec(8) as iov, IoRing(1, for_read=False) as ring:
+        ring.prepare(iov, False, f, 0)
+        assert ring.submit().wait()[0].result == -errno.EBADF
+
+
+# -- fsspec, polars, pyarrow ------------------------------------------------------------------------------
+
+def _frame(n: int = 3000) -> pl.DataFrame:
+    rng = np.random.default_rng(11)
+    return pl.DataFrame({
+        "id": np.arange(n, dtype=np.int64),
+        "x": rng.standard_normal(n),
+        "name": [f"row-{i}" if i % 7 else None for i in range(n)],
+    })
+
+
+def test_fsspec_url_polars_parquet_round_trip(tmp_path):
+    root = tmp_path / "fs-cluster"
+    ClusterShape.load_or_create(root, SHAPE)  # small chunks for the cluster the URL opens
+    fs = fsspec.filesystem("3fs", url=f"3fs+embedded://{root}")
+    assert isinstance(fs, ThreeFSFileSystem)
+    try:
+        frame = _frame()
+        with fs.open("/tables/frame.parquet", "wb") as f:
+            frame.write_parquet(f)
+        size = fs.info("/tables/frame.parquet")["size"]
+        assert size > 3 * CHUNK  # spans chunks and stripes
+        with fs.open("/tables/frame.parquet", "rb") as f:
+            assert_frame_equal(pl.read_parquet(f), frame)
+        assert fs.ls("/tables", detail=False) == ["/tables/frame.parquet"]
+        assert fs.cat_file("/tables/frame.parquet", start=0, end=4) == b"PAR1"
+        fs.mv("/tables/frame.parquet", "/tables/renamed.parquet")
+        assert_frame_equal(pl.read_parquet(fs.open("/tables/renamed.parquet", "rb")), frame)
+        fs.rm("/tables", recursive=True)
+        assert not fs.exists("/tables")
+    finally:
+        fs.client.close()
+    assert root.resolve() not in EMBEDDED._open
+
+
+def test_fsspec_client_pyarrow_filesystem_round_trip(client):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs = fsspec.filesystem("3fs", client=client)
+    arrow_fs = PyFileSystem(FSSpecHandler(fs))
+    table = _frame().to_arrow()
+    arrow_fs.create_dir("arrow/nested")
+    pq.write_table(table, "arrow/nested/t.parquet", filesystem=arrow_fs)
+    assert pq.read_table("arrow/nested/t.parquet", filesystem=arrow_fs).equals(table)
+    info = arrow_fs.get_file_info("arrow/nested/t.parquet")
+    assert info.type == pa.fs.FileType.File and info.size == client.stat("/arrow/nested/t.parquet").size
+    arrow_fs.delete_dir("arrow")
+    assert not client.exists("/arrow")
+
+
+# -- connect() --------------------------------------------------------------------------------------------
+
+def test_connect_embedded_shares_one_cluster_and_closes_it_after_the_last_client(tmp_path):
+    root = tmp_path / "shared"
+    ClusterShape.load_or_create(root, SHAPE)
+    first = connect(f"3fs+embedded://{root}")
+    second = connect(f"3fs+embedded://localhost{root}")
+    assert isinstance(first, Client) and isinstance(second, Client)
+    cluster, users = EMBEDDED._open[root.resolve()]
+    assert users == 2 and first.meta is second.meta is cluster.meta
+    write_file(first, "/x", b"shared" * 2000)
+    assert read_all(second, "/x") == b"shared" * 2000
+    first.close()
+    first.close()  # idempotent: releases once
+    assert EMBEDDED._open[root.resolve()][1] == 1
+    assert not cluster._closing.is_set()
+    assert read_all(second, "/x") == b"shared" * 2000
+    second.close()
+    assert root.resolve() not in EMBEDDED._open
+    assert cluster._closing.is_set()
+    third = connect(f"3fs+embedded://{root}")  # a fresh cluster on the same directory
+    try:
+        assert EMBEDDED._open[root.resolve()][0] is not cluster
+        assert read_all(third, "/x") == b"shared" * 2000
+    finally:
+        third.close()
+
+
+@pytest.mark.parametrize("url", ["/tmp/plain-path", "3fs+embedded://host/tmp/x", "3fs+tcp://relative",
+                                 "http:///tmp/x", "3fs:relative", "3fs://", "s3://bucket/key"])
+def test_connect_rejects_bad_urls_naming_them(url):
+    with pytest.raises(ValueError) as info:
+        connect(url)
+    assert repr(url) in str(info.value) and "url" in str(info.value)
+
+
+def test_connect_mount_url_gives_a_mount_client(tmp_path):
+    client = connect(f"3fs://{tmp_path}")
+    assert isinstance(client, MountClient) and client.mount_point == os.path.realpath(tmp_path)
+    write_file(client, "/m", b"on the mount")
+    assert (tmp_path / "m").read_bytes() == b"on the mount"
+
+
+# -- durability and recovery ------------------------------------------------------------------------------
+
+def test_whole_cluster_restart_keeps_every_byte(tmp_path):
+    rng = np.random.default_rng(12)
+    root = tmp_path / "restart"
+    files = {f"/r/{i}": random_bytes(rng, int(rng.integers(0, 6 * CHUNK))) for i in range(6)}
+    with EmbeddedCluster(root, SHAPE) as cluster, cluster.client() as client:
+        client.makedirs("/r")
+        for path, data in files.items():
+            write_file(client, path, data)
+        with client.open("/r/sparse", "wb") as f:
+            f.pwrite(b"end", 9 * CHUNK)
+        files["/r/sparse"] = bytes(9 * CHUNK) + b"end"
+        with client.open("/r/0", "r+b") as f:
+            f.truncate(100)
+        files["/r/0"] = files["/r/0"][:100]
+        before = assert_chains_consistent(cluster)
+    with EmbeddedCluster(root) as cluster, cluster.client() as client:  # the shape comes from disk
+        assert cluster.shape == SHAPE
+        assert sorted(client.listdir("/r")) == sorted(p.rsplit("/", 1)[1] for p in files)
+        for path, data in files.items():
+            assert client.stat(path).size == len(data)
+            assert read_all(client, path) == data, path
+        assert assert_chains_consistent(cluster) == before
+        write_file(client, "/r/after", b"still writable")
+        assert read_all(client, "/r/after") == b"still writable"
+    with pytest.raises(ValueError, match="shape"):
+        EmbeddedCluster(root, ClusterShape(chunk_size=8192))
+
+
+def _replica_of(cluster: EmbeddedCluster, chain_id: int, position: int, chunk_id: ChunkId):
+    target = cluster.manager.routing().chain(chain_id).targets[position]
+    store = cluster.services[target // 100].store(target)
+    return target, store, store.content_path(chunk_id)
+
+
+def test_checksum_damage_is_read_around_and_repaired(cluster, client):
+    rng = np.random.default_rng(13)
+    data = random_bytes(rng, 3 * CHUNK)
+    write_file(client, "/c", data)
+    inode = client.stat("/c").inode_id
+    layout = cluster.meta.stat("/c").layout
+    chunk_id = ChunkId(inode, 1)
+    chain_id = layout.chain_of_chunk(1)
+    target, store, path = _replica_of(cluster, chain_id, 1, chunk_id)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(bytes(raw))  # bit rot in one replica's content file
+    for _ in range(2 * SHAPE.replicas):  # reads rotate over the replicas: the damaged one is among them
+        with client.open("/c", "rb") as f:
+            assert f.pread(CHUNK, CHUNK) == data[CHUNK:2 * CHUNK]
+        if store.content_path(chunk_id) != path:
+            break
+    repaired = store.content_path(chunk_id)
+    assert repaired != path and not path.exists(), "the damaged replica was not replaced"
+    assert repaired.read_bytes() == data[CHUNK:2 * CHUNK]
+    assert zlib.crc32(repaired.read_bytes()) == store.meta(chunk_id).checksum
+    assert read_all(client, "/c") == data
+    assert_chains_consistent(cluster)
+
+
+def test_checksum_damage_under_a_partial_write_is_repaired_first(cluster, client):
+    data = bytes(range(256)) * (2 * CHUNK // 256)
+    write_file(client, "/w", data)
+    chunk_id = ChunkId(client.stat("/w").inode_id, 0)
+    chain_id = cluster.meta.stat("/w").layout.chain_of_chunk(0)
+    for position in range(SHAPE.replicas):  # damage every replica but one, head first
+        if position == SHAPE.replicas - 1:
+            break
+        _, _, path = _replica_of(cluster, chain_id, position, chunk_id)
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1
+        path.write_bytes(bytes(raw))
+    with client.open("/w", "r+b") as f:  # the write builds on the committed bytes: they must be repaired
+        f.pwrite(b"PATCH", 10)
+    expected = data[:10] + b"PATCH" + data[15:]
+    assert read_all(client, "/w") == expected
+    per_chain = assert_chains_consistent(cluster)
+    assert per_chain[chain_id][chunk_id] == expected[:CHUNK]
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_stopped_node_then_resync(cluster, client):
+    rng = np.random.default_rng(14)
+    old = {f"/old/{i}": random_bytes(rng, int(rng.integers(1, 6 * CHUNK))) for i in range(4)}
+    client.makedirs("/old")
+    for path, data in old.items():
+        write_file(client, path, data)
+    doomed_inode = client.stat("/old/3").inode_id
+    down = 2
+    down_targets = cluster.shape.targets()[down]
+    cluster.stop_node(down)
+
+    # writes and reads continue while the node is down
+    new = {f"/new/{i}": random_bytes(rng, int(rng.integers(1, 6 * CHUNK))) for i in range(4)}
+    client.makedirs("/new")
+    for path, data in new.items():
+        write_file(client, path, data)
+    _wait_for(lambda: all(cluster.manager.routing().target_states[t] is TargetState.OFFLINE
+                          for t in down_targets), 10, f"node {down}'s targets to go offline")
+    states = cluster.manager.routing().target_states
+    assert all(s is TargetState.SERVING for t, s in states.items() if t not in down_targets), states
+    for chain in cluster.manager.routing().chain_table.chains.values():
+        assert chain.targets[-1] in down_targets  # offline targets move to the chain's end
+    for path, data in {**old, **new}.items():
+        assert read_all(client, path) == data
+    with client.open("/old/0", "r+b") as f:  # overwrite part of a file the node holds an old copy of
+        f.pwrite(b"X" * (CHUNK + 10), CHUNK - 5)
+    old["/old/0"] = patched(old["/old/0"], CHUNK - 5, b"X" * (CHUNK + 10))
+    with client.open("/old/1", "r+b") as f:  # and truncate one
+        f.truncate(CHUNK + 1)
+    old["/old/1"] = old["/old/1"][:CHUNK + 1]
+    old["/old/2"] = random_bytes(rng, 2 * CHUNK + 1)  # rewritten: same inode, chunk versions start again
+    write_file(client, "/old/2", old["/old/2"])
+    client.remove("/old/3")  # removed while the node is down: its chunks stay there for now
+    del old["/old/3"]
+    on_down_node = [p for p in chunk_files_on_disk(cluster.root, doomed_inode) if f"node-{down}" in str(p)]
+    assert on_down_node and len(chunk_files_on_disk(cluster.root, doomed_inode)) == len(on_down_node)
+
+    cluster.start_node(down)
+    cluster.wait_until_serving(30)
+    assert chunk_files_on_disk(cluster.root, doomed_inode) == []  # resync removed them
+    per_chain = assert_chains_consistent(cluster)
+    contents = replica_contents(cluster)
+    for path, data in {**old, **new}.items():
+        assert read_all(client, path) == data, path
+        inode = client.stat(path).inode_id
+        layout = cluster.meta.stat(path).layout
+        for index, chunk in expected_chunks(data).items():
+            chain = cluster.manager.routing().chain(layout.chain_of_chunk(index))
+            down_target = next(t for t in chain.targets if t in down_targets)
+            assert contents[down_target][ChunkId(inode, index)] == chunk, (path, index)
+            assert per_chain[chain.chain_id][ChunkId(inode, index)] == chunk
+    # the node serves again: stop another one and read everything through the resynced replicas
+    cluster.stop_node(3)
+    _wait_for(lambda: all(cluster.manager.routing().target_states[t] is TargetState.OFFLINE
+                          for t in cluster.shape.targets()[3]), 10, "node 3's targets to go offline")
+    for path, data in {**old, **new}.items():
+        assert read_all(client, path) == data, path
+    cluster.start_node(3)
+    cluster.wait_until_serving(30)
+
+
+def test_writes_during_a_resync_reach_the_syncing_target_as_whole_chunks(tmp_path):
+    """Heartbeats by hand, so the syncing window stays open: a returning node's targets take every write
+    as a full-chunk replace (they may have missed earlier versions) before its predecessors copy the
+    rest, and serve no reads until sync-done."""
+    rng = np.random.default_rng(15)
+    with EmbeddedCluster(tmp_path / "c", SHAPE, heartbeat_interval=None) as cluster, cluster.client() as client:
+        files = {"/a": random_bytes(rng, 6 * CHUNK), "/b": random_bytes(rng, 3 * CHUNK + 9)}
+        write_file(client, "/a", files["/a"])
+        down = 2
+        down_targets = cluster.shape.targets()[down]
+        cluster.stop_node(down)
+        for target in down_targets:  # what mgmtd does once the node's heartbeats stop
+            cluster.manager.mark_offline(target)
+        with client.open("/a", "r+b") as f:  # the node misses a version of these chunks
+            f.pwrite(b"1" * (2 * CHUNK), CHUNK // 2)
+        files["/a"] = patched(files["/a"], CHUNK // 2, b"1" * (2 * CHUNK))
+        write_file(client, "/b", files["/b"])
+
+        cluster.start_node(down)
+        cluster.services[down].tick(cluster.manager)  # its heartbeat: back online, so syncing
+        states = cluster.manager.routing().target_states
+        assert all(states[t] is TargetState.SYNCING for t in down_targets), states
+
+        # partial writes while it syncs: to chunks it holds stale, lacks, and of a new file
+        with client.open("/a", "r+b") as f:
+            f.pwrite(b"2" * 10, CHUNK + 100)
+        files["/a"] = patched(files["/a"], CHUNK + 100, b"2" * 10)
+        with client.open("/b", "r+b") as f:
+            f.pwrite(b"3" * 5, 2 * CHUNK + 1)
+        files["/b"] = patched(files["/b"], 2 * CHUNK + 1, b"3" * 5)
+        files["/c"] = random_bytes(rng, 2 * CHUNK)
+        write_file(client, "/c", files["/c"])
+        touched = {("/a", 1), ("/b", 2), ("/c", 0), ("/c", 1)}
+        contents = replica_contents(cluster)
+        for path, index in touched:  # already whole and current on the syncing target, before any resync
+            inode = cluster.meta.stat(path)
+            chain = cluster.manager.routing().chain(inode.layout.chain_of_chunk(index))
+            syncing = next(t for t in chain.targets if t in down_targets)
+            assert contents[syncing][ChunkId(inode.inode_id, index)] == \
+                files[path][index * CHUNK:(index + 1) * CHUNK], (path, index)
+        for path, data in files.items():  # reads come from serving replicas only
+            assert read_all(client, path) == data
+
+        cluster.wait_until_serving(30)  # ticks: the predecessors copy the rest, then sync-done
+        assert_chains_consistent(cluster)
+        for path, data in files.items():
+            assert read_all(client, path) == data
