@@ -452,8 +452,7 @@ def batched_table(results: dict[str, dict[str, dict]], batch: int) -> tuple[Tabl
 
 META_NOTES = {
     "embedded": "in-process SQLite KV (WAL, synchronous=NORMAL); create = stat + create txn + close txn",
-    "processes": "3 pickle RPCs; the meta server's per-connection-thread SQLite connection runs "
-                 "synchronous=FULL (only the first gets NORMAL): each write txn fsyncs the WAL",
+    "processes": "3 pickle RPCs to the meta server (one thread and SQLite connection per client connection)",
     "plain": "kernel VFS (dentry cache)",
 }
 
