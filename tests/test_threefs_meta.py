@@ -33,6 +33,14 @@ CHAIN_IDS = (101, 102, 103, 104, 105, 106)
 TABLE = ChainTable(table_id=1, version=3, chains={c: Chain(c, 1, (c * 10, c * 10 + 1)) for c in CHAIN_IDS})
 
 
+
+def take_garbage(meta, limit=1024):
+    """What a collector does: list the garbage, (delete chunks,) release it."""
+    items = meta.garbage(limit)
+    meta.release_garbage([item.inode_id for item in items])
+    return items
+
+
 @pytest.fixture(params=["memory", "sqlite"])
 def kv(request, tmp_path):
     store = MemoryKV(seed=0) if request.param == "memory" else SqliteKV(str(tmp_path / "meta.db"))
@@ -238,7 +246,7 @@ def test_create_open_and_sessions(meta, kv):
     assert truncated.length == 0 and truncated.inode_id == f.inode_id
     meta.close(f.inode_id, s3, None)
     meta.close(f.inode_id, s4, None)
-    assert meta.take_garbage() == []
+    assert take_garbage(meta) == []
 
 
 def test_lengths_exact_after_close_and_sync(meta):
@@ -266,20 +274,20 @@ def test_garbage_is_deferred_while_write_sessions_are_open(meta):
     _, s2 = meta.open("/f", "b", write=True)
     meta.unlink("/f")
     _raises(FileNotFoundError, errno.ENOENT, "/f", meta.stat, "/f")
-    assert meta.take_garbage() == []
+    assert take_garbage(meta) == []
     assert meta.stat_inode(f.inode_id).nlink == 0
     assert meta.check_consistency() == []
     meta.close(f.inode_id, s1, 64)
-    assert meta.take_garbage() == []
+    assert take_garbage(meta) == []
     meta.close(f.inode_id, s2, 4096)
-    garbage = meta.take_garbage()
+    garbage = take_garbage(meta)
     assert [(g.inode_id, g.length, g.layout) for g in garbage] == [(f.inode_id, 4096, f.layout)]
-    assert meta.take_garbage() == []
+    assert take_garbage(meta) == []
     _raises(FileNotFoundError, errno.ENOENT, f"inode {f.inode_id}", meta.stat_inode, f.inode_id)
     g, s = meta.create("/g", "a")
     meta.close(g.inode_id, s, 1)
     meta.unlink("/g")
-    assert [x.inode_id for x in meta.take_garbage(limit=5)] == [g.inode_id]
+    assert [x.inode_id for x in take_garbage(meta, limit=5)] == [g.inode_id]
 
 
 def test_unlink_rmdir_errors(meta):
@@ -313,7 +321,7 @@ def test_rename_posix_semantics(meta):
     assert meta.stat("/a/b/moved").inode_id == f.inode_id and [e.name for e in meta.listdir("/a")] == ["b"]
     meta.rename("/g", "/a/b/moved")                                # replaces a file; it becomes garbage
     assert meta.stat("/a/b/moved").inode_id == g.inode_id
-    assert [x.inode_id for x in meta.take_garbage()] == [f.inode_id]
+    assert [x.inode_id for x in take_garbage(meta)] == [f.inode_id]
     _raises(IsADirectoryError, errno.EISDIR, "/empty", meta.rename, "/a/b/moved", "/empty")
     _raises(NotADirectoryError, errno.ENOTDIR, "/a/b/moved", meta.rename, "/empty", "/a/b/moved")
     _raises(OSError, errno.ENOTEMPTY, "/full", meta.rename, "/a", "/full")
@@ -381,9 +389,9 @@ def test_remove_tree_in_bounded_transactions(meta, monkeypatch):
             meta.close(inode_id, s, 1)
     meta.remove_tree("/t")
     assert [e.name for e in meta.listdir("/")] == ["keep"]
-    assert sorted(g.inode_id for g in meta.take_garbage()) == sorted(set(files) - {open_file})
+    assert sorted(g.inode_id for g in take_garbage(meta)) == sorted(set(files) - {open_file})
     meta.close(open_file, files[open_file], 5)
-    assert [g.inode_id for g in meta.take_garbage()] == [open_file]
+    assert [g.inode_id for g in take_garbage(meta)] == [open_file]
     _raises(FileNotFoundError, errno.ENOENT, "/t", meta.remove_tree, "/t")
     _raises(OSError, errno.EBUSY, "/", meta.remove_tree, "/")
 
@@ -412,7 +420,7 @@ def test_interrupted_remove_tree_stays_consistent_and_resumes(meta, kv, monkeypa
         crashing.remove_tree("/t")
     assert meta.listdir("/") == [] and meta.check_consistency() == []
     assert meta.purge_detached() == 1 and meta.purge_detached() == 0
-    assert len(meta.take_garbage()) == 5 and meta.check_consistency() == []
+    assert len(take_garbage(meta)) == 5 and meta.check_consistency() == []
 
 
 def test_check_consistency_finds_corruption(meta, kv):
@@ -636,3 +644,14 @@ def test_processes_share_one_sqlite_namespace(tmp_path):
         assert meta.stat(f"/shared/back-p{i}-12").length == 12
     meta.kv.close()
     setup.kv.close()
+
+
+def test_garbage_stays_listed_until_released(meta):
+    """A collector that dies between listing and releasing leaves the files for the next one."""
+    f, s = meta.create("/f", "a")
+    meta.close(f.inode_id, s, 10)
+    meta.unlink("/f")
+    assert [g.inode_id for g in meta.garbage()] == [f.inode_id]
+    assert [g.inode_id for g in meta.garbage()] == [f.inode_id]   # listing does not consume
+    meta.release_garbage([f.inode_id])
+    assert meta.garbage() == [] and meta.check_consistency() == []

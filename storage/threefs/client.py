@@ -136,12 +136,16 @@ class Client:
         return self.meta.readlink(path)
 
     def collect_garbage(self, limit: int = 1024) -> int:
-        """Deletes the chunks of files removed from the namespace (no longer open for writing);
-        returns how many files were collected."""
-        files = self.meta.take_garbage(limit)
+        """Deletes the chunks of files removed from the namespace (no longer open for writing) and then
+        forgets them; returns how many files were collected. A file whose chunks could not all be
+        deleted (a chain without a writable target, a collector that died) stays for the next collection;
+        deleting twice is harmless."""
+        files = self.meta.garbage(limit)
         for inode in files:
             if inode.layout is not None:
                 self.chunk_io.remove_file(inode.layout, inode.inode_id)
+        if files:
+            self.meta.release_garbage([inode.inode_id for inode in files])
         return len(files)
 
     def close(self) -> None:

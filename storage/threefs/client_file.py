@@ -9,17 +9,17 @@ by every replica of the chain before ``pwrite`` returns), so ``flush`` has nothi
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING
 
 from storage.threefs.file_api import OpenMode
 from storage.threefs.meta_schema import Inode
+from storage.threefs.stream_file import StreamFile
 
 if TYPE_CHECKING:
     from storage.threefs.client import Client
 
 
-class ThreeFSFile:
+class ThreeFSFile(StreamFile):
     """A binary, seekable file of a 3FS client (the ``File`` protocol of ``file_api``)."""
 
     def __init__(self, client: Client, path: str, mode: str, open_mode: OpenMode, inode: Inode,
@@ -44,23 +44,6 @@ class ThreeFSFile:
     def inode_id(self) -> int:
         return self._inode_id
 
-    def readable(self) -> bool:
-        return self._open_mode.read
-
-    def writable(self) -> bool:
-        return self._open_mode.write
-
-    def seekable(self) -> bool:
-        return True
-
-    def _check(self, reading: bool) -> None:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path!r}")
-        if reading and not self._open_mode.read:
-            raise io.UnsupportedOperation(f"{self.path!r} is not open for reading (mode {self.mode!r})")
-        if not reading and not self._open_mode.write:
-            raise io.UnsupportedOperation(f"{self.path!r} is not open for writing (mode {self.mode!r})")
-
     def _known_length(self, wanted_end: int) -> int:
         """The file length, asking metadata again when a read reaches past what this handle knows
         (another client may have appended since the open)."""
@@ -73,27 +56,18 @@ class ThreeFSFile:
     def pread_into(self, buffer, offset: int) -> int:
         """Reads up to len(buffer) bytes at `offset` into `buffer` (a writable bytes-like); returns the
         count, short only at the end of the file."""
-        self._check(reading=True)
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+        self._check_io(writing=False)
+        self._check_offset(offset)
         view = memoryview(buffer).cast("B")
         count = max(0, min(len(view), self._known_length(offset + len(view)) - offset))
         if count:
             self._client.chunk_io.read(self._layout, self._inode_id, offset, view[:count])
         return count
 
-    def pread(self, length: int, offset: int) -> bytes:
-        """[n <= length] bytes at `offset`."""
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        buffer = bytearray(length)
-        return bytes(buffer[:self.pread_into(buffer, offset)])
-
     def pwrite(self, data, offset: int) -> int:
         """Writes all of `data` (bytes-like) at `offset`; returns its length once every replica has it."""
-        self._check(reading=False)
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+        self._check_io(writing=True)
+        self._check_offset(offset)
         view = memoryview(data).cast("B")
         if len(view):
             self._client.chunk_io.write(self._layout, self._inode_id, offset, view)
@@ -101,57 +75,15 @@ class ThreeFSFile:
             self._length = max(self._length, offset + len(view))
         return len(view)
 
-    # ----------------------------------------------------------------------------- stream IO
-
-    def read(self, size: int = -1) -> bytes:
-        self._check(reading=True)
-        if size is None or size < 0:
-            size = max(0, self._known_length(self._position + 1) - self._position)
-            # a full read keeps going while another writer extends the file
-        data = self.pread(size, self._position)
-        self._position += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        count = self.pread_into(buffer, self._position)
-        self._position += count
-        return count
-
-    def write(self, data) -> int:
-        self._check(reading=False)
-        if self._open_mode.append:
-            self._position = self._known_length(self._length + 1)
-        count = self.pwrite(data, self._position)
-        self._position += count
-        return count
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path!r}")
-        if whence == io.SEEK_SET:
-            position = offset
-        elif whence == io.SEEK_CUR:
-            position = self._position + offset
-        elif whence == io.SEEK_END:
-            position = self._client.meta.stat_inode(self._inode_id).length if not self._open_mode.write \
-                else self._length
-            position = max(position, self._length) + offset
-        else:
-            raise ValueError(f"whence must be 0, 1 or 2, got {whence}")
-        if position < 0:
-            raise ValueError(f"negative seek position {position} in {self.path!r}")
-        self._position = position
-        return position
-
-    def tell(self) -> int:
-        return self._position
+    def _end(self) -> int:
+        """The file's current length (metadata's, which other writers' fsyncs update, or this handle's)."""
+        return self._known_length(self._length + 1)
 
     def truncate(self, size: int | None = None) -> int:
         """Sets the length to `size` (default: the position); bytes past it are dropped from storage."""
-        self._check(reading=False)
+        self._check_io(writing=True)
         size = self._position if size is None else size
-        if size < 0:
-            raise ValueError(f"size must be >= 0, got {size}")
+        self._check_offset(size, "size")
         old = max(self._length, self._client.meta.stat_inode(self._inode_id).length)
         if size < old:
             self._client.chunk_io.cut(self._layout, self._inode_id, size, old)
@@ -160,13 +92,9 @@ class ThreeFSFile:
         self._written_end = min(self._written_end, size)
         return size
 
-    def flush(self) -> None:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path!r}")
-
     def fsync(self) -> None:
         """Makes metadata's length exact (stat sees every byte written through this handle)."""
-        self._check(reading=False)
+        self._check_io(writing=True)
         self._client.meta.sync(self._inode_id, self._written_end)
 
     def close(self) -> None:
@@ -175,9 +103,3 @@ class ThreeFSFile:
         self.closed = True
         if self._session_id is not None:
             self._client.meta.close(self._inode_id, self._session_id, self._written_end)
-
-    def __enter__(self) -> ThreeFSFile:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

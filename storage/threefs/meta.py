@@ -33,7 +33,7 @@ from storage.threefs.meta_remove import detach, drop_link, has_entries, purge_st
 from storage.threefs.meta_schema import (
     DETACHED_PREFIX, GARBAGE_PREFIX, INODE_ID_ALLOC_KEY, ROOT_INODE_ID, DirEntry, FileSession, Inode,
     InodeType, chain_base_key, decode_counter, dentry_key, dentry_prefix, encode_counter, find_problems,
-    id_of_suffix, inode_key, session_key, session_prefix,
+    garbage_key, id_of_suffix, inode_key, session_key, session_prefix,
 )
 from storage.threefs.routing import ChainTable
 
@@ -380,17 +380,24 @@ class MetaService:
 
     # -- garbage and invariants -------------------------------------------------------------------------
 
-    def take_garbage(self, limit: int = 1024) -> list[Inode]:
-        """Pops up to `limit` removed files whose chunks storage should now delete."""
+    def garbage(self, limit: int = 1024) -> list[Inode]:
+        """Up to `limit` removed files whose chunks storage should delete. They stay listed until
+        `release_garbage`, so a collector that dies half-way leaves them for the next one."""
         _check_length(limit, "limit")
 
         def fn(txn: Transaction) -> list[Inode]:
             items = txn.get_range(GARBAGE_PREFIX, prefix_end(GARBAGE_PREFIX), limit=limit)
-            for key, _ in items:
-                txn.clear(key)
             return [Inode.from_bytes(v) for _, v in items]
 
-        return self.kv.transact(fn)
+        return self.kv.transact(fn, read_only=True)
+
+    def release_garbage(self, inode_ids: list[int]) -> None:
+        """Forgets removed files whose chunks are deleted."""
+        def fn(txn: Transaction) -> None:
+            for inode_id in inode_ids:
+                txn.clear(garbage_key(inode_id))
+
+        self.kv.transact(fn)
 
     def check_consistency(self) -> list[str]:
         """Problems with the stored namespace (empty when consistent): dentries to missing inodes, directory

@@ -3,7 +3,7 @@
 A file or symlink whose last directory entry is removed is dropped (`drop_link`): a symlink's inode simply
 goes; a file with open write sessions stays as an orphan inode with nlink 0 (its writers keep working)
 and becomes garbage when its last session closes; any other file becomes garbage at once. Garbage is the
-inode moved under `GARB`, for storage to delete the file's chunks (`MetaService.take_garbage`).
+inode moved under `GARB`, for storage to delete the file's chunks (`MetaService.garbage`, then `release_garbage`).
 
 Removing a whole tree cannot be one transaction (a transaction's size is bounded), so it is two phases:
 `detach` takes the tree out of the namespace in one transaction and records its root under `TRSH`, then

@@ -24,6 +24,7 @@ import stat as stat_module
 from types import ModuleType
 
 from storage.threefs.file_api import FileStat, OpenMode, parse_mode
+from storage.threefs.stream_file import StreamFile
 from storage.threefs.usrbio import IoRing, IoVec
 
 _VIRTUAL_DIR = "3fs-virt"  # the FUSE daemon's control directory at a 3FS mount root
@@ -60,7 +61,7 @@ def _open_flags(mode: OpenMode) -> int:
     return flags | getattr(os, "O_CLOEXEC", 0)
 
 
-class MountFile:
+class MountFile(StreamFile):
     """An open OS file behind the ``file_api.File`` protocol (unbuffered: every call is a syscall).
 
     Append mode writes at the current end of the file (found by ``fstat``) rather than using O_APPEND,
@@ -72,39 +73,20 @@ class MountFile:
         self.mode = mode
         self.closed = False
         self._fd = fd
-        self._parsed = parsed
+        self._open_mode = parsed
         self._native = native
-        self._pos = 0
-
-    # -- checks ----------------------------------------------------------------------------------------
-    def _check(self, writing: bool) -> None:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path}")
-        allowed = self._parsed.write if writing else self._parsed.read
-        if not allowed:
-            raise io.UnsupportedOperation(f"{self.path} is not open for {'writing' if writing else 'reading'} "
-                                          f"(mode={self.mode!r})")
+        self._position = 0
 
     def fileno(self) -> int:
         if self.closed:
             raise ValueError(f"I/O operation on closed file {self.path}")
         return self._fd
 
-    def readable(self) -> bool:
-        return self._parsed.read
-
-    def writable(self) -> bool:
-        return self._parsed.write
-
-    def seekable(self) -> bool:
-        return True
-
     # -- positional IO ---------------------------------------------------------------------------------
     def pread_into(self, buffer, offset: int) -> int:
         """Fills ``buffer`` ([n] bytes, writable) from ``offset``; short only at end of file."""
-        self._check(writing=False)
-        if offset < 0:
-            raise ValueError(f"offset={offset}: expected >= 0")
+        self._check_io(writing=False)
+        self._check_offset(offset)
         with memoryview(buffer) as whole, whole.cast("B") as view:
             done = 0
             while done < len(view):
@@ -117,18 +99,10 @@ class MountFile:
                 done += got
         return done
 
-    def pread(self, length: int, offset: int) -> bytes:
-        if length < 0:
-            raise ValueError(f"length={length}: expected >= 0")
-        buffer = bytearray(length)
-        got = self.pread_into(buffer, offset)
-        return bytes(buffer) if got == length else bytes(buffer[:got])
-
     def pwrite(self, data, offset: int) -> int:
         """Writes all of ``data`` (bytes-like) at ``offset``; returns its length."""
-        self._check(writing=True)
-        if offset < 0:
-            raise ValueError(f"offset={offset}: expected >= 0")
+        self._check_io(writing=True)
+        self._check_offset(offset)
         with memoryview(data) as whole, whole.cast("B") as view:
             done = 0
             while done < len(view):
@@ -138,67 +112,21 @@ class MountFile:
                     raise _with_path(exc, self.path) from None
         return done
 
-    # -- stream IO -------------------------------------------------------------------------------------
-    def read(self, size: int = -1) -> bytes:
-        self._check(writing=False)
-        if size is None or size < 0:
-            size = max(0, self._size() - self._pos)
-        data = self.pread(size, self._pos)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        got = self.pread_into(buffer, self._pos)
-        self._pos += got
-        return got
-
-    def write(self, data) -> int:
-        self._check(writing=True)
-        if self._parsed.append:
-            self._pos = self._size()
-        written = self.pwrite(data, self._pos)
-        self._pos += written
-        return written
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path}")
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos}.get(whence)
-        if base is None:
-            if whence != os.SEEK_END:
-                raise ValueError(f"whence={whence!r}: expected 0, 1 or 2")
-            base = self._size()
-        if base + offset < 0:
-            raise ValueError(f"seek to {base + offset} (offset={offset}, whence={whence}): negative position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path}")
-        return self._pos
-
     def truncate(self, size: int | None = None) -> int:
-        self._check(writing=True)
-        size = self._pos if size is None else size
-        if size < 0:
-            raise ValueError(f"size={size}: expected >= 0")
+        self._check_io(writing=True)
+        size = self._position if size is None else size
+        self._check_offset(size, "size")
         try:
             os.ftruncate(self._fd, size)
         except OSError as exc:
             raise _with_path(exc, self.path) from None
         return size
 
-    def flush(self) -> None:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path}")
-
     def fsync(self) -> None:
-        if self.closed:
-            raise ValueError(f"I/O operation on closed file {self.path}")
+        self._check_open()
         try:
             os.fsync(self._fd)
-            if self._native is not None and self._parsed.write:
+            if self._native is not None and self._open_mode.write:
                 self._native.force_fsync(self._fd)
         except OSError as exc:
             raise _with_path(exc, self.path) from None
@@ -208,12 +136,6 @@ class MountFile:
             self.closed = True
             os.close(self._fd)
 
-    def __enter__(self) -> MountFile:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     def __del__(self) -> None:
         if not getattr(self, "closed", True):
             self.close()
@@ -221,7 +143,7 @@ class MountFile:
     def __repr__(self) -> str:
         return f"MountFile({self.path!r}, mode={self.mode!r}{', closed' if self.closed else ''})"
 
-    def _size(self) -> int:
+    def _end(self) -> int:
         return os.fstat(self._fd).st_size
 
 
