@@ -1,0 +1,21 @@
+"""The README's code examples run as written (paths moved into a temporary directory)."""
+
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def python_block_after(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(heading, 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_3fs_example_runs(tmp_path):
+    code = python_block_after("### 3FS").replace("/tmp/my3fs", str(tmp_path / "my3fs"))
+    namespace: dict = {}
+    exec(compile(code, "README.md (3FS example)", "exec"), namespace)
+    assert [c.result for c in namespace["done"]] == [1 << 18] * 4
+    with namespace["fs"].open("/data/table.parquet", "rb") as f:
+        assert namespace["pl"].read_parquet(f)["a"].to_list() == [1, 2, 3]
+    namespace["client"].close()
+    namespace["fs"].client.close()
