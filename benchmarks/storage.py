@@ -361,8 +361,8 @@ DATA_NOTES = {
     ("plain-cold", "rand read 4 KiB"): "after fsync + POSIX_FADV_DONTNEED",
     ("3fs", "seq write 1 MiB"): "3 replicas (CRAQ head->tail); per write and replica: new chunk file + "
                                 "fsync + 2 SQLite txns",
-    ("3fs", "seq read 1 MiB"): "1 replica; whole-chunk read + CRC32 check; chunk files page-cache warm",
-    ("3fs", "rand read 4 KiB"): "each 4 KiB read loads + CRC32s the whole 1 MiB chunk",
+    ("3fs", "seq read 1 MiB"): "1 replica; whole-chunk pread + CRC32 check; chunk files page-cache warm",
+    ("3fs", "rand read 4 KiB"): "one pread + CRC32 of the 4 KiB block(s) read, not the whole chunk",
     ("3fs", "rand write 4 KiB"): "copy-on-write: each 4 KiB write rewrites its 1 MiB chunk on 3 replicas",
 }
 RPC_NOTE = "; pickle RPC over loopback per chunk request and per chain hop"
@@ -652,7 +652,7 @@ def main() -> None:
                   "dirtied_bytes_per_logical_byte: /proc/<pid>/io write_bytes - cancelled_write_bytes of this "
                   "process (and the server processes) during the timed writes, over the bytes written.",
                   "Reads of every backend come from a warm page cache (plain-cold rows: after "
-                  "POSIX_FADV_DONTNEED). A 3FS read of any size loads and CRC32-checks the whole chunk.",
+                  "POSIX_FADV_DONTNEED). A 3FS read loads and CRC32-checks only the 4 KiB blocks it overlaps.",
                   "Everything is Python: per-request costs (pickle RPC, SQLite, thread hand-offs) dominate small IO.",
                   "The machine was shared with other jobs; see loadavg."],
         "data": tables[0][1], "batched": tables[1][1], "metadata": tables[2][1], "summary": summary_json,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.threefs.chunk_store import ChunkId, ChunkMeta, ChunkStore, PendingVersionExists
+from storage.threefs.block_checksums import BLOCK_SIZE
+from storage.threefs.chunk_store import ChunkId, ChunkMeta, ChunkStore, ChunkStoreFormatError, PendingVersionExists
 from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
 from storage.threefs.mgmtd import Manager, next_public_state, place_chains
 from storage.threefs.resync import REMOVE, SKIP, TRANSFER, chunk_action
@@ -195,20 +197,53 @@ def test_chunk_store_versions_and_reopen(tmp_path):
     reopened.close()
 
 
-def test_chunk_store_checksum_on_every_read(tmp_path):
+def test_chunk_store_checks_the_blocks_it_reads(tmp_path):
     store = ChunkStore(tmp_path / "t")
     cid = ChunkId(3, 2)
-    store.apply_write(cid, 0, bytes(range(200)), chain_version=1)
+    data = random.Random(5).randbytes(3 * BLOCK_SIZE + 500)  # blocks 0-2 whole, block 3 short
+    store.apply_write(cid, 0, data, chain_version=1)
     store.commit(cid, 1)
+    assert store.meta(cid).checksum == zlib.crc32(data)  # the whole-content CRC32 stays in the metadata
     path = store.content_path(cid)
     raw = bytearray(path.read_bytes())
-    raw[150] ^= 0x40
+    raw[BLOCK_SIZE + 150] ^= 0x40  # bit rot in block 1
     path.write_bytes(bytes(raw))
-    with pytest.raises(ChecksumError, match=rf"chunk ChunkId\(inode_id=3, chunk_index=2\).*{tmp_path / 't'}"):
-        store.read(cid, 0, 10)  # the damage is outside the range read, but every read checks the whole chunk
-    with pytest.raises(ChecksumError):
-        store.apply_write(cid, 0, b"x", chain_version=1)
+    # a read checks the blocks it returns: intact blocks next to the damaged one read fine
+    assert store.read(cid, 0, BLOCK_SIZE) == data[:BLOCK_SIZE]
+    assert store.read(cid, BLOCK_SIZE - 6, 6) == data[BLOCK_SIZE - 6:BLOCK_SIZE]
+    assert store.read(cid, 2 * BLOCK_SIZE, 1 << 20) == data[2 * BLOCK_SIZE:]
+    assert store.read(cid, len(data) + 10, 5) == b""
+    # a read overlapping the damaged block fails, naming the chunk, the target and the block
+    for offset, length in [(BLOCK_SIZE + 150, 1), (BLOCK_SIZE - 1, 2), (2 * BLOCK_SIZE - 1, 1), (0, 1 << 20)]:
+        with pytest.raises(ChecksumError, match=rf"chunk ChunkId\(inode_id=3, chunk_index=2\).*{tmp_path / 't'}"
+                                                rf".*block 1 \(bytes \[4096, 8192\)\)"):
+            store.read(cid, offset, length)
+    with pytest.raises(ChecksumError, match="block 1"):  # the whole chunk (read_chunk, resync): every block
+        store.read_version(cid, 1, 0, 1 << 62)
+    with pytest.raises(ChecksumError, match="block 1"):  # an update builds on the whole committed content
+        store.apply_write(cid, 3 * BLOCK_SIZE, b"x", chain_version=1)
+    # the file's length: a read that reaches the end checks where the file ends
+    path.write_bytes(data + b"junk")
+    assert store.read(cid, 0, 100) == data[:100]
+    with pytest.raises(ChecksumError, match="more than the 12788 bytes"):
+        store.read(cid, len(data) - 10, 100)
+    path.write_bytes(data[:5000])
+    assert store.read(cid, 0, 10) == data[:10]
+    with pytest.raises(ChecksumError, match="ends at byte 5000, inside block 1"):
+        store.read(cid, BLOCK_SIZE, 10)
     store.close()
+
+
+def test_chunk_store_refuses_another_metadata_format(tmp_path):
+    (tmp_path / "t").mkdir()
+    db = sqlite3.connect(tmp_path / "t" / "chunkmeta.sqlite")  # a store from before per-block checksums
+    db.execute("CREATE TABLE chunks (id BLOB PRIMARY KEY, committed_version INTEGER NOT NULL)")
+    db.commit()
+    db.close()
+    with pytest.raises(ChunkStoreFormatError, match="has metadata format 0; this code reads format 2"):
+        ChunkStore(tmp_path / "t")
+    ChunkStore(tmp_path / "fresh").close()
+    ChunkStore(tmp_path / "fresh").close()  # a store this code created reopens
 
 
 _CRASH_WRITER = """
@@ -494,13 +529,20 @@ def test_checksum_failure_repairs_from_replica(cluster):
     data = random.Random(2).randbytes(50_000)
     cluster.write(chain_id, chunk, 0, data)
     victim = routing.chain(chain_id).targets[1]
-    path = cluster.store(victim).content_path(chunk)
+    store = cluster.store(victim)
+    path = store.content_path(chunk)
     raw = bytearray(path.read_bytes())
-    raw[12345] ^= 0x01
+    raw[12345] ^= 0x01  # block 3: bytes [12288, 16384)
     path.write_bytes(bytes(raw))
-    with pytest.raises(ChecksumError):
-        cluster.store(victim).read(chunk, 0, 10)
-    assert cluster.read(chain_id, victim, chunk, 12000, 1000) == data[12000:13000]
+    assert store.read(chunk, 0, 12288) == data[:12288]  # the intact blocks before it
+    assert store.read(chunk, 16384, 100) == data[16384:16484]  # and after it
+    with pytest.raises(ChecksumError, match="block 3"):
+        store.read(chunk, 12340, 10)
+    with pytest.raises(ChecksumError, match="block 3"):  # a whole-chunk read (repair, resync source)
+        cluster.services[routing.target_node[victim]].read_chunk(victim, chunk)
+    assert cluster.read(chain_id, victim, chunk, 0, 4096) == data[:4096]  # intact: no repair needed
+    assert store.content_path(chunk) == path
+    assert cluster.read(chain_id, victim, chunk, 12000, 1000) == data[12000:13000]  # overlaps: repaired
     assert cluster.store(victim).read(chunk, 0, 1 << 20) == data  # repaired on disk
     assert cluster.store(victim).content_path(chunk) != path
     assert cluster.read(chain_id, victim, chunk) == data

@@ -7,13 +7,14 @@ bytes: it writes the whole new version to a new block (copy-on-write) and a meta
 pending; commit is a second metadata transaction that swaps pending in as committed (recording the chain
 version), after which the old block is freed.
 
-Here a block is a file per (chunk, version) under `<directory>/chunks/` and the metadata lives in
-`<directory>/chunkmeta.sqlite` (one row per chunk, with the committed and pending versions' files,
-lengths and CRC32s). The order of effects makes a kill at any point safe: a content file is written and
-fsynced before any metadata names it, and an old file is deleted only after the transaction that stops
-naming it. Opening a store drops pending versions (their writes never completed) and deletes files no
-metadata names, so a reopened store reads exactly the last committed versions. Every read checks the
-CRC32 of the whole version against the one stored when it was written. (Chunk ids: `chunk_id.py`.)
+Here that block is a file per (chunk, version) under `<directory>/chunks/`; the metadata lives in
+`<directory>/chunkmeta.sqlite` (a row per chunk: the committed and pending versions' files, lengths,
+CRC32s of the whole content and CRC32s per 4 KiB piece). The order of effects makes a kill at any point
+safe: a content file is written and fsynced before any metadata names it, and an old file is deleted only
+after the transaction that stops naming it. Opening a store drops pending versions (their writes never
+completed) and deletes files no metadata names, so a reopened store reads exactly the last committed
+versions. A read loads and checks only the 4 KiB pieces that overlap its range; reading a whole version
+(repair, resync, the base of an update) checks all of it (`block_checksums.py`; ids: `chunk_id.py`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
+from storage.threefs.block_checksums import block_checksums, read_blocks
 from storage.threefs.chunk_id import ChunkId, ChunkMeta, as_chunk_id  # re-exported
 from storage.threefs.errors import ChecksumError
 
@@ -37,9 +39,15 @@ CREATE TABLE IF NOT EXISTS chunks (
     committed_version INTEGER NOT NULL, committed_file TEXT, length INTEGER NOT NULL,
     checksum INTEGER NOT NULL, chain_version INTEGER NOT NULL,
     pending_version INTEGER NOT NULL, pending_file TEXT, pending_length INTEGER NOT NULL,
-    pending_checksum INTEGER NOT NULL, pending_chain_version INTEGER NOT NULL
+    pending_checksum INTEGER NOT NULL, pending_chain_version INTEGER NOT NULL,
+    block_checksums BLOB NOT NULL, pending_block_checksums BLOB NOT NULL
 ) WITHOUT ROWID
 """
+_SCHEMA_VERSION = 2  # PRAGMA user_version; 2 added the per-block checksums
+
+
+class ChunkStoreFormatError(RuntimeError):
+    """The metadata database on disk was written in another format than this code reads."""
 
 
 class PendingVersionExists(RuntimeError):
@@ -63,19 +71,22 @@ class _Record(NamedTuple):
     pending_length: int = 0
     pending_checksum: int = 0
     pending_chain_version: int = 0
+    block_checksums: bytes = b""
+    pending_block_checksums: bytes = b""
 
     def without_pending(self) -> _Record:
         return self._replace(pending_version=0, pending_file=None, pending_length=0, pending_checksum=0,
-                             pending_chain_version=0)
+                             pending_chain_version=0, pending_block_checksums=b"")
 
 
 class _Opened(NamedTuple):
-    """An open content file with the length and CRC32 its metadata records."""
+    """An open content file (a descriptor) with the length and CRC32s its metadata records."""
 
-    file: BinaryIO
+    fd: int
     name: str
     length: int
     checksum: int
+    block_checksums: bytes
 
 
 def _check_nonnegative(name: str, value: object) -> int:
@@ -102,6 +113,12 @@ class ChunkStore:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found != _SCHEMA_VERSION and (found or self._db.execute("SELECT 1 FROM sqlite_master").fetchone()):
+            self._db.close()
+            raise ChunkStoreFormatError(f"{self.directory / 'chunkmeta.sqlite'} has metadata format {found}; "
+                                        f"this code reads format {_SCHEMA_VERSION} only: move that target away")
+        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")  # first: a kill in between is harmless
         self._db.execute(_SCHEMA)
         self._cache: dict[ChunkId, _Record] = {}
         self._recover()
@@ -156,7 +173,7 @@ class ChunkStore:
 
     def _put(self, chunk_id: ChunkId, record: _Record) -> None:
         """Writes one row (inside a transaction) and the cache."""
-        self._db.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        self._db.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          (chunk_id.to_bytes(), *record))
         self._cache[chunk_id] = record
 
@@ -186,31 +203,30 @@ class ChunkStore:
             if name:
                 (self._chunks_dir / name).unlink(missing_ok=True)
 
-    def _read_verified(self, chunk_id: ChunkId, version: int, opened: _Opened) -> bytes:
-        """Reads a whole version from an open file and checks its length and CRC32."""
-        with opened.file:
-            content = opened.file.read()
-        actual = zlib.crc32(content)
-        if len(content) != opened.length or actual != opened.checksum:
-            raise ChecksumError(
-                f"chunk {chunk_id} version {version} on target {self.directory}: file {opened.name} holds "
-                f"{len(content)} bytes with crc32 {actual:#010x}, metadata says {opened.length} bytes with "
-                f"crc32 {opened.checksum:#010x}")
-        return content
+    def _read_verified(self, chunk_id: ChunkId, version: int, opened: _Opened, offset: int = 0,
+                       length: int | None = None) -> bytes:
+        """Reads [offset, offset + length) (default: all) and checks its blocks; closes the file."""
+        end = opened.length if length is None else min(offset + length, opened.length)
+        where = f"chunk {chunk_id} version {version} on target {self.directory}: file {opened.name}"
+        try:
+            return read_blocks(opened.fd, min(offset, end), end, opened.length, opened.block_checksums,
+                               opened.checksum, where)
+        finally:
+            os.close(opened.fd)
 
     def _open_version(self, chunk_id: ChunkId, version: int) -> _Opened | None:
         """Under the lock: an open handle on `version` of the chunk (committed or pending), or None."""
-        record = self._cache.get(chunk_id)
-        if record is None or version <= 0:
+        r = self._cache.get(chunk_id)
+        if r is None or version <= 0:
             return None
-        if record.committed_version == version and record.committed_file:
-            name, length, checksum = record.committed_file, record.length, record.checksum
-        elif record.pending_version == version and record.pending_file:
-            name, length, checksum = record.pending_file, record.pending_length, record.pending_checksum
+        if r.committed_version == version and r.committed_file:
+            name, *fields = r.committed_file, r.length, r.checksum, r.block_checksums
+        elif r.pending_version == version and r.pending_file:
+            name, *fields = r.pending_file, r.pending_length, r.pending_checksum, r.pending_block_checksums
         else:
             return None
         try:
-            return _Opened(open(self._chunks_dir / name, "rb"), name, length, checksum)
+            return _Opened(os.open(self._chunks_dir / name, os.O_RDONLY), name, *fields)
         except FileNotFoundError:
             raise ChecksumError(f"chunk {chunk_id} version {version} on target {self.directory}: "
                                 f"content file {name} is missing") from None
@@ -246,8 +262,9 @@ class ChunkStore:
         """Bytes [offset, offset + length) of the committed version (the pending one if `pending` and the
         chunk has one). Short past the end; b"" for a chunk this target does not hold (a hole).
 
-        Raises ChecksumError (naming the chunk and this target's directory) when the content on disk
-        does not match the checksum recorded when it was written.
+        Raises ChecksumError (naming the chunk, this target's directory and the block) when a block of
+        content read does not match the checksum recorded when it was written; only the blocks that
+        overlap the range are read and checked (a read of the whole chunk checks them all).
         """
         chunk_id = as_chunk_id(chunk_id)
         _check_nonnegative("offset", offset), _check_nonnegative("length", length)
@@ -271,8 +288,7 @@ class ChunkStore:
             opened = self._open_version(chunk_id, version)
         if opened is None:
             return None
-        content = self._read_verified(chunk_id, version, opened)
-        return content[offset:offset + length]
+        return self._read_verified(chunk_id, version, opened, offset, length)
 
     # ----------------------------------------------------------------------------- updates
 
@@ -321,7 +337,8 @@ class ChunkStore:
                 raise PendingVersionExists(f"chunk {chunk_id} on target {self.directory} changed during a write")
             record = (base or _Record(0, None, 0, 0, 0))._replace(
                 pending_version=new_version, pending_file=name, pending_length=len(content),
-                pending_checksum=zlib.crc32(content), pending_chain_version=chain_version)
+                pending_checksum=zlib.crc32(content), pending_chain_version=chain_version,
+                pending_block_checksums=block_checksums(content))
             with self._transaction():
                 self._put(chunk_id, record)
         return new_version
@@ -342,7 +359,8 @@ class ChunkStore:
                     f"cannot commit version {version} of chunk {chunk_id} on target {self.directory}: "
                     f"it holds {held}")
             new = _Record(version, record.pending_file, record.pending_length, record.pending_checksum,
-                          record.pending_chain_version if chain_version is None else chain_version)
+                          record.pending_chain_version if chain_version is None else chain_version,
+                          block_checksums=record.pending_block_checksums)
             with self._transaction():
                 self._put(chunk_id, new)
             old_file = record.committed_file
@@ -377,7 +395,7 @@ class ChunkStore:
             old = self._cache.get(chunk_id)
             with self._transaction():
                 self._put(chunk_id, _Record(committed_version, name, len(content), zlib.crc32(content),
-                                            chain_version))
+                                            chain_version, block_checksums=block_checksums(content)))
         if old is not None:
             self._unlink(old.committed_file, old.pending_file)
 

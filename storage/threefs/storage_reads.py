@@ -4,7 +4,8 @@ CRAQ's apportioned queries: any serving target answers. A chunk with only a comm
 and read locally. A dirty chunk (one with a pending version) costs a version query to the tail: if the
 tail has committed the pending version, the write is committed cluster-wide and the pending bytes are
 returned, otherwise the committed ones. (3FS returns a status code instead; the query is the CRAQ paper's
-design.) A checksum failure fetches the chunk from another serving replica and repairs the local copy.
+design.) A read checks the checksums of the 4 KiB blocks it reads; a failure checks the whole local copy
+and, if it is damaged, fetches the chunk from another serving replica and replaces it.
 
 `ReadPathMixin` holds these methods of `StorageService` (storage_service.py), which provides the routing,
 stores, chunk locks and peers they use; a peer may be a StorageService or an RPC proxy of one.
@@ -86,7 +87,7 @@ class ReadPathMixin:
         if meta is None or meta.committed_version == 0:
             return
         try:
-            store.read_version(chunk_id, meta.committed_version, 0, 0)
+            store.read_version(chunk_id, meta.committed_version, 0, _WHOLE)  # checks the whole copy
             return  # intact (repaired meanwhile, or only a pending version was damaged)
         except ChecksumError as exc:
             damage = exc
