@@ -57,7 +57,7 @@ from storage.threefs.usrbio import IoRing, IoVec  # noqa: E402
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
 SMALL = 4096
-SHAPE = ClusterShape(nodes=3, targets_per_node=2, replicas=3, chunk_size=MIB, stripe=4)
+SHAPE = ClusterShape(nodes=3, targets_per_node=4, replicas=3, chunk_size=MIB, stripe=4)  # the default: 4 chains
 LABELS = {"plain": "plain os.pread/pwrite", "plain-cold": "plain, page cache dropped",
           "embedded": "3FS embedded", "processes": "3FS processes (TCP)"}
 

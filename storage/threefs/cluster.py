@@ -38,7 +38,7 @@ class ClusterShape:
     """How many storage nodes and targets, how chunks replicate, and the default file layout."""
 
     nodes: int = 3
-    targets_per_node: int = 2
+    targets_per_node: int = 4
     replicas: int = 3
     chunk_size: int = 1 << 20
     stripe: int = 4
