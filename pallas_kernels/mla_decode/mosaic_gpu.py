@@ -46,9 +46,10 @@ class DecodeConfig:
     num_sms: int
     max_concurrent_steps: int = 2
     # The variant jax's CPU interpreter can run (0.10-0.11): K^T as a second, pre-transposed operand (it
-    # cannot run a wgmma on a transposed operand), full-length pipelines masked past the item's pages (a
-    # dynamic-length pipeline can hang it), no register layout casts and no run_state (it has no rules
-    # for them).
+    # cannot run a wgmma on a transposed operand), P staged through SMEM (its wgmma takes the A operand
+    # from SMEM only), full-length pipelines masked past the item's pages (a dynamic-length pipeline can
+    # hang it), no register layout casts and no run_state (it has no rules for them). It also needs
+    # more XLA:CPU threads than the kernel has warpgroups (interpret.check_interpreter_threads).
     for_interpreter: bool = False
 
     @property
