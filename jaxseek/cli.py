@@ -88,6 +88,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mla-implementation", choices=("xla", "mosaic_gpu", "interpret"), default=None,
+                   help="MLA decoding: xla (default), the Mosaic GPU kernel (Hopper, bf16 models), or that "
+                        "kernel in the CPU interpreter (slow)")
 
 
 def _generate(args, console: Console) -> int:
@@ -99,7 +102,8 @@ def _generate(args, console: Console) -> int:
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     model = load_model(args.checkpoint)
     generator = Generator(model, max_blocks_per_seq=-(-(max(len(p.encode()) for p in args.prompt)
-                                                        + sampling.max_new_tokens) // 64))
+                                                        + sampling.max_new_tokens) // 64),
+                          implementation=args.mla_implementation)
     prompts = [list(p.encode()) for p in args.prompt]
     stream = len(prompts) == 1
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -1,10 +1,11 @@
 """The model's forward pass over a paged KV cache: prefill and decode through absorbed MLA.
 
 Per layer: the new tokens' latent rows ``[c_kv | k_rope]`` are written into their pages, the absorbed
-queries attend over the sequence's pages with ``flash_mla_with_kvcache`` (its XLA path today; the
-Mosaic GPU kernel takes over on Hopper once built), and the latent output is projected back through
-W_uv and W_o. The same
-function serves prefill (s new tokens, causal) and decode (1 new token per sequence).
+queries attend over the sequence's pages with ``flash_mla_with_kvcache`` (``implementation``: its XLA path
+by default, the split-KV Mosaic GPU kernel with "mosaic_gpu", or that kernel in the CPU interpreter with
+"interpret"), and the latent output is projected back through W_uv and W_o. The same function serves
+prefill (s new tokens, causal) and decode (1 new token per sequence); the split-KV schedule is computed
+once per call and shared by every layer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import nnx
 
 from jaxseek.kv_cache import KVPages, write_rows
 from jaxseek.model.transformer import Transformer
-from pallas_kernels.mla_decode.api import flash_mla_with_kvcache
+from pallas_kernels.mla_decode.api import flash_mla_with_kvcache, schedule_sms
 from pallas_kernels.mla_decode.metadata import get_mla_metadata
 
 
@@ -40,7 +41,7 @@ def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_t
     # Causal rows see t <= len - s + i: with len = start + s, row i sees exactly the cache and the new
     # tokens up to itself. Padding rows (i >= new_tokens) write nothing and their outputs are ignored.
     attend_len = (start + s).astype(jnp.int32)
-    metadata = get_mla_metadata(attend_len, s * config.mla.num_heads, 1)
+    metadata = get_mla_metadata(attend_len, s * config.mla.num_heads, 1, num_sms=schedule_sms(implementation))
     h = model.embed(tokens)
     layers = []
     for index, block in enumerate(model.blocks):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+INTERPRET_SMS = 4  # SMs (CTAs of a persistent grid) simulated by the interpreter: enough to exercise tile loops
+
 
 def gpu_interpret_params(*, detect_races: bool = False) -> Any:
     """Parameters that make ``plgpu.kernel(..., interpret=...)`` run on the CPU.

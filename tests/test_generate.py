@@ -111,3 +111,57 @@ def test_generate_command_streams_text(trained_run):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("def f(x):") and "8 tokens in" in result.stdout
+
+
+@pytest.mark.timeout(600)
+def test_decode_through_the_interpreted_kernel_matches_the_xla_path():
+    """The model's paged prefill and a decode step with the split-KV Mosaic GPU kernel (interpreted) give the
+    logits of the XLA path. The kernel takes bf16 caches with d % 64 == 0 and dv % 128 == 0, so this model
+    has a 128-wide latent and 64-wide RoPE key (d = 192, dv = 128)."""
+    from jaxseek.config import MLAConfig, ModelConfig, MoEConfig
+    from jaxseek.kv_cache import write_rows
+    from jaxseek.model.transformer import Transformer
+    from pallas_kernels.mla_decode.api import flash_mla_with_kvcache, schedule_sms
+    from pallas_kernels.mla_decode.metadata import get_mla_metadata
+    config = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, first_k_dense=1,
+                         mla=MLAConfig(num_heads=2, q_lora_rank=16, kv_lora_rank=128, qk_nope_head_dim=8,
+                                       qk_rope_head_dim=64, v_head_dim=8),
+                         moe=MoEConfig(num_routed_experts=4, num_shared_experts=1, num_experts_per_token=2,
+                                       intermediate_size=16, n_group=2, topk_group=1),
+                         mtp_depth=0, max_seq_len=256, compute_dtype="bfloat16")
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    allocator = PageAllocator(8, 2)
+    prompts = [list(b"def main():\n    return 0\n" * 3), list(b"x")]
+    for seq, prompt in enumerate(prompts):
+        allocator.reserve(seq, len(prompt) + 1)
+    table = jnp.asarray(allocator.block_table([0, 1]))
+    width = max(len(p) for p in prompts)
+    tokens = np.zeros((2, width), np.int32)
+    for seq, prompt in enumerate(prompts):
+        tokens[seq, :len(prompt)] = prompt
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    results = {}
+    for implementation in ("xla", "interpret"):
+        pages = empty_pages(1, 8, config.mla.latent_dim, jnp.bfloat16)
+        prefill, pages = paged_forward(model, jnp.asarray(tokens), jnp.zeros(2, jnp.int32), lengths, pages, table,
+                                       implementation=implementation)
+        step, _ = paged_forward(model, jnp.asarray([[7], [9]], jnp.int32), lengths, jnp.ones(2, jnp.int32), pages,
+                                table, implementation=implementation)
+        results[implementation] = (np.asarray(prefill, np.float32), np.asarray(step, np.float32))
+        if implementation == "xla":  # the decode step's attention itself, on the model's own cache rows
+            attn, new = model.blocks[0].attn, jnp.asarray([[7], [9]], jnp.int32)
+            x = model.blocks[0].attn_norm(model.embed(new))
+            positions = lengths[:, None]
+            q = attn.absorb_queries(*attn.project_queries(x, positions))
+            cache = write_rows(pages.data[0], attn.project_latent(x, positions), table, positions,
+                               jnp.ones((2, 1), bool))
+            metadata = get_mla_metadata(lengths + 1, config.mla.num_heads, 1, num_sms=schedule_sms("interpret"))
+            outs = [np.asarray(flash_mla_with_kvcache(q.astype(cache.dtype), cache, table, lengths + 1, 128, metadata,
+                                                      attn.softmax_scale, implementation=name)[0], np.float32)
+                    for name in ("xla", "interpret")]
+            assert np.abs(outs[0]).max() > 0.1
+            np.testing.assert_allclose(outs[1], outs[0], atol=1e-2, rtol=1e-2)
+    for seq, prompt in enumerate(prompts):
+        np.testing.assert_allclose(results["interpret"][0][seq, :len(prompt)], results["xla"][0][seq, :len(prompt)],
+                                   atol=4e-3, rtol=0)
+    np.testing.assert_allclose(results["interpret"][1], results["xla"][1], atol=4e-3, rtol=0)

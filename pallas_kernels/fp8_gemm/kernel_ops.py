@@ -20,10 +20,9 @@ from pallas_kernels.fp8_gemm import config as tile_config
 from pallas_kernels.fp8_gemm import schedule
 from pallas_kernels.fp8_gemm.reference import block_scales_per_column
 from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K, SCALE_ALIGN, KernelConfig, grouped_fp8_gemm, round_up
-from pallas_kernels.interpret import gpu_interpret_params
+from pallas_kernels.interpret import INTERPRET_SMS, gpu_interpret_params
 
 TILE_M = KernelConfig(tile_n=8, max_concurrent_steps=2, num_sms=1).tile_m
-INTERPRET_SMS = 4  # CTAs simulated by the interpreter: enough to exercise the persistent tile loop
 
 
 def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:

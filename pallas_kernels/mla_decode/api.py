@@ -16,7 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import check_implementation, dispatch, known_value
+from pallas_kernels.dispatch import (HOPPER_SMS, check_implementation, dispatch, known_value, num_sms_of_device,
+                                     on_hopper)
+from pallas_kernels.interpret import INTERPRET_SMS
 from pallas_kernels.mla_decode import reference
 from pallas_kernels.mla_decode.fp8_cache import dequantize_kv_cache, fp8_row_bytes
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata
@@ -55,6 +57,14 @@ def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache
     if lengths is not None and lengths.size and lengths.max() > block_table.shape[1] * BLOCK_SIZE:
         raise ValueError(f"block_table: {block_table.shape[1]} pages hold {block_table.shape[1] * BLOCK_SIZE} "
                          f"tokens, fewer than the longest sequence ({lengths.max()})")
+
+
+def schedule_sms(implementation: str | None) -> int:
+    """The SM count to pass to ``get_mla_metadata`` for this implementation: the interpreter simulates
+    a few SMs (a 132-part schedule only makes it slow), a Hopper GPU has its own count."""
+    if implementation == "interpret":
+        return INTERPRET_SMS
+    return num_sms_of_device() if on_hopper() else HOPPER_SMS
 
 
 def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Array, cache_seqlens: jax.Array,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import num_sms_of_device
-from pallas_kernels.interpret import check_interpreter_threads, gpu_interpret_params
+from pallas_kernels.interpret import INTERPRET_SMS, check_interpreter_threads, gpu_interpret_params
 from pallas_kernels.mla_decode.combine import combine_splits
 from pallas_kernels.mla_decode.metadata import MLAMetadata, get_mla_metadata
 from pallas_kernels.mla_decode.mosaic_gpu import NUM_COMPUTE_WGS, ROWS, DecodeConfig, check_supported, partial_attention
 
-INTERPRET_SMS = 4
 
 
 def flash_mla(q, k_cache, block_table, cache_seqlens, metadata: MLAMetadata | None, *, head_dim_v: int,
