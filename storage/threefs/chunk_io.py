@@ -65,15 +65,16 @@ class ChunkIO:
         self._retry_timeout = retry_timeout
         self._rotation = itertools.count()
 
-    def _retrying(self, what: str, attempt: Callable[[RoutingInfo], Any]) -> Any:
-        deadline = time.monotonic() + self._retry_timeout
+    def _retrying(self, what: str, attempt: Callable[[RoutingInfo], Any], timeout: float | None = None) -> Any:
+        timeout = self._retry_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         delay = 0.005
         while True:
             try:
                 return attempt(self._routing.get())
             except RETRYABLE as exc:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what}: no replica answered within {self._retry_timeout:.0f} s "
+                    raise TimeoutError(f"{what}: no replica answered within {timeout:.0f} s "
                                        f"(last error: {type(exc).__name__}: {exc})") from exc
                 self._routing.invalidate()
                 time.sleep(delay)
@@ -160,14 +161,15 @@ class ChunkIO:
         for future in [self._pool.submit(one, item) for item in work]:
             future.result()
 
-    def remove_file(self, layout: Layout, inode_id: int) -> None:
-        """Deletes every chunk of a file: one removal per chain of its layout, forwarded along the chain."""
+    def remove_file(self, layout: Layout, inode_id: int, timeout: float | None = None) -> None:
+        """Deletes every chunk of a file: one removal per chain of its layout, forwarded along the chain
+        (each retried for `timeout` seconds, default the client's retry timeout)."""
         def one(chain_id: int) -> None:
             def attempt(routing: RoutingInfo) -> None:
                 path = routing.write_path(chain_id)
                 if path:
                     self._storage(routing.target_node[path[0]]).remove_chunks(chain_id, inode_id, path[0])
-            self._retrying(f"removal of file {inode_id}'s chunks on chain {chain_id}", attempt)
+            self._retrying(f"removal of file {inode_id}'s chunks on chain {chain_id}", attempt, timeout)
 
         for future in [self._pool.submit(one, chain) for chain in sorted(set(layout.chains))]:
             future.result()

@@ -19,6 +19,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,8 @@ from storage.threefs.file_api import FileStat, parse_mode
 from storage.threefs.meta_schema import Inode, InodeType
 from storage.threefs.routing import RoutingInfo
 from storage.threefs.usrbio import IoRing, IoVec
+
+GC_RETRY_SECONDS = 2.0  # garbage collection is best effort: a chain that stays down is retried next time
 
 
 class Client:
@@ -57,6 +61,8 @@ class Client:
         self.chunk_io = ChunkIO(self.routing, storage, self._pool, retry_timeout)
         self._on_close = on_close
         self._closed = False
+        self._lock = threading.Lock()
+        self._open_files: set[ThreeFSFile] = set()  # closed with the client (their write sessions too)
 
     def __repr__(self) -> str:
         return f"Client({self.client_id!r})"
@@ -70,15 +76,28 @@ class Client:
             inode, session = self.meta.open(path, self.client_id, write=open_mode.write)
         else:
             previous = self._stat_or_none(path) if open_mode.truncate else None
+            if previous is not None and previous.type is InodeType.FILE:
+                # "wb" over an existing file: its chunks go before its length, so stale bytes can never
+                # reappear past a new end (if this fails, open raises; the old content is partly gone)
+                self.chunk_io.remove_file(previous.layout, previous.inode_id)
             inode, session = self.meta.create(path, self.client_id, exclusive=open_mode.exclusive,
                                               truncate=open_mode.truncate)
-            if previous is not None and previous.inode_id == inode.inode_id:
-                self.chunk_io.remove_file(inode.layout, inode.inode_id)  # "wb" over an existing file
-        if inode.type is not InodeType.FILE:
+        try:
+            if inode.type is not InodeType.FILE:
+                raise IsADirectoryError(21, "Is a directory", path)
+            file = ThreeFSFile(self, path, mode, open_mode, inode, session)
+        except BaseException:
             if session is not None:
                 self.meta.close(inode.inode_id, session, None)
-            raise IsADirectoryError(21, "Is a directory", path)
-        return ThreeFSFile(self, path, mode, open_mode, inode, session)
+            raise
+        with self._lock:
+            self._open_files.add(file)
+        return file
+
+    def forget(self, file: ThreeFSFile) -> None:
+        """Called by a file as it closes."""
+        with self._lock:
+            self._open_files.discard(file)
 
     def _stat_or_none(self, path: str) -> Inode | None:
         try:
@@ -110,9 +129,10 @@ class Client:
     def mkdir(self, path: str) -> None:
         self.meta.mkdir(path)
 
-    def rename(self, src: str, dst: str) -> None:
-        """Atomic: one metadata transaction; replaces a file or an empty directory at `dst`."""
-        self.meta.rename(src, dst)
+    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        """Atomic: one metadata transaction; replaces a file or an empty directory at `dst` (replace=False:
+        FileExistsError instead)."""
+        self.meta.rename(src, dst, replace)
         self.collect_garbage()  # a replaced file's chunks
 
     def remove(self, path: str, recursive: bool = False) -> None:
@@ -137,20 +157,30 @@ class Client:
 
     def collect_garbage(self, limit: int = 1024) -> int:
         """Deletes the chunks of files removed from the namespace (no longer open for writing) and then
-        forgets them; returns how many files were collected. A file whose chunks could not all be
-        deleted (a chain without a writable target, a collector that died) stays for the next collection;
-        deleting twice is harmless."""
-        files = self.meta.garbage(limit)
-        for inode in files:
-            if inode.layout is not None:
-                self.chunk_io.remove_file(inode.layout, inode.inode_id)
-        if files:
-            self.meta.release_garbage([inode.inode_id for inode in files])
-        return len(files)
+        forgets them; returns how many files were collected. Best effort: a file whose chunks could not
+        all be deleted (a chain without a writable target, a collector that died) stays listed for the
+        next collection, and deleting twice is harmless."""
+        collected = []
+        for inode in self.meta.garbage(limit):
+            try:
+                if inode.layout is not None:
+                    self.chunk_io.remove_file(inode.layout, inode.inode_id, timeout=GC_RETRY_SECONDS)
+                collected.append(inode.inode_id)
+            except (TimeoutError, OSError) as error:
+                logging.getLogger(__name__).warning("3FS garbage collection: file %d kept for later: %s",
+                                                    inode.inode_id, error)
+        if collected:
+            self.meta.release_garbage(collected)
+        return len(collected)
 
     def close(self) -> None:
+        """Closes the files still open through this client (ending their write sessions), then the client."""
         if self._closed:
             return
+        with self._lock:
+            files = list(self._open_files)
+        for file in files:
+            file.close()
         self._closed = True
         self._pool.shutdown(wait=True)
         if self._on_close is not None:

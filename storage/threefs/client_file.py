@@ -87,7 +87,7 @@ class ThreeFSFile(StreamFile):
         old = max(self._length, self._client.meta.stat_inode(self._inode_id).length)
         if size < old:
             self._client.chunk_io.cut(self._layout, self._inode_id, size, old)
-        self._client.meta.truncate(self.path, size)
+        self._client.meta.truncate_inode(self._inode_id, size)
         self._length = size
         self._written_end = min(self._written_end, size)
         return size
@@ -101,5 +101,6 @@ class ThreeFSFile(StreamFile):
         if self.closed:
             return
         self.closed = True
+        self._client.forget(self)
         if self._session_id is not None:
             self._client.meta.close(self._inode_id, self._session_id, self._written_end)

@@ -16,11 +16,12 @@ for real process kills use ``ProcessCluster``.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from storage.threefs.chunk_store import ChunkStore
 from storage.threefs.client import Client
@@ -76,6 +77,21 @@ def target_dir(root: Path, node: int, target: int) -> Path:
     return root / f"node-{node}" / f"target-{target}"
 
 
+def lock_directory(directory: Path, owner: str) -> IO[bytes]:
+    """Takes `directory`'s exclusive lock (released when the returned file closes or the process dies);
+    a second cluster or server on the same directory would corrupt it, so it gets a clear error instead."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = open(directory / "LOCK", "ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"{directory} is in use by another 3FS cluster or server (its LOCK is held); "
+                           f"share one cluster between processes with ProcessCluster and 3fs+tcp:// instead of "
+                           f"opening it twice ({owner})") from None
+    return lock
+
+
 class EmbeddedCluster:
     """A whole 3FS in this process.
 
@@ -91,7 +107,10 @@ class EmbeddedCluster:
     def __init__(self, root: str | Path, shape: ClusterShape | None = None, *,
                  heartbeat_interval: float | None = 0.2, heartbeat_timeout: float = 2.0) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._locks = [lock_directory(self.root, "EmbeddedCluster")]
         self.shape = ClusterShape.load_or_create(self.root, shape)
+        self._locks += [lock_directory(self.root / f"node-{node}", "EmbeddedCluster")
+                        for node in self.shape.targets()]
         self.manager = Manager(self.root / "mgmtd.json", heartbeat_timeout=heartbeat_timeout)
         if not self.manager.routing().chain_table.chains:
             self.manager.create_chains(self.shape.targets(), self.shape.replicas)
@@ -197,6 +216,8 @@ class EmbeddedCluster:
                 for store in stores:
                     store.close()
         self._kv.close()
+        for lock in self._locks:
+            lock.close()
 
     def __enter__(self) -> EmbeddedCluster:
         return self

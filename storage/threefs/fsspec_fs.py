@@ -163,7 +163,11 @@ class ThreeFSWriteFile(io.BufferedIOBase):
         if not self.closed:
             raise ValueError(f"commit of {self.path} before close")
         if self._temp is not None and not self._published and not self._discarded:
-            self.fs.client.rename(self._temp, self.path)
+            try:  # "xb" stays exclusive at publication: a file created meanwhile is not replaced
+                self.fs.client.rename(self._temp, self.path, replace=self.mode != "xb")
+            except FileExistsError:
+                self.fs.client.remove(self._temp)
+                raise
             self._published = True
 
     def discard(self) -> None:

@@ -53,6 +53,15 @@ def _check_client(client_id: object) -> None:
         raise ValueError(f"client_id must be a non-empty str, got {client_id!r}")
 
 
+def _set_length(node: Inode, length: int, name: str, txn: Transaction) -> Inode:
+    if node.is_dir:
+        raise os_error(IsADirectoryError, errno.EISDIR, name)
+    now = time.time()
+    node = dataclasses.replace(node, length=length, mtime=now, ctime=now)
+    put_inode(txn, node)
+    return node
+
+
 class MetaService:
     """Namespace operations over a KVStore (see the module docstring and storage/threefs/README.md).
 
@@ -277,22 +286,18 @@ class MetaService:
     def truncate(self, path: str, length: int) -> Inode:
         """Sets the length of the file at `path` to exactly `length`."""
         _check_length(length)
+        return self.kv.transact(lambda txn: _set_length(resolve_existing(txn, path).inode, length, path, txn))
 
-        def fn(txn: Transaction) -> Inode:
-            node = resolve_existing(txn, path).inode
-            if node.is_dir:
-                raise os_error(IsADirectoryError, errno.EISDIR, path)
-            now = time.time()
-            node = dataclasses.replace(node, length=length, mtime=now, ctime=now)
-            put_inode(txn, node)
-            return node
-
-        return self.kv.transact(fn)
+    def truncate_inode(self, inode_id: int, length: int) -> Inode:
+        """Sets an open file's length to exactly `length` (ftruncate: wherever the file was renamed)."""
+        _check_length(length)
+        return self.kv.transact(lambda txn: _set_length(get_inode(txn, inode_id), length, f"inode {inode_id}", txn))
 
     # -- renaming and removing --------------------------------------------------------------------------
 
-    def rename(self, src: str, dst: str) -> None:
-        """Moves `src` to `dst` atomically, replacing a file or an empty directory at `dst` (POSIX rename)."""
+    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        """Moves `src` to `dst` atomically, replacing a file or an empty directory at `dst` (POSIX rename);
+        with replace=False an existing `dst` raises FileExistsError instead (renameat2's RENAME_NOREPLACE)."""
         src_comps, dst_comps = split_path(src, "src"), split_path(dst, "dst")
 
         def fn(txn: Transaction) -> None:
@@ -310,6 +315,8 @@ class MetaService:
             if node.is_dir:
                 check_not_within(txn, d.parent_id, node.inode_id, dst)
             old = d.inode
+            if old is not None and not replace:
+                raise os_error(FileExistsError, errno.EEXIST, dst)
             if old is not None:
                 if node.is_dir and not old.is_dir:
                     raise os_error(NotADirectoryError, errno.ENOTDIR, dst)

@@ -229,12 +229,18 @@ class MountClient:
         except OSError as exc:
             raise _with_path(exc, client_path) from None
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        """Atomic rename; replace=False raises FileExistsError instead of replacing `dst` (files only:
+        a hard link then an unlink, since Python has no renameat2)."""
         source, target = self.normpath(src), self.normpath(dst)
         if source == "/" or target == "/":
             raise ValueError(f"cannot rename the mount root (src={src!r}, dst={dst!r})")
         try:
-            os.replace(self.os_path(source), self.os_path(target))
+            if replace:
+                os.replace(self.os_path(source), self.os_path(target))
+            else:
+                os.link(self.os_path(source), self.os_path(target))
+                os.unlink(self.os_path(source))
         except OSError as exc:
             raise _with_path(exc, source, target) from None
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from storage.threefs.chunk_io import RoutingCache
 from storage.threefs.client import Client
-from storage.threefs.cluster import ClusterShape, target_dir
+from storage.threefs.cluster import ClusterShape, lock_directory, target_dir
 from storage.threefs.transport import RpcClient, RpcServer
 
 HEARTBEAT_INTERVAL = 0.2  # seconds
@@ -134,6 +134,7 @@ def serve(root: Path, role: str, node: int | None = None) -> None:
     root = root.resolve()
     shape = ClusterShape.load_or_create(root, None)
     threads: list[threading.Thread] = []
+    held = None
     if role == "mgmtd":
         obj, threads = _serve_mgmtd(root, shape)
         name = "mgmtd"
@@ -142,6 +143,7 @@ def serve(root: Path, role: str, node: int | None = None) -> None:
     elif role == "storage":
         if node is None:
             raise ValueError("--node: a storage server needs its node id")
+        held = lock_directory(root / f"node-{node}", f"storage server {node}")  # for the server's lifetime
         mgmtd = RpcClient(read_address(root, "mgmtd"))
         obj, threads = _serve_storage(root, shape, node, mgmtd)
         name = f"storage-{node}"
@@ -158,6 +160,8 @@ def serve(root: Path, role: str, node: int | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     server.shutdown()
+    if held is not None:
+        held.close()
 
 
 # ----------------------------------------------------------------------------- clients and launcher

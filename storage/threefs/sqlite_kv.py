@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
+import weakref
 from typing import Callable, TypeVar
 
 from storage.threefs.errors import TransactionConflict
@@ -68,6 +69,17 @@ class _SqliteTransaction:
         )
 
 
+class _ThreadConnection:
+    """One thread's connection; closed when the thread's locals are dropped (a server thread per client
+    connection would otherwise leak a connection and two file descriptors per client)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __del__(self) -> None:
+        self.conn.close()
+
+
 class SqliteKV:
     """A KVStore in one SQLite file (WAL mode), safe across threads and processes.
 
@@ -85,14 +97,14 @@ class SqliteKV:
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._rng = random.Random()
         self._closed = False
         self._run_with_retries(self._init_schema)
 
     def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
             if self._closed:
                 raise RuntimeError(f"SqliteKV({self.path!r}) is closed")
             conn = sqlite3.connect(
@@ -100,10 +112,11 @@ class SqliteKV:
             )
             # per connection: WAL commits survive a killed process without an fsync per transaction
             conn.execute("PRAGMA synchronous=NORMAL")
+            holder = _ThreadConnection(conn)
             with self._lock:
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
+                self._connections.add(holder)
+            self._local.holder = holder  # dropped (and the connection closed) when the thread ends
+        return holder.conn
 
     def _init_schema(self) -> None:
         conn = self._connection()
@@ -144,7 +157,7 @@ class SqliteKV:
         """Closes every thread's connection."""
         with self._lock:
             self._closed = True
-            for conn in self._connections:
-                conn.close()
+            for holder in list(self._connections):
+                holder.conn.close()
             self._connections.clear()
         self._local = threading.local()
