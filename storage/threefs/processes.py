@@ -41,10 +41,14 @@ def publish_address(root: Path, name: str, address: str) -> None:
     os.replace(tmp, path)
 
 
-def read_address(root: Path, name: str, timeout: float = 30.0) -> str:
-    """The published address of server `name`, waiting up to `timeout` seconds for it to appear."""
+def read_address(root: Path, name: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> str:
+    """The published address of server `name`, waiting up to `timeout` seconds for it to appear (and
+    failing at once if its `process` exits first)."""
     path, deadline = address_file(root, name), time.monotonic() + timeout
     while not path.exists():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the {name} server exited with code {process.returncode} before listening; "
+                               f"see {root / 'logs' / (name + '.log')}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {name} server published its address under {root} within {timeout} s")
         time.sleep(0.02)
@@ -188,10 +192,10 @@ class ProcessCluster:
     restarts it on its directories. ``close`` terminates everything; the data stays under `root`.
     """
 
-    def __init__(self, root: str | Path, shape: ClusterShape | None = None, *, log_dir: Path | None = None) -> None:
+    def __init__(self, root: str | Path, shape: ClusterShape | None = None) -> None:
         self.root = Path(root).resolve()
         self.shape = ClusterShape.load_or_create(self.root, shape)
-        self._log_dir = log_dir or self.root / "logs"
+        self._log_dir = self.root / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}
         try:
@@ -212,7 +216,7 @@ class ProcessCluster:
         log = open(self._log_dir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        read_address(self.root, name)
+        read_address(self.root, name, process=self.processes[name])
 
     def kill(self, node: int, sig: int = signal.SIGKILL) -> None:
         """Kills storage server `node` (SIGKILL by default) and waits for it to die."""
