@@ -8,6 +8,7 @@ test killed; a test may wrap a node's service to hold a forwarded write at a cho
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import sqlite3
@@ -21,7 +22,8 @@ import pytest
 
 from storage.threefs.block_checksums import BLOCK_SIZE
 from storage.threefs.chunk_store import ChunkId, ChunkMeta, ChunkStore, ChunkStoreFormatError, PendingVersionExists
-from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
+                                    TargetNotServing)
 from storage.threefs.mgmtd import Manager, next_public_state, place_chains
 from storage.threefs.resync import REMOVE, SKIP, TRANSFER, chunk_action
 from storage.threefs.routing import LocalState, TargetState
@@ -489,6 +491,175 @@ def test_failed_write_leaves_committed_versions(cluster):
     del cluster.wrappers[routing.target_node[tail]]
     assert cluster.write(1, chunk, 2, b"pt") == 2
     assert all(cluster.read(1, t, chunk) == b"kept"[:2] + b"pt" for t in (head, middle, tail))
+
+
+class LoseAnswers:
+    """Stand-in for a node's service: the forwarded writes (`update`) in `lost` run there, but their
+    answers are lost; `unreachable` lists the other methods the caller cannot reach meanwhile."""
+
+    def __init__(self, lost: int = 1, unreachable: tuple[str, ...] = ()) -> None:
+        self.lost, self.unreachable = lost, unreachable
+
+    def __call__(self, service: StorageService):
+        lose = self
+
+        class Proxy:
+            def __getattr__(self, name):
+                if name in lose.unreachable:
+                    raise NodeUnavailable(f"{name}: node unreachable")
+                return getattr(service, name)
+
+            def update(self, *args, **kwargs):
+                version = service.update(*args, **kwargs)
+                if lose.lost:
+                    lose.lost -= 1
+                    raise NodeUnavailable("the answer to a forwarded write was lost")
+                return version
+
+        return Proxy()
+
+
+def fail_commit_once(monkeypatch, store: ChunkStore) -> None:
+    """The store's next commit fails (a full disk) after everything downstream committed."""
+    real, calls = store.commit, []
+
+    def commit(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "commit", commit)
+
+
+def assert_chain_agrees(cluster: Cluster, chain_id: int, chunk: ChunkId, version: int, content: bytes) -> None:
+    """Every replica committed `version` of the chunk with `content` (nothing pending), and every
+    replica's reads answer it. (The chain version stored with it may differ: a re-forward that a
+    replica already committed keeps the one it committed under.)"""
+    expected = (version, 0, len(content), zlib.crc32(content), content)
+    for target in cluster.manager.routing().chain(chain_id).targets:
+        meta, store = cluster.store(target).meta(chunk), cluster.store(target)
+        assert (meta.committed_version, meta.pending_version, meta.length, meta.checksum,
+                store.read(chunk, 0, 1 << 30)) == expected, f"target {target}"
+        assert cluster.read(chain_id, target, chunk) == content
+
+
+@pytest.mark.parametrize("tail_answers", [True, False], ids=["tail-answers", "node-unreachable"])
+def test_lost_answer_after_successors_committed(cluster, tail_answers):
+    """The head's forward of B runs down the chain (middle and tail commit it) but the answer is lost
+    after the head's retry window. The head must not drop B and then build a different version 2 on the
+    old base (the successors would skip it as already committed: same version, other bytes). If the
+    tail answers the version query, B is committed and acknowledged; if not, the head keeps B pending
+    (its reads ask the tail) and the next write settles it."""
+    routing = cluster.manager.routing()
+    head, middle, tail = routing.chain(1).targets
+    chunk = ChunkId(13, 0)
+    cluster.write(1, chunk, 0, b"A" * 100)
+    cluster.services[routing.target_node[head]]._retry_timeout = 0.0  # the RPC timeout outlasts the window
+    cluster.wrappers[routing.target_node[middle]] = LoseAnswers()
+    if not tail_answers:
+        cluster.wrappers[routing.target_node[tail]] = LoseAnswers(0, unreachable=("committed_state",))
+    if tail_answers:
+        assert cluster.write(1, chunk, 0, b"B" * 10) == 2  # committed at the tail: acknowledged
+    else:
+        with pytest.raises(NodeUnavailable):
+            cluster.write(1, chunk, 0, b"B" * 10)
+        assert cluster.store(head).meta(chunk)[1:3] == (1, 2)  # kept: its outcome is unknown here
+    cluster.wrappers.clear()
+    for target in (head, middle, tail):  # B is committed at the tail: every replica answers it
+        assert cluster.read(1, target, chunk) == b"B" * 10 + b"A" * 90
+    assert cluster.write(1, chunk, 5, b"C" * 10) == 3
+    assert_chain_agrees(cluster, 1, chunk, 3, b"B" * 5 + b"C" * 10 + b"A" * 85)
+
+
+@pytest.mark.parametrize("settled_by", ["next-write", "heartbeat"])
+def test_head_commit_fails_after_successors_committed(cluster, monkeypatch, settled_by):
+    """The head's own commit of B fails after the middle and tail committed it: the write fails, but B
+    is committed cluster-wide; the head keeps it pending and the next write (or heartbeat) commits it."""
+    routing = cluster.manager.routing()
+    head, middle, tail = routing.chain(1).targets
+    chunk = ChunkId(14, 0)
+    cluster.write(1, chunk, 0, b"A" * 100)
+    fail_commit_once(monkeypatch, cluster.store(head))
+    with pytest.raises(OSError, match="No space"):
+        cluster.write(1, chunk, 0, b"B" * 10)
+    assert [cluster.store(t).meta(chunk)[1:3] for t in (head, middle, tail)] == [(1, 2), (2, 0), (2, 0)]
+    for target in (head, middle, tail):
+        assert cluster.read(1, target, chunk) == b"B" * 10 + b"A" * 90
+    if settled_by == "heartbeat":
+        cluster.tick()
+        assert_chain_agrees(cluster, 1, chunk, 2, b"B" * 10 + b"A" * 90)
+    assert cluster.write(1, chunk, 5, b"C" * 10) == 3
+    assert_chain_agrees(cluster, 1, chunk, 3, b"B" * 5 + b"C" * 10 + b"A" * 85)
+
+
+def test_head_restart_after_successors_committed(cluster, monkeypatch):
+    """The head dies after the middle and tail committed B but before it committed B itself: reopening
+    its store drops the pending version, so its copy is a version behind. The next write must not build
+    another version 2 on the old base: the successors reject it (ChunkDiverged), the head takes the
+    tail's copy and applies the write on top of it as version 3."""
+    routing = cluster.manager.routing()
+    head, middle, tail = routing.chain(1).targets
+    chunk = ChunkId(15, 0)
+    cluster.write(1, chunk, 0, b"A" * 100)
+    fail_commit_once(monkeypatch, cluster.store(head))
+    with pytest.raises(OSError, match="No space"):
+        cluster.write(1, chunk, 0, b"B" * 10)
+    cluster.restart(routing.target_node[head])
+    assert [cluster.store(t).meta(chunk)[1:3] for t in (head, middle, tail)] == [(1, 0), (2, 0), (2, 0)]
+    assert cluster.write(1, chunk, 5, b"C" * 10) == 3
+    assert_chain_agrees(cluster, 1, chunk, 3, b"B" * 5 + b"C" * 10 + b"A" * 85)
+
+
+def test_successor_that_missed_a_version_gets_the_whole_chunk(cluster, monkeypatch):
+    """The middle's commit of B fails after the tail committed it: B is committed (the tail has it), so
+    the write is acknowledged. The middle keeps B pending (its reads ask the tail); the next write does
+    not fit its copy, so the head sends it the whole chunk."""
+    routing = cluster.manager.routing()
+    head, middle, tail = routing.chain(1).targets
+    chunk = ChunkId(16, 0)
+    cluster.write(1, chunk, 0, b"A" * 100)
+    fail_commit_once(monkeypatch, cluster.store(middle))
+    assert cluster.write(1, chunk, 0, b"B" * 10) == 2
+    assert [cluster.store(t).meta(chunk)[1:3] for t in (head, middle, tail)] == [(2, 0), (1, 2), (2, 0)]
+    assert cluster.read(1, middle, chunk) == b"B" * 10 + b"A" * 90
+    assert cluster.write(1, chunk, 5, b"C" * 10) == 3
+    assert_chain_agrees(cluster, 1, chunk, 3, b"B" * 5 + b"C" * 10 + b"A" * 85)
+
+
+def test_reforward_of_a_committed_write_is_idempotent(cluster):
+    """A forwarded write a successor already committed (same version, same content) succeeds again and
+    changes nothing; the same version with other content, or an older version, is refused (ChunkDiverged,
+    carrying the successor's committed version) instead of being taken for a re-forward."""
+    routing = cluster.manager.routing()
+    head, middle, tail = routing.chain(1).targets
+    chunk, content = ChunkId(17, 0), b"A" * 90 + b"B" * 10
+    cluster.write(1, chunk, 0, b"A" * 100)
+    assert cluster.write(1, chunk, 90, b"B" * 10) == 2
+    chain_version = routing.chain(1).version
+    service = cluster.services[routing.target_node[middle]]
+    before = cluster.replica_view(1)
+    assert service.update(1, chain_version, middle, chunk, 90, b"B" * 10, False, 2, zlib.crc32(content)) == 2
+    assert cluster.replica_view(1) == before
+    with pytest.raises(ChunkDiverged) as diverged:
+        service.update(1, chain_version, middle, chunk, 90, b"X" * 10, False, 2, zlib.crc32(b"X"))
+    assert diverged.value.committed_version == 2
+    with pytest.raises(ChunkDiverged):
+        service.update(1, chain_version, middle, chunk, 0, b"A", False, 1, zlib.crc32(b"A" * 100))
+    assert cluster.replica_view(1) == before
+    revived = pickle.loads(pickle.dumps(diverged.value))  # it crosses the wire with its version
+    assert (type(revived), revived.committed_version, str(revived)) == (ChunkDiverged, 2, str(diverged.value))
+
+    # Through the chain: the middle's answer is lost, the head marks it offline and forwards to the tail,
+    # which already committed the write: it answers success, and the middle comes back by resync.
+    cluster.wrappers[routing.target_node[middle]] = LoseAnswers()
+    assert cluster.write(1, chunk, 0, b"C" * 10) == 3
+    cluster.wrappers.clear()
+    assert cluster.manager.routing().target_states[middle] is TargetState.OFFLINE
+    for _ in range(3):
+        cluster.tick()
+    assert cluster.manager.routing().target_states[middle] is TargetState.SERVING
+    assert_chain_agrees(cluster, 1, chunk, 3, b"C" * 10 + b"A" * 80 + b"B" * 10)
 
 
 def test_reads_never_torn_or_backwards(cluster):

@@ -249,6 +249,15 @@ class ChunkStore:
             ids = sorted(self._cache, key=ChunkId.to_bytes)
         return [m for m in map(self.meta, ids) if m is not None]
 
+    def pending_state(self, chunk_id: ChunkId) -> tuple[int, int]:
+        """(pending version, CRC32 of its whole content) of the chunk; (0, 0) when none is pending."""
+        chunk_id = as_chunk_id(chunk_id)
+        with self._lock:
+            record = self._cache.get(chunk_id)
+        if record is None or not record.pending_version:
+            return 0, 0
+        return record.pending_version, record.pending_checksum
+
     def content_path(self, chunk_id: ChunkId) -> Path | None:
         """The file that holds the committed content of the chunk, or None."""
         chunk_id = as_chunk_id(chunk_id)

@@ -22,3 +22,20 @@ class TargetNotServing(RuntimeError):
 
 class NodeUnavailable(ConnectionError):
     """A server did not answer (killed, not started, or unreachable)."""
+
+
+class ChunkDiverged(RuntimeError):
+    """A forwarded CRAQ update does not fit the successor's copy of the chunk, which took nothing.
+
+    `committed_version` is the successor's committed version. At or past the update's version (with other
+    content than the update's checksum), the predecessor's copy is stale: the head adopts the tail's copy
+    and writes again on top of it. Below it (the successor missed a version, or built on other bytes), the
+    predecessor resends the whole chunk.
+    """
+
+    def __init__(self, message: str, committed_version: int = 0) -> None:
+        super().__init__(message, committed_version)  # both in args: the error survives a pickle round trip
+        self.committed_version = committed_version
+
+    def __str__(self) -> str:
+        return str(self.args[0])

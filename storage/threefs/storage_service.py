@@ -9,6 +9,15 @@ earlier versions. When a successor does not answer, the target reports it (`on_s
 to mgmtd, which moves it to the chain's end) and forwards to the new successor, or commits as the new
 tail.
 
+Every forwarded update carries the CRC32 of the whole new version, so no two replicas ever commit the
+same version number with different bytes. A successor that already committed that version answers
+success only for the same checksum (a re-forward); otherwise, or when it committed a later one, it takes
+nothing and raises ChunkDiverged: the head's copy is stale (a write whose outcome it lost track of), so
+the head replaces it with the tail's (full-chunk replace) and applies the client's write again on top, as
+the next version. A successor that missed a version, or builds other bytes, gets the whole chunk instead.
+A forward that fails with an unknown outcome (a lost reply) keeps its pending version unless the tail
+says what became of it; the next write or heartbeat settles it (`settle_pending` in storage_reads.py).
+
 Reads (CRAQ's apportioned queries, with the tail version query and checksum repair) are
 `ReadPathMixin` in `storage_reads.py`; `StorageService` combines both paths.
 
@@ -27,10 +36,13 @@ from typing import Any
 
 from storage.threefs.chunk_id import ChunkId, as_chunk_id
 from storage.threefs.chunk_store import ChunkStore
-from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
+                                    TargetNotServing)
 from storage.threefs.resync import ResyncReport, resync_target
 from storage.threefs.routing import LocalState, RoutingInfo, TargetState
 from storage.threefs.storage_reads import _READABLE, _WHOLE, ReadPathMixin
+
+_REWRITES = 3  # times a write adopts the tail's copy and applies again when the successors are past it
 
 
 class ChunkLocks:
@@ -80,6 +92,7 @@ class StorageService(ReadPathMixin):
         self._retry_timeout = retry_timeout
         self._locks = ChunkLocks()
         self._recovering = {t: False for t in self._targets}  # saw itself out of the chain: needs a resync
+        self._unsettled: set[tuple[int, int, ChunkId]] = set()  # (chain, target, chunk) left pending by a failure
         self._state_lock = threading.Lock()
 
     def close_stores(self) -> None:
@@ -142,20 +155,25 @@ class StorageService(ReadPathMixin):
         head = path[0]
         store = self.store(head)
         with self._locks.hold(head, chunk_id):
-            store.abort_pending(chunk_id)  # under the lock, a pending version is a leftover
-            version = self._apply(routing, chain_id, head, chunk_id,
-                                  lambda: store.apply_write(chunk_id, offset, data, chain.version, full_replace))
-            try:
-                self._forward_and_commit(chain_id, head, chunk_id, offset, data, full_replace, version)
-            except BaseException:
-                store.abort_pending(chunk_id)
-                raise
-            return version
+            self.settle_pending(routing, chain_id, head, chunk_id)  # under the lock, a pending version is left over
+            for _ in range(_REWRITES + 1):
+                version = self._apply(routing, chain_id, head, chunk_id,
+                                      lambda: store.apply_write(chunk_id, offset, data, chain.version, full_replace))
+                try:
+                    self._forward_and_commit(chain_id, head, chunk_id, offset, data, full_replace, version,
+                                             store.pending_state(chunk_id)[1])
+                    return version
+                except ChunkDiverged as exc:  # the successors are past this copy: build on the tail's instead
+                    diverged = exc
+                    self.adopt_tail_copy(self.routing_info(), chain_id, head, chunk_id)
+            raise diverged
 
     def update(self, chain_id: int, chain_version: int, target_id: int, chunk_id: ChunkId, offset: int,
-               data: bytes, full_replace: bool, version: int) -> int:
-        """A write forwarded by `target_id`'s predecessor, carrying the head's `version`; returns it
-        once committed here (after everything downstream committed)."""
+               data: bytes, full_replace: bool, version: int, checksum: int | None = None) -> int:
+        """A write forwarded by `target_id`'s predecessor, carrying the head's `version` and the CRC32 of
+        that version's whole content (`checksum`; None skips the content checks); returns the version
+        once committed here (after everything downstream committed). Raises ChunkDiverged, taking
+        nothing, when the update does not fit this copy (see the module docstring)."""
         chunk_id = as_chunk_id(chunk_id)
         routing = self.routing_info()
         chain = routing.chain(chain_id)
@@ -170,19 +188,28 @@ class StorageService(ReadPathMixin):
                 if not full_replace:
                     raise TargetNotServing(f"target {target_id} is syncing and takes full-chunk replaces only")
                 store.replace(chunk_id, data, version, chain.version)  # recovery: committed at once
-                self._forward_and_commit(chain_id, target_id, chunk_id, 0, data, True, version)
+                self._forward_and_commit(chain_id, target_id, chunk_id, 0, data, True, version, checksum)
                 return version
             meta = store.meta(chunk_id)
-            if meta is not None and meta.committed_version >= version:
-                return meta.committed_version  # a re-forward of a write already committed here
-            store.abort_pending(chunk_id)
+            committed = meta.committed_version if meta else 0
+            if meta is not None and committed >= version:
+                if committed == version and checksum in (None, meta.checksum):
+                    return version  # a re-forward of this very write, committed here already
+                raise ChunkDiverged(f"target {target_id} has committed version {committed} of chunk {chunk_id}"
+                                    f"{' with other content' if committed == version else ''}: the forwarded "
+                                    f"version {version} builds on a stale copy", committed)
+            store.abort_pending(chunk_id)  # a leftover: the predecessor's pending version supersedes it
+            if not full_replace and committed != version - 1:
+                raise ChunkDiverged(f"target {target_id} holds version {committed} of chunk {chunk_id}, not the "
+                                    f"base of the forwarded version {version}: send the whole chunk", committed)
             self._apply(routing, chain_id, target_id, chunk_id, lambda: store.apply_write(
                 chunk_id, offset, data, chain.version, full_replace, version=version))
-            try:
-                self._forward_and_commit(chain_id, target_id, chunk_id, offset, data, full_replace, version)
-            except BaseException:
+            if checksum is not None and store.pending_state(chunk_id) != (version, checksum):
                 store.abort_pending(chunk_id)
-                raise
+                raise ChunkDiverged(f"version {version} of chunk {chunk_id} built on target {target_id} differs "
+                                    f"from its predecessor's (their versions {committed} differ): send the "
+                                    f"whole chunk", committed)
+            self._forward_and_commit(chain_id, target_id, chunk_id, offset, data, full_replace, version, checksum)
             return version
 
     def _apply(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId,
@@ -195,38 +222,68 @@ class StorageService(ReadPathMixin):
             return apply()
 
     def _forward_and_commit(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
-                            full_replace: bool, version: int) -> None:
-        """Forwards the pending `version` to the successor until one acks (or this target is the tail),
-        then commits it here."""
+                            full_replace: bool, version: int, checksum: int) -> None:
+        """Forwards the pending `version` (whole-content CRC32 `checksum`) to the successor until one acks
+        (or this target is the tail), then commits it here. A pending version whose fate stays unknown
+        after a failure is kept, and noted for the next heartbeat to settle."""
+        store = self.store(target_id)
+        try:
+            chain_version = self._forward(chain_id, target_id, chunk_id, offset, data, full_replace, version,
+                                          checksum)
+            store.commit(chunk_id, version, chain_version)
+        except BaseException:
+            if store.pending_state(chunk_id)[0] == version:
+                with self._state_lock:
+                    self._unsettled.add((chain_id, target_id, chunk_id))
+            raise
+
+    def _forward(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
+                 full_replace: bool, version: int, checksum: int) -> int:
+        """The forwarding of `_forward_and_commit`; returns the chain version to commit under."""
         store = self.store(target_id)
         deadline = time.monotonic() + self._retry_timeout
-        while True:
-            routing = self.routing_info()
-            chain_version = routing.chain(chain_id).version
-            path = routing.write_path(chain_id)
-            if target_id not in path:
-                raise TargetNotServing(f"target {target_id} left the write path of chain {chain_id} during "
-                                       f"a write of chunk {chunk_id}")
-            successor = routing.successor(chain_id, target_id)
-            if successor is None:
-                break  # the tail: commit first
-            full = full_replace or routing.target_states[successor] is TargetState.SYNCING
-            payload = store.read_version(chunk_id, version, 0, _WHOLE) if full and not full_replace else data
-            if payload is None:
-                raise TargetNotServing(f"version {version} of chunk {chunk_id} vanished from target {target_id}")
-            try:
-                self.service_of(routing, successor).update(chain_id, chain_version, successor, chunk_id,
-                                                           0 if full else offset, payload, full, version)
-                break
-            except NodeUnavailable:
-                if self._on_successor_failure is None or time.monotonic() > deadline:
-                    raise
-                self._on_successor_failure(successor)
-            except (ChainVersionMismatch, TargetNotServing):
-                if time.monotonic() > deadline:  # the successor's routing is behind or ahead of ours
-                    raise
-                time.sleep(0.01)
-        store.commit(chunk_id, version, chain_version)
+        forwarded = whole = False
+        try:
+            while True:
+                routing = self.routing_info()
+                chain_version = routing.chain(chain_id).version
+                path = routing.write_path(chain_id)
+                if target_id not in path:
+                    raise TargetNotServing(f"target {target_id} left the write path of chain {chain_id} during "
+                                           f"a write of chunk {chunk_id}")
+                successor = routing.successor(chain_id, target_id)
+                if successor is None:
+                    return chain_version  # the tail: commit first
+                full = full_replace or whole or routing.target_states[successor] is TargetState.SYNCING
+                payload = store.read_version(chunk_id, version, 0, _WHOLE) if full and not full_replace else data
+                if payload is None:
+                    raise TargetNotServing(f"version {version} of chunk {chunk_id} vanished from target {target_id}")
+                forwarded = True
+                try:
+                    self.service_of(routing, successor).update(chain_id, chain_version, successor, chunk_id,
+                                                               0 if full else offset, payload, full, version,
+                                                               checksum)
+                    return chain_version
+                except ChunkDiverged as exc:
+                    if full or exc.committed_version >= version:
+                        raise
+                    whole = True  # the successor missed a version or holds other bytes: send the whole chunk
+                except NodeUnavailable:
+                    if self._on_successor_failure is None or time.monotonic() > deadline:
+                        raise
+                    self._on_successor_failure(successor)
+                except (ChainVersionMismatch, TargetNotServing):
+                    if time.monotonic() > deadline:  # the successor's routing is behind or ahead of ours
+                        raise
+                    time.sleep(0.01)
+        except ChunkDiverged:
+            store.abort_pending(chunk_id)  # nothing downstream took this version
+            raise
+        except Exception as exc:
+            routing = self._settle_failed_forward(chain_id, target_id, chunk_id, version, checksum, forwarded, exc)
+            if routing is None:
+                raise
+            return routing.chain(chain_id).version
 
     def full_chunk_replace(self, target_id: int, chunk_id: ChunkId, content: bytes, version: int,
                            chain_version: int) -> None:
@@ -286,6 +343,7 @@ class StorageService(ReadPathMixin):
         self._observe(manager.routing())
         routing = manager.heartbeat(self.node_id, self.local_states())
         self._observe(routing)
+        self._settle_leftovers(routing)
         reports = []
         for chain_id in routing.chain_table.chain_ids:
             path = routing.write_path(chain_id)
@@ -297,6 +355,18 @@ class StorageService(ReadPathMixin):
                     except (NodeUnavailable, TargetNotServing, ChainVersionMismatch) as exc:
                         reports.append(ResyncReport(chain_id, target, 0, 0, 0, f"{type(exc).__name__}: {exc}"))
         return reports
+
+    def _settle_leftovers(self, routing: RoutingInfo) -> None:
+        """Settles the pending versions that failed writes left behind (kept when the tail does not answer)."""
+        with self._state_lock:
+            leftovers, self._unsettled = self._unsettled, set()
+        for chain_id, target_id, chunk_id in leftovers:
+            try:
+                with self._locks.hold(target_id, chunk_id):
+                    self.settle_pending(routing, chain_id, target_id, chunk_id)
+            except Exception:  # noqa: BLE001 - the next heartbeat tries again
+                with self._state_lock:
+                    self._unsettled.add((chain_id, target_id, chunk_id))
 
     def _observe(self, routing: RoutingInfo) -> None:
         """A target that routing shows offline, waiting or syncing must resync before it reports
