@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import polars as pl
+import pytest
 
 from jaxseek.cli import main
 
@@ -19,6 +20,7 @@ def test_bad_cli_values_exit_with_a_named_error(capsys, tmp_path):
     assert "steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_trains_and_resumes_in_a_real_process(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     base = [sys.executable, "-m", "jaxseek", "train", "--preset", "tiny", "--steps", "4", "--batch-size", "4",

@@ -22,7 +22,7 @@ def _vjp_pair(fn, reference, primals, seed):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("interpret", marks=pytest.mark.slow)])
 def test_fp8_linear_forward_dgrad_wgrad(implementation):
     x = jax.random.normal(jax.random.key(0), (2, 70, 256))  # 140 tokens: wgrad pads them to 256
     w = jax.random.normal(jax.random.key(1), (96, 256)) * 0.05
@@ -33,7 +33,7 @@ def test_fp8_linear_forward_dgrad_wgrad(implementation):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("interpret", marks=pytest.mark.slow)])
 def test_fp8_grouped_linear_with_ragged_and_empty_groups(implementation):
     sizes = jnp.array([30, 0, 150, 15], jnp.int32)  # 195 of 200 rows; the last 5 belong to no group
     x = jax.random.normal(jax.random.key(3), (200, 128))
@@ -50,6 +50,7 @@ def test_fp8_grouped_linear_with_ragged_and_empty_groups(implementation):
     np.testing.assert_array_equal(np.asarray(ours[2][1]), 0.0)  # the empty expert gets no gradient
 
 
+@pytest.mark.slow
 def test_fp8_model_trains_and_tracks_the_fp32_model(micro_config, tmp_path):
     corpus = load_stdlib_corpus(max_bytes=1_000_000)
     tc = TrainConfig(steps=30, batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=3, eval_every=30,

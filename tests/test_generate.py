@@ -113,6 +113,7 @@ def test_generate_command_streams_text(trained_run):
     assert result.stdout.startswith("def f(x):") and "8 tokens in" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_decode_through_the_interpreted_kernel_matches_the_xla_path():
     """The model's paged prefill and a decode step with the split-KV Mosaic GPU kernel (interpreted) give the

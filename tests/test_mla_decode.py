@@ -145,6 +145,7 @@ INTERPRET_CASES = [((0, 1, 63, 65, 600), 1, 16, False, 576, 512), ((7, 530, 64),
                    ((500, 3), 2, 64, True, 128, 128), ((70, 1000), 1, 128, False, 192, 128)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("seqlens, s_q, h_q, causal, d, dv", INTERPRET_CASES)
 def test_kernel_in_interpreter_matches_float64_reference(seqlens, s_q, h_q, causal, d, dv):

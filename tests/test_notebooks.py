@@ -11,7 +11,9 @@ import pytest
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+# The model tour trains for a few steps (~25 s): slow; the 3FS tour takes seconds.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "model" in p.name else p for p in NOTEBOOKS],
+                         ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path):
     cells = json.loads(path.read_text())["cells"]
     code = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")

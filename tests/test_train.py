@@ -20,6 +20,7 @@ def _train(config, tc, out, corpus, **kwargs):
     return train(config, tc, out, corpus=corpus, console=Console(quiet=True), show_progress=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_loss_falls_below_the_unigram_entropy(micro_config, corpus, tmp_path, devices):
     tc = TrainConfig(steps=120, batch_size=16, seq_len=64, learning_rate=1e-2, warmup_steps=10, eval_every=60,
                      checkpoint_every=120, eval_batches=2)
@@ -36,6 +37,7 @@ def test_loss_falls_below_the_unigram_entropy(micro_config, corpus, tmp_path, de
     assert result.state.params["blocks"][0]["attn"]["wo"]["kernel"][...].sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(micro_config, corpus, tmp_path):
     tc = TrainConfig(steps=8, batch_size=8, seq_len=32, learning_rate=1e-2, warmup_steps=2, eval_every=4,
                      checkpoint_every=2)
