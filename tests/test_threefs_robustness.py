@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
 import pytest
 
@@ -123,3 +124,25 @@ def test_sqlite_connections_of_finished_threads_are_closed(tmp_path):
     assert kv.transact(lambda txn: txn.get(b"k"), read_only=True) == b"v"
     kv.close()
 
+
+
+def test_a_dead_clients_write_session_expires_and_its_removed_file_is_collected(tmp_path):
+    with EmbeddedCluster(tmp_path / "c", SHAPE, heartbeat_interval=None, session_lease=0.5) as cluster:
+        dead = cluster.client(session_renew_interval=None)  # never renews, as if its process died
+        alive = cluster.client(session_renew_interval=0.1)
+        kept, dropped = alive.open("/kept", "wb"), dead.open("/dropped", "wb")
+        kept.write(b"k" * 4096)
+        dropped.write(b"d" * 4096)
+        inodes = {name: alive.stat(name).inode_id for name in ("/kept", "/dropped")}
+        alive.remove("/kept")
+        alive.remove("/dropped")
+        time.sleep(1.0)
+        cluster.tick()  # the dead client's lease ran out; the live one renewed
+        assert alive.collect_garbage() == 1
+        assert chunk_files(cluster, inodes["/dropped"]) == 0 and chunk_files(cluster, inodes["/kept"]) == 3
+        kept.close()
+        assert alive.collect_garbage() == 1 and chunk_files(cluster, inodes["/kept"]) == 0
+        dropped.close()  # its session is gone: closing still works
+        dead.close()
+        alive.close()
+        assert cluster.meta.check_consistency() == []

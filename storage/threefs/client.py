@@ -47,11 +47,13 @@ class Client:
       io_threads: chunk requests in flight at once.
       retry_timeout: seconds a chunk request keeps retrying while the cluster reconfigures.
       on_close: called once by ``close`` (a cluster releases what it opened for this client).
+      session_renew_interval: seconds between renewals of this client's write-session leases (shorter than
+        the cluster's lease; None: never, as a dead client would).
     """
 
     def __init__(self, meta: Any, routing: Callable[[], RoutingInfo], storage: Callable[[int], Any], *,
                  client_id: str | None = None, io_threads: int = 8, retry_timeout: float = 20.0,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, session_renew_interval: float | None = 10.0) -> None:
         if io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         self.meta = meta
@@ -63,6 +65,12 @@ class Client:
         self._closed = False
         self._lock = threading.Lock()
         self._open_files: set[ThreeFSFile] = set()  # closed with the client (their write sessions too)
+        self._stopping = threading.Event()
+        self._renewer = None
+        if session_renew_interval is not None:
+            self._renewer = threading.Thread(target=self._renew_sessions, args=(session_renew_interval,),
+                                             name="3fs-session-leases", daemon=True)
+            self._renewer.start()
 
     def __repr__(self) -> str:
         return f"Client({self.client_id!r})"
@@ -93,6 +101,17 @@ class Client:
         with self._lock:
             self._open_files.add(file)
         return file
+
+    def _renew_sessions(self, interval: float) -> None:
+        """Keeps this client's write sessions alive (the cluster ends the sessions of dead clients)."""
+        while not self._stopping.wait(interval):
+            with self._lock:
+                writing = any(f.writable() for f in self._open_files)
+            if writing:
+                try:
+                    self.meta.renew_sessions(self.client_id)
+                except (OSError, RuntimeError) as error:  # a meta server that is down: retried next interval
+                    logging.getLogger(__name__).warning("3FS session renewal failed: %s", error)
 
     def forget(self, file: ThreeFSFile) -> None:
         """Called by a file as it closes."""
@@ -181,6 +200,9 @@ class Client:
             files = list(self._open_files)
         for file in files:
             file.close()
+        self._stopping.set()
+        if self._renewer is not None:
+            self._renewer.join()
         self._closed = True
         self._pool.shutdown(wait=True)
         if self._on_close is not None:

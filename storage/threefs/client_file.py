@@ -103,4 +103,10 @@ class ThreeFSFile(StreamFile):
         self.closed = True
         self._client.forget(self)
         if self._session_id is not None:
-            self._client.meta.close(self._inode_id, self._session_id, self._written_end)
+            try:
+                self._client.meta.close(self._inode_id, self._session_id, self._written_end)
+            except (ValueError, FileNotFoundError):  # the session's lease ran out (this client was paused)
+                try:
+                    self._client.meta.sync(self._inode_id, self._written_end)  # the length still counts
+                except FileNotFoundError:
+                    pass  # removed meanwhile, and collected once the lease ended

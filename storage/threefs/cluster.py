@@ -102,13 +102,17 @@ class EmbeddedCluster:
       heartbeat_interval: seconds between heartbeats of the background thread (None: no thread; call
         ``tick`` yourself).
       heartbeat_timeout: seconds of silence before mgmtd marks a node's targets offline.
+      session_lease: seconds a client's write session lives without renewal (its clients renew every
+        third of that); the heartbeats end expired sessions, as 3FS's meta does for dead clients.
     """
 
     def __init__(self, root: str | Path, shape: ClusterShape | None = None, *,
-                 heartbeat_interval: float | None = 0.2, heartbeat_timeout: float = 2.0) -> None:
+                 heartbeat_interval: float | None = 0.2, heartbeat_timeout: float = 2.0,
+                 session_lease: float = 30.0) -> None:
         self.root = Path(root).expanduser().resolve()
         self._locks = [lock_directory(self.root, "EmbeddedCluster")]
         self.shape = ClusterShape.load_or_create(self.root, shape)
+        self.session_lease = session_lease
         self._locks += [lock_directory(self.root / f"node-{node}", "EmbeddedCluster")
                         for node in self.shape.targets()]
         self.manager = Manager(self.root / "mgmtd.json", heartbeat_timeout=heartbeat_timeout)
@@ -177,6 +181,7 @@ class EmbeddedCluster:
             except NodeUnavailable:
                 pass  # a peer died mid-resync: the next round retries
         self.manager.check()
+        self.meta.prune_sessions(self.session_lease)
 
     def _beat(self, interval: float) -> None:
         while not self._closing.wait(interval):
@@ -204,6 +209,7 @@ class EmbeddedCluster:
 
     def client(self, **kwargs: Any) -> Client:
         """A client of this cluster (keyword arguments go to ``Client``)."""
+        kwargs.setdefault("session_renew_interval", self.session_lease / 3)
         return Client(self.meta, self.manager.routing, self.storage, **kwargs)
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from storage.threefs.meta_paths import (
     resolve_existing, split_path, walk,
 )
 from storage.threefs.meta_remove import detach, drop_link, has_entries, purge_step, to_garbage
+from storage.threefs.meta_sessions import SessionLeases
 from storage.threefs.meta_schema import (
     DETACHED_PREFIX, GARBAGE_PREFIX, INODE_ID_ALLOC_KEY, ROOT_INODE_ID, DirEntry, FileSession, Inode,
     InodeType, chain_base_key, decode_counter, dentry_key, dentry_prefix, encode_counter, find_problems,
@@ -62,7 +63,7 @@ def _set_length(node: Inode, length: int, name: str, txn: Transaction) -> Inode:
     return node
 
 
-class MetaService:
+class MetaService(SessionLeases):
     """Namespace operations over a KVStore (see the module docstring and storage/threefs/README.md).
 
     Args:

@@ -27,6 +27,7 @@ from storage.threefs.transport import RpcClient, RpcServer
 
 HEARTBEAT_INTERVAL = 0.2  # seconds
 HEARTBEAT_TIMEOUT = 2.0
+SESSION_LEASE = 30.0  # seconds; clients renew their write sessions every third of it
 
 
 def address_file(root: Path, name: str) -> Path:
@@ -91,13 +92,14 @@ def _serve_mgmtd(root: Path, shape: ClusterShape) -> tuple[Any, list[threading.T
     return manager, [_every(HEARTBEAT_INTERVAL, manager.check)]
 
 
-def _serve_meta(root: Path, shape: ClusterShape, mgmtd: RpcClient) -> Any:
+def _serve_meta(root: Path, shape: ClusterShape, mgmtd: RpcClient) -> tuple[Any, list[threading.Thread]]:
     from storage.threefs.kv import open_kv
     from storage.threefs.layout import LayoutPolicy
     from storage.threefs.meta import MetaService
     routing = RoutingCache(mgmtd.routing)
-    return MetaService(open_kv(f"sqlite:///{root / 'meta.sqlite'}"), lambda: routing.get().chain_table,
+    meta = MetaService(open_kv(f"sqlite:///{root / 'meta.sqlite'}"), lambda: routing.get().chain_table,
                        LayoutPolicy(shape.chunk_size, shape.stripe))
+    return meta, [_every(1.0, lambda: meta.prune_sessions(SESSION_LEASE))]
 
 
 def _serve_storage(root: Path, shape: ClusterShape, node: int, mgmtd: RpcClient) -> tuple[Any, list]:
@@ -143,7 +145,7 @@ def serve(root: Path, role: str, node: int | None = None) -> None:
         obj, threads = _serve_mgmtd(root, shape)
         name = "mgmtd"
     elif role == "meta":
-        obj, name = _serve_meta(root, shape, RpcClient(read_address(root, "mgmtd"))), "meta"
+        (obj, threads), name = _serve_meta(root, shape, RpcClient(read_address(root, "mgmtd"))), "meta"
     elif role == "storage":
         if node is None:
             raise ValueError("--node: a storage server needs its node id")
@@ -182,6 +184,7 @@ def connect_processes(root: Path, **client_kwargs) -> Client:
         mgmtd.disconnect()
         meta.disconnect()
 
+    client_kwargs.setdefault("session_renew_interval", SESSION_LEASE / 3)
     return Client(meta, mgmtd.routing, storage_of(routing, proxies), on_close=close, **client_kwargs)
 
 
