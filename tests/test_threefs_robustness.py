@@ -13,6 +13,7 @@ import pytest
 
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster
 from storage.threefs.fsspec_fs import ThreeFSFileSystem
+from storage.threefs.routing import TargetState
 from storage.threefs.sqlite_kv import SqliteKV
 
 SHAPE = ClusterShape(nodes=3, targets_per_node=1, replicas=3, chunk_size=4096, stripe=1)
@@ -146,3 +147,21 @@ def test_a_dead_clients_write_session_expires_and_its_removed_file_is_collected(
         dead.close()
         alive.close()
         assert cluster.meta.check_consistency() == []
+
+
+def test_a_restarted_storage_node_is_resynced_even_if_mgmtd_never_noticed_it_was_gone(cluster):
+    """No write and no heartbeat timeout while node 2 was down: its targets still looked serving. A
+    restarted server may have lost pending versions, so it must come back through syncing."""
+    client = cluster.client()
+    with client.open("/f", "wb") as f:
+        f.write(os.urandom(3 * 4096))
+    cluster.tick()
+    node_targets = cluster.shape.targets()[2]
+    cluster.stop_node(2)
+    cluster.start_node(2)
+    states = cluster.manager.routing().target_states
+    assert all(states[t] is not TargetState.SERVING for t in node_targets)
+    cluster.wait_until_serving()
+    with client.open("/f", "rb") as f:
+        assert len(f.read()) == 3 * 4096
+    client.close()

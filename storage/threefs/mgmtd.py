@@ -185,12 +185,23 @@ class Manager:
             return self.routing().chain_table
 
     def register_node(self, node_id: int, address: str) -> None:
-        """Records a node's address (for clients and peers); counts as a heartbeat."""
+        """Records a node's address (for clients and peers); counts as a heartbeat.
+
+        A node that registers again after it was heard from is a restarted server: it may have lost
+        pending versions and missed writes while mgmtd had not yet noticed it was gone, so its targets are
+        taken offline now and come back through a resync (3FS does not trust a returning service until
+        its targets are offline). A chain's last serving target stays (as lastsrv, then serving)."""
         with self._lock:
+            returning = any(self._target_node.get(t) == node_id for t in self._local)
             self._last_seen[node_id] = self._clock()
             if self._addresses.get(node_id) != address:
                 self._addresses[node_id] = address
                 self._save()
+            if returning:
+                for target, node in self._target_node.items():
+                    if node == node_id:
+                        self._local[target] = LocalState.OFFLINE
+                self._update()
 
     # ----------------------------------------------------------------------------- events
 
