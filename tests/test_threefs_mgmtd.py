@@ -1,0 +1,78 @@
+"""3FS mgmtd: chain placement, the public-state transition table, state surviving a restart."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from storage.threefs.mgmtd import Manager, next_public_state, place_chains
+from storage.threefs.routing import LocalState, TargetState
+
+from threefs_storage_fixtures import FakeClock
+
+
+def test_create_chains_places_replicas_on_distinct_nodes():
+    rng = random.Random(0)
+    for _ in range(200):
+        replicas = rng.randint(1, 4)
+        nodes = {n: [] for n in range(rng.randint(replicas, 7))}
+        next_target = 1
+        for n in nodes:
+            for _ in range(rng.randint(1, 5)):
+                nodes[n].append(next_target)
+                next_target += 1
+        total = next_target - 1
+        try:
+            chains = place_chains(nodes, replicas)
+        except ValueError as exc:
+            assert "replicas" in str(exc)
+            assert total % replicas or max(map(len, nodes.values())) > total // replicas
+            continue
+        node_of = {t: n for n, ts in nodes.items() for t in ts}
+        assert sorted(t for c in chains for t in c) == list(range(1, total + 1))
+        for chain in chains:
+            assert len(chain) == replicas and len({node_of[t] for t in chain}) == replicas
+    with pytest.raises(ValueError, match="replicas=3"):
+        Manager().create_chains({1: [1, 2, 3], 2: [4, 5, 6]}, replicas=3)
+    table = Manager().create_chains({1: [11, 12], 2: [21, 22], 3: [31, 32]}, replicas=3)
+    assert [c.version for c in table.chains.values()] == [1, 1] and table.version == 1
+
+
+def test_transition_table():
+    S, Y, W, L, O = (TargetState.SERVING, TargetState.SYNCING, TargetState.WAITING, TargetState.LASTSRV,
+                     TargetState.OFFLINE)
+    up, online, off = LocalState.UPTODATE, LocalState.ONLINE, LocalState.OFFLINE
+    assert next_public_state(off, S, S, True) is O
+    assert next_public_state(off, S, None, False) is L
+    assert next_public_state(off, L, None, False) is L
+    assert next_public_state(online, O, S, True) is W
+    assert next_public_state(online, W, S, True) is Y
+    assert next_public_state(online, W, L, False) is W
+    assert next_public_state(online, Y, O, False) is W
+    assert next_public_state(up, Y, S, True) is S
+    assert next_public_state(up, W, S, True) is W  # up-to-date never skips a resync
+    assert next_public_state(online, L, None, False) is S
+    assert next_public_state(off, Y, S, True) is O
+
+
+def test_manager_state_survives_restart(tmp_path):
+    clock = FakeClock()
+    manager = Manager(tmp_path / "m.json", heartbeat_timeout=2.0, clock=clock)
+    manager.create_chains({1: [11, 12], 2: [21, 22], 3: [31, 32]}, replicas=3)
+    for node in (1, 2, 3):
+        manager.register_node(node, f"127.0.0.1:{9000 + node}")
+    manager.mark_offline(21)
+    before = manager.routing()
+    assert before.target_states[21] is TargetState.OFFLINE
+    assert before.chain(before.chain_of(21)).targets[-1] == 21
+
+    again = Manager(tmp_path / "m.json", heartbeat_timeout=2.0, clock=clock)
+    assert again.routing() == before
+    assert again.create_chains({1: [11, 12], 2: [21, 22], 3: [31, 32]}, replicas=3) == before.chain_table
+    clock.now += 3.0  # nobody heartbeats to the new manager: all offline, one lastsrv per chain
+    after = again.check()
+    for chain_id in after.chain_table.chain_ids:
+        states = [after.target_states[t] for t in after.chain(chain_id).targets]
+        assert states.count(TargetState.LASTSRV) == 1 and states.count(TargetState.OFFLINE) == 2
+    assert Manager(tmp_path / "m.json").routing() == after
