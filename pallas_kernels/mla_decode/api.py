@@ -20,30 +20,29 @@ from pallas_kernels.dispatch import (HOPPER_SMS, check_implementation, dispatch,
                                      on_hopper)
 from pallas_kernels.interpret import INTERPRET_SMS
 from pallas_kernels.mla_decode import reference
-from pallas_kernels.mla_decode.fp8_cache import dequantize_kv_cache, fp8_row_bytes
+from pallas_kernels.mla_decode.fp8_cache import FP8KVCache, dequantize_kv_cache, unpack_flashmla
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata
 
 Q_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache):
+def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v):
     if q.ndim != 4:
         raise ValueError(f"q: expected [batch, s_q, h_q, d], got shape {q.shape}")
     batch, _, h_q, d = q.shape
     if jnp.dtype(q.dtype) not in [jnp.dtype(t) for t in Q_DTYPES]:
         raise ValueError(f"q: expected bfloat16, float16 or float32, got {q.dtype}")
-    if k_cache.ndim != 4 or k_cache.shape[1] != BLOCK_SIZE:
+    if len(k_cache.shape) != 4 or k_cache.shape[1] != BLOCK_SIZE:
         raise ValueError(f"k_cache: expected [num_blocks, {BLOCK_SIZE}, h_kv, d], got shape {k_cache.shape}")
     h_kv = k_cache.shape[2]
-    if is_fp8_kvcache:
-        if k_cache.dtype != jnp.uint8 or k_cache.shape[3] != fp8_row_bytes(d, head_dim_v):
-            raise ValueError(f"k_cache: an FP8 cache of d={d}, head_dim_v={head_dim_v} is uint8 with "
-                             f"{fp8_row_bytes(d, head_dim_v)} bytes per token, got {k_cache.dtype} {k_cache.shape}")
-    else:
-        if k_cache.shape[3] != d:
-            raise ValueError(f"q: head dim {d} does not match k_cache's {k_cache.shape[3]}")
-        if k_cache.dtype != q.dtype:
-            raise ValueError(f"k_cache: dtype {k_cache.dtype} does not match q's {q.dtype}")
+    if k_cache.shape[3] != d:
+        raise ValueError(f"q: head dim {d} does not match k_cache's {k_cache.shape[3]}")
+    if isinstance(k_cache, FP8KVCache):
+        k_cache.check()
+        if k_cache.head_dim_v != head_dim_v:
+            raise ValueError(f"head_dim_v: {head_dim_v} does not match the FP8 cache's {k_cache.head_dim_v}")
+    elif k_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache: dtype {k_cache.dtype} does not match q's {q.dtype}")
     if not 0 < head_dim_v <= d:
         raise ValueError(f"head_dim_v: must be in (0, {d}], got {head_dim_v}")
     if h_q % h_kv:
@@ -76,7 +75,9 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
 
     Args:
       q: [batch, s_q, h_q, d] bf16/fp16 (float32 for the xla path).
-      k_cache: [num_blocks, 64, h_kv, d] same dtype, or uint8 [..., 656] with ``is_fp8_kvcache``.
+      k_cache: [num_blocks, 64, h_kv, d] same dtype; or an ``FP8KVCache`` (656 bytes a token, dequantised by
+        the kernel); or, with ``is_fp8_kvcache``, FlashMLA's packed uint8 [num_blocks, 64, h_kv, 656] rows,
+        which are first unpacked into an ``FP8KVCache`` (a copy of the cache: keep ``FP8KVCache`` instead).
       block_table: [batch, max_blocks] int32 pages of each sequence.
       cache_seqlens: [batch] int32 tokens in each sequence's cache (the s_q new ones included).
       head_dim_v: V width (the first columns of K).
@@ -88,7 +89,9 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
       (out [batch, s_q, h_q, head_dim_v] in q's dtype, lse [batch, h_q, s_q] float32). A query that sees
       no token gets out 0 and lse +inf.
     """
-    _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache)
+    if is_fp8_kvcache and not isinstance(k_cache, FP8KVCache):
+        k_cache = unpack_flashmla(k_cache, q.shape[-1], head_dim_v)
+    _validate(q, k_cache, block_table, cache_seqlens, head_dim_v)
     check_implementation(implementation)
     batch, s_q, h_q, d = q.shape
     h_kv = k_cache.shape[2]
@@ -96,7 +99,7 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
 
     def xla():
-        cache = dequantize_kv_cache(k_cache, d, head_dim_v, q.dtype) if is_fp8_kvcache else k_cache
+        cache = dequantize_kv_cache(k_cache, q.dtype) if isinstance(k_cache, FP8KVCache) else k_cache
         return reference.mla_decode_reference(q, cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
                                               softmax_scale=scale, causal=causal)
 
@@ -104,6 +107,6 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
         from pallas_kernels.mla_decode.kernel_ops import flash_mla
 
         return flash_mla(q, k_cache, block_table, cache_seqlens, metadata, head_dim_v=head_dim_v,
-                         softmax_scale=scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache, interpret=interpret)
+                         softmax_scale=scale, causal=causal, interpret=interpret)
 
     return dispatch(implementation or "xla", xla, kernel)

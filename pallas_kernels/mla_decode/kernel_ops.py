@@ -7,19 +7,19 @@ import jax.numpy as jnp
 from pallas_kernels.dispatch import num_sms_of_device
 from pallas_kernels.interpret import INTERPRET_SMS, check_interpreter_threads, gpu_interpret_params
 from pallas_kernels.mla_decode.combine import combine_splits
+from pallas_kernels.mla_decode.fp8_cache import FP8KVCache
 from pallas_kernels.mla_decode.metadata import MLAMetadata, get_mla_metadata
 from pallas_kernels.mla_decode.mosaic_gpu import NUM_COMPUTE_WGS, ROWS, DecodeConfig, check_supported, partial_attention
-
+from pallas_kernels.mla_decode.pages import DensePages, FP8Pages
 
 
 def flash_mla(q, k_cache, block_table, cache_seqlens, metadata: MLAMetadata | None, *, head_dim_v: int,
-              softmax_scale: float, causal: bool, is_fp8_kvcache: bool, interpret: bool):
-    """[batch, s_q, h_q, d] queries over a [num_blocks, 64, 1, d] cache -> (out [batch, s_q, h_q, dv],
-    lse [batch, h_q, s_q] float32)."""
+              softmax_scale: float, causal: bool, interpret: bool):
+    """[batch, s_q, h_q, d] queries over a [num_blocks, 64, 1, d] cache (or an ``FP8KVCache``) ->
+    (out [batch, s_q, h_q, dv], lse [batch, h_q, s_q] float32)."""
     batch, s_q, h_q, d = q.shape
-    if is_fp8_kvcache:
-        raise NotImplementedError("mla_decode kernel: the FP8 cache is dequantised by the XLA path only")
-    check_supported(q.dtype, d, head_dim_v, k_cache.shape[2])
+    fp8 = isinstance(k_cache, FP8KVCache)
+    check_supported(q.dtype, d, head_dim_v, k_cache.shape[2], fp8=fp8)
     num_sms = INTERPRET_SMS if interpret else num_sms_of_device()
     if interpret:
         check_interpreter_threads(NUM_COMPUTE_WGS + 1)
@@ -28,13 +28,12 @@ def flash_mla(q, k_cache, block_table, cache_seqlens, metadata: MLAMetadata | No
     rows = s_q * h_q
     rows_pad = -(-rows // ROWS) * ROWS
     q_rows = jnp.pad(q.reshape(batch, rows, d), ((0, 0), (0, rows_pad - rows), (0, 0)))
-    k_rows = k_cache.reshape(-1, d)  # [num_blocks * 64, d]
+    pages = FP8Pages(d=d, dv=head_dim_v) if fp8 else DensePages(d=d, dtype=q.dtype)
     config = DecodeConfig(d=d, dv=head_dim_v, s_q=s_q, heads=h_q, softmax_scale=softmax_scale, causal=causal,
-                          num_sms=num_sms, for_interpreter=interpret)
-    out, lse = partial_attention(q_rows, k_rows, block_table, cache_seqlens, metadata.work, config=config,
+                          num_sms=num_sms, pages=pages, for_interpreter=interpret)
+    out, lse = partial_attention(q_rows, k_cache, block_table, cache_seqlens, metadata.work, config=config,
                                  num_slots=metadata.num_slots,
                                  interpret=gpu_interpret_params() if interpret else None)
     out, lse = combine_splits(out[:, :rows].astype(jnp.float32), lse[:, :rows], metadata, batch)
     out = out.reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
     return out, jnp.swapaxes(lse.reshape(batch, s_q, h_q), 1, 2)
-

@@ -7,11 +7,13 @@ launches it when asked for by name.
 Work items come from ``get_mla_metadata``: (sequence, first page, end page, output slot). For each item
 and each 64-row tile of query rows (s_q x h_q rows share the single latent KV head), a CTA keeps the
 query tile in SMEM and streams the item's KV pages through the block table with a two-stage TMA
-pipeline driven by a memory warpgroup (Q 72 KB + 2 x 72 KB of pages fill Hopper's shared memory). Two compute warpgroups each run S = Q K^T over all 576
-columns (wgmma, bf16, f32 accumulation) and an online softmax, then O += P V for their own 256 of the
-512 value columns. Tokens past the sequence (or the causal limit) are masked out of S, and their value
-rows are zeroed in SMEM before P V, so poisoned cache slots cannot leak. Each item writes its partial
-result (O / l in the query dtype, lse in f32) to its slot; ``combine.py`` merges a sequence's slots.
+pipeline driven by a memory warpgroup (Q 72 KB + 2 x 72 KB of bf16 pages fill Hopper's shared memory;
+with the FP8 cache, 2 x 41 KB of pages and a 64 KB dequantised tile, see ``pages.py``). Two compute
+warpgroups each run S = Q K^T over all 576 columns (wgmma, bf16, f32 accumulation) and an online
+softmax, then O += P V for their own 256 of the 512 value columns. Tokens past the sequence (or the
+causal limit) are masked out of S, and their value rows are zeroed in SMEM before P V, so poisoned cache
+slots cannot leak. Each item writes its partial result (O / l in the query dtype, lse in f32) to its
+slot; ``combine.py`` merges a sequence's slots.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
+from pallas_kernels.mla_decode.pages import CHUNK, TILED_16BIT, DensePages, FP8Pages, StepContext
 
 ROWS = 64  # query rows per tile (the wgmma M)
-CHUNK = BLOCK_SIZE  # KV tokens per pipeline step: one page (bf16 wgmma needs K in multiples of 64)
 NUM_COMPUTE_WGS = 2
 STAGE_COLUMNS = 16  # output columns staged per TMA store (Q + 2 page stages leave ~11 KB of SMEM)
 LOG2E = math.log2(math.e)
@@ -44,6 +46,7 @@ class DecodeConfig:
     softmax_scale: float
     causal: bool
     num_sms: int
+    pages: DensePages | FP8Pages  # the cache's format: how a page reaches S and P V
     max_concurrent_steps: int = 2
     # The variant jax's CPU interpreter can run (0.10-0.11): K^T as a second, pre-transposed operand (it
     # cannot run a wgmma on a transposed operand), P staged through SMEM (its wgmma takes the A operand
@@ -65,7 +68,7 @@ class DecodeConfig:
         return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
 
-def check_supported(q_dtype, d: int, dv: int, h_kv: int) -> None:
+def check_supported(q_dtype, d: int, dv: int, h_kv: int, fp8: bool = False) -> None:
     """Raises NotImplementedError for inputs this kernel does not take (the API then uses XLA)."""
     if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise NotImplementedError(f"mla_decode kernel: bf16/fp16 only, got {q_dtype}")
@@ -73,49 +76,49 @@ def check_supported(q_dtype, d: int, dv: int, h_kv: int) -> None:
         raise NotImplementedError(f"mla_decode kernel: one latent KV head (MLA), got h_kv={h_kv}")
     if d % 64 or dv % (64 * NUM_COMPUTE_WGS) or dv > d:
         raise NotImplementedError(f"mla_decode kernel: d % 64 == 0 and dv % 128 == 0 needed, got d={d}, dv={dv}")
+    if fp8 and (jnp.dtype(q_dtype) != jnp.dtype(jnp.bfloat16) or dv % (128 * NUM_COMPUTE_WGS) or d == dv):
+        raise NotImplementedError(f"mla_decode kernel, FP8 cache: bf16 q, dv % 256 == 0 and RoPE columns "
+                                  f"(d > dv) needed, got {q_dtype}, d={d}, dv={dv}")
 
 
-def _kernel(q_gmem, k_gmem, kt_gmem, table_gmem, lens_gmem, work_gmem, out_gmem, lse_gmem, *, config: DecodeConfig):
+def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfig):
     # q_gmem:     [batch, rows_pad, d]           query rows of each sequence (s_q-major, then heads)
-    # k_gmem:     [num_blocks * 64, d]           the cache's rows, page p holding rows 64 p .. 64 p + 63
-    # kt_gmem:    [d, num_blocks * 64]           the same, transposed (interpreter only; else None)
     # table_gmem: [batch, max_blocks] int32      lens_gmem: [batch] int32
     # work_gmem:  [items, 4] int32               (sequence, first page, end page, slot)
-    # out_gmem:   [slots, rows_pad, dv] q dtype  lse_gmem: [slots, rows_pad] f32
+    # refs:       the page format's operands (pages.py: page p is rows 64 p .. 64 p + 63 of each), then
+    #             out_gmem [slots, rows_pad, dv] q dtype and lse_gmem [slots, rows_pad] f32
+    *page_gmem, out_gmem, lse_gmem = refs
     rows_pad, d = q_gmem.shape[1], q_gmem.shape[2]
     row_tiles = rows_pad // ROWS
     dv_wg = config.dv_per_wg
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    pages = config.pages
     scale = config.softmax_scale * LOG2E  # scores in log2 units, softmax by exp2
 
     def make_pipeline(body, compute_context, steps, index_map):
-        specs = [plgpu.BlockSpec((CHUNK, d), index_map, transforms=transforms)]
-        if config.for_interpreter:
-            specs.append(plgpu.BlockSpec((d, CHUNK), lambda j: tuple(reversed(index_map(j)))))
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), memory_registers=40,
-            in_specs=specs,
+            in_specs=pages.in_specs(index_map, config.for_interpreter),
             wg_axis="wg", num_compute_wgs=NUM_COMPUTE_WGS, max_concurrent_steps=config.max_concurrent_steps,
             compute_context=compute_context)
 
     ignore = lambda *_, **__: None  # noqa: E731
-    k_operands = (k_gmem, kt_gmem) if config.for_interpreter else (k_gmem,)
     max_steps = table_gmem.shape[1] if config.for_interpreter else work_gmem[0, 2]
 
     @functools.partial(
         pl.run_scoped,
-        allocs=make_pipeline(ignore, ignore, max_steps, lambda j: (j, 0)).get_allocations(*k_operands),
-        q_smem=plgpu.SMEM((ROWS, d), q_gmem.dtype, transforms=transforms),
+        allocs=make_pipeline(ignore, ignore, max_steps, lambda j: (j, 0)).get_allocations(*page_gmem),
+        q_smem=plgpu.SMEM((ROWS, d), q_gmem.dtype, transforms=TILED_16BIT),
         stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), q_gmem.dtype),
         lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
         # [wg, 64, 64] P staged for P V: the interpreter's wgmma takes its A operand from SMEM only
-        **({"p_smem": plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, CHUNK), q_gmem.dtype, transforms=transforms)}
+        **({"p_smem": plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, CHUNK), q_gmem.dtype, transforms=TILED_16BIT)}
            if config.for_interpreter else {}),
+        **pages.scratch(config.for_interpreter),
         q_barrier=plgpu.Barrier(num_arrivals=1),
         sync_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
         collective_axes="wg",
     )
-    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, sync_barrier, p_smem=None):
+    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, sync_barrier, p_smem=None, **page_scratch):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((work_gmem.shape[0] * row_tiles,), collective_axes="sm")
@@ -160,15 +163,19 @@ def _kernel(q_gmem, k_gmem, kt_gmem, table_gmem, lens_gmem, work_gmem, out_gmem,
 
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-                def step(indices, k_smem, *rest):
-                    # k_smem [64, d]: the tokens of the item's page j; rest: ([d, 64] K^T for the interpreter,)
-                    # carry = (acc [64, dv_wg] f32, m [64], l [64]) in log2 units
-                    *kt_smem, (acc, m, l) = rest
+                def step(indices, *refs):
+                    # refs: the page format's SMEM blocks of the item's page j, then the carry
+                    # (acc [64, dv_wg] f32, m [64], l [64]) in log2 units
+                    *page_refs, (acc, m, l) = refs
                     token0 = first * BLOCK_SIZE + indices[0] * CHUNK
+                    ctx = StepContext(token0=token0, valid=jnp.minimum(length, end * BLOCK_SIZE), wg=wg,
+                                      dv_per_wg=dv_wg, sync_barrier=sync_barrier,
+                                      for_interpreter=config.for_interpreter)
+                    score_operands = pages.score_operands(page_refs, page_scratch, ctx)
 
                     def qk(s_ref):
-                        k_t = kt_smem[0] if config.for_interpreter else plgpu.transpose_ref(k_smem, (1, 0))
-                        plgpu.wgmma(s_ref, q_smem, k_t)
+                        for q_columns, k_t in score_operands:  # S = sum over column ranges of Q K^T
+                            plgpu.wgmma(s_ref, q_smem if q_columns is None else q_smem.at[:, q_columns], k_t)
                         return s_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, CHUNK), jnp.float32)) * scale  # [64, 64]
@@ -183,46 +190,39 @@ def _kernel(q_gmem, k_gmem, kt_gmem, table_gmem, lens_gmem, work_gmem, out_gmem,
                     alpha = jnp.exp2(m - m_safe)
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
-                    v_smem = k_smem.at[:, pl.ds(wg * dv_wg, dv_wg)]  # [32, dv_wg]
-
-                    @pl.when(token0 + CHUNK > jnp.minimum(length, end * BLOCK_SIZE))
-                    def _zero_unwritten_rows():  # 0 * NaN would poison P V
-                        v = v_smem[...]
-                        tokens = token0 + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-                        v_smem[...] = jnp.where(tokens < jnp.minimum(length, end * BLOCK_SIZE), v, jnp.zeros_like(v))
-                        plgpu.commit_smem()
-
+                    v_smem = pages.value_ref(page_refs, page_scratch, ctx)  # [64, dv_wg]
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p_operand, v_smem)
 
                     if config.for_interpreter:  # it has no rule for run_state: add a fresh product instead
-                        p_smem[wg] = p.astype(k_smem.dtype)
+                        p_smem[wg] = p.astype(q_smem.dtype)
                         plgpu.commit_smem()
                         p_operand = p_smem.at[wg]
                         acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((ROWS, dv_wg), jnp.float32))
                     else:  # accumulate in place: a second 64 x 256 f32 accumulator would not fit in registers
-                        p_operand = p.astype(k_smem.dtype)
+                        p_operand = p.astype(q_smem.dtype)
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     return acc, m_new, l
 
-                def index_map(j):  # step j -> the page (a 64-row block of k_gmem) of the item's j-th block
+                def index_map(j):  # step j -> the page (block row) of the item's j-th block
                     return (table_gmem[seq, jnp.minimum(first + j, end - 1)], 0)
 
                 steps = max_steps if config.for_interpreter else end - first
-                make_pipeline(step, compute_context, steps, index_map)(*k_operands, allocations=allocs)
+                make_pipeline(step, compute_context, steps, index_map)(*page_gmem, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def partial_attention(q_rows, k_rows, block_table, lengths, work, *, config: DecodeConfig, num_slots: int,
+def partial_attention(q_rows, k_cache, block_table, lengths, work, *, config: DecodeConfig, num_slots: int,
                       interpret=None):
     """Launches the kernel: per work item, the partial softmax over its pages.
 
     Args:
-      q_rows: [batch, rows_pad, d] bf16/fp16; k_rows: [num_blocks * 64, d]; block_table: [batch, max_blocks];
-      lengths: [batch] int32; work: [items, 4] int32.
+      q_rows: [batch, rows_pad, d] bf16/fp16; k_cache: [num_blocks, 64, 1, d] in q's dtype (``DensePages``)
+      or an ``FP8KVCache`` (``FP8Pages``); block_table: [batch, max_blocks]; lengths: [batch] int32;
+      work: [items, 4] int32.
     Returns:
       (out [num_slots, rows_pad, dv] in q's dtype, lse [num_slots, rows_pad] float32 natural log); slots no
       item writes are left unwritten.
@@ -236,5 +236,5 @@ def partial_attention(q_rows, k_rows, block_table, lengths, work, *, config: Dec
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
     )
-    k_t = k_rows.T if config.for_interpreter else None
-    return kernel(q_rows, k_rows, k_t, block_table, lengths, work)
+    pages = config.pages.gmem_operands(k_cache, config.for_interpreter)
+    return kernel(q_rows, block_table, lengths, work, *pages)
