@@ -117,13 +117,49 @@ def test_combine_of_any_split_equals_the_whole_softmax():
 def test_fp8_cache_round_trip_and_decode():
     q, cache, table, lens = make_case((90, 200), 1, 16, seed=2)
     clean = jnp.nan_to_num(cache)
-    packed = quantize_kv_cache(clean, 512)
-    assert packed.shape[-1] == 656 and packed.dtype == jnp.uint8
-    back = dequantize_kv_cache(packed, 576, 512)
+    fp8 = quantize_kv_cache(clean, 512)
+    assert fp8.shape == clean.shape and fp8.values.dtype == jnp.float8_e4m3fn
+    assert sum(x[0, 0].nbytes for x in (fp8.values, fp8.rope)) + fp8.scales[0, 0, :, 0].nbytes == 656
+    back = dequantize_kv_cache(fp8)
     np.testing.assert_array_equal(np.asarray(back[..., 512:]), np.asarray(clean[..., 512:]))  # RoPE stays bf16
-    out, _ = flash_mla_with_kvcache(q, packed, table, lens, 512, is_fp8_kvcache=True, implementation="xla")
+    latent, restored = np.asarray(clean[..., :512], np.float32), np.asarray(back[..., :512], np.float32)
+    assert np.all(np.abs(restored - latent) <= 2 ** -3 * np.abs(latent) + 1e-6)  # e4m3: 3 mantissa bits
+    assert set(np.unique(np.log2(np.asarray(fp8.scales)) % 1)) == {0.0}  # UE8M0: powers of two
+    out, _ = flash_mla_with_kvcache(q, fp8, table, lens, 512, implementation="xla")
     ref_out, _ = reference64(q, back, table, lens, 512, 576 ** -0.5, False)
     np.testing.assert_allclose(np.asarray(out, np.float64), ref_out, atol=8e-4, rtol=2.01 / 128)
+
+
+def test_flashmla_packed_rows_round_trip_and_decode_the_same():
+    """FlashMLA's 656-byte rows (values | 4 f32 scales | 64 bf16 RoPE) unpack to the same cache."""
+    q, cache, table, lens = make_case((70, 3), 1, 16, seed=4)
+    fp8 = quantize_kv_cache(cache, 512)
+    packed = pack_flashmla(fp8)
+    assert packed.shape == cache.shape[:3] + (656,) and packed.dtype == jnp.uint8
+    row = np.asarray(packed[int(table[0, 0]), 5, 0])
+    np.testing.assert_array_equal(row[512:516].view(np.float32), np.asarray(fp8.scales[int(table[0, 0]), 0, 0, 5]))
+    np.testing.assert_array_equal(row[528:].view(jnp.bfloat16), np.asarray(cache[int(table[0, 0]), 5, 0, 512:]))
+    for part, again in zip(fp8, unpack_flashmla(packed, 576, 512)):
+        np.testing.assert_array_equal(np.asarray(part, np.float32), np.asarray(again, np.float32))
+    out_packed, lse_packed = flash_mla_with_kvcache(q, packed, table, lens, 512, is_fp8_kvcache=True,
+                                                    implementation="xla")
+    out, lse = flash_mla_with_kvcache(q, fp8, table, lens, 512, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out_packed, np.float32), np.asarray(out, np.float32))
+    np.testing.assert_array_equal(np.asarray(lse_packed), np.asarray(lse))
+
+
+@pytest.mark.parametrize("change, argument", [
+    (lambda c: c._replace(scales=c.scales.transpose(0, 1, 3, 2)), "k_cache.scales"),  # per-token, not per-page
+    (lambda c: c._replace(rope=c.rope.astype(jnp.float16)), "k_cache.rope"),
+    (lambda c: c._replace(values=c.values.astype(jnp.bfloat16)), "k_cache.values"),
+])
+def test_bad_fp8_caches_name_the_part(change, argument):
+    q, cache, table, lens = make_case((70,), 1, 16)
+    with pytest.raises(ValueError, match=argument):
+        flash_mla_with_kvcache(q, change(quantize_kv_cache(cache, 512)), table, lens, 512, implementation="xla")
+    with pytest.raises(ValueError, match="k_cache"):  # FlashMLA rows of the wrong width
+        flash_mla_with_kvcache(q, jnp.zeros(cache.shape[:3] + (600,), jnp.uint8), table, lens, 512,
+                               is_fp8_kvcache=True, implementation="xla")
 
 
 @pytest.mark.parametrize("change, argument", [
@@ -163,6 +199,24 @@ def test_kernel_in_interpreter_matches_float64_reference(seqlens, s_q, h_q, caus
         assert out.shape == (len(seqlens), s_q, h_q, dv) and out.dtype == q.dtype
         expected = ref if layer == 0 else reference64(q_layer, cache, table, lens, dv, d ** -0.5, causal)
         assert_flashmla_close(out, lse, *expected)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("seqlens, s_q, h_q, causal, d, dv", [((0, 1, 530, 64), 2, 32, True, 576, 512),
+                                                              ((63, 1000), 1, 64, False, 320, 256)])
+def test_fp8_cache_kernel_in_interpreter_matches_float64_reference(seqlens, s_q, h_q, causal, d, dv):
+    """The kernel dequantises the FP8 pages itself (values x per-token group scale, poisoned rows zeroed):
+    against float64 over the dequantised cache, with FlashMLA's tolerances and a split sequence."""
+    q, cache, table, lens = make_case(seqlens, s_q, h_q, d=d, dv=dv, seed=5)
+    fp8 = quantize_kv_cache(cache, dv)  # the NaN-poisoned slots quantise to NaN values; poison their scales too
+    unused = jnp.isnan(cache[..., 0]).transpose(0, 2, 1)[:, :, None, :]  # [num_blocks, 1, 1, 64]
+    fp8 = fp8._replace(scales=jnp.where(unused, jnp.nan, fp8.scales))
+    assert np.isnan(np.asarray(fp8.values, np.float32)).any() and np.isnan(np.asarray(fp8.scales)).any()
+    metadata = get_mla_metadata(lens, s_q * h_q, 1, num_sms=4 * -(-s_q * h_q // 64))
+    assert int(metadata.num_splits.max()) > 1
+    out, lse = flash_mla_with_kvcache(q, fp8, table, lens, dv, metadata, causal=causal, implementation="interpret")
+    assert_flashmla_close(out, lse, *reference64(q, dequantize_kv_cache(fp8), table, lens, dv, d ** -0.5, causal))
 
 
 @pytest.mark.timeout(300)

@@ -85,7 +85,7 @@ def dequantize_kv_cache(cache: FP8KVCache, dtype=jnp.bfloat16) -> jax.Array:
 
 def pack_flashmla(cache: FP8KVCache) -> jax.Array:
     """FP8KVCache -> [num_blocks, 64, h_kv, 656] uint8 in FlashMLA's byte order (values, scales, RoPE)."""
-    as_bytes = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(x.shape[:4] + (-1,))  # noqa: E731
+    as_bytes = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(x.shape[:3] + (-1,))  # noqa: E731
     per_token = cache.scales.transpose(0, 3, 1, 2)
     return jnp.concatenate([as_bytes(cache.values), as_bytes(per_token), as_bytes(cache.rope)], -1)
 
