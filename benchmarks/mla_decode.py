@@ -3,7 +3,8 @@
 Sweep (FlashMLA's test): b = 128, mean s_k in {4096, 8192}, h_q in {16, 32, 64, 128}, s_q in {1, 2}, varlen
 on/off (lengths ~ N(s_k, s_k / 2), at least s_q), h_kv = 1, d = 576, dv = 512, causal. FlashMLA's formulas:
 FLOPs = s_q * total_seqlens * h_q * (d + dv) * 2; bytes = (total_seqlens * d + b * s_q * h_q * (d + dv)) * 2.
-Reports each implementation available on the device (the XLA path always) and % of the copy bandwidth
+The varlen cases run again over the FP8 cache (656 bytes a token instead of 1152 in the bytes formula),
+dequantised in the kernel. Reports each implementation available on the device (the XLA path always) and % of the copy bandwidth
 measured in the same run.
 
     python benchmarks/mla_decode.py --sweep          # on a GPU
@@ -28,25 +29,29 @@ from timing import copy_bandwidth_gbps, gpu_kernel_ms  # noqa: E402
 
 from pallas_kernels.dispatch import on_hopper  # noqa: E402
 from pallas_kernels.mla_decode.api import flash_mla_with_kvcache  # noqa: E402
+from pallas_kernels.mla_decode.fp8_cache import fp8_row_bytes, quantize_kv_cache  # noqa: E402
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, get_mla_metadata  # noqa: E402
 
 D, DV = 576, 512
 
 
-def sweep_case(batch, mean_sk, h_q, s_q, varlen, implementations):
+def sweep_case(batch, mean_sk, h_q, s_q, varlen, implementations, fp8=False):
     rng = np.random.default_rng(0)
     lengths = (np.maximum(rng.normal(mean_sk, mean_sk / 2, batch), s_q) if varlen else np.full(batch, mean_sk))
     lengths = lengths.astype(np.int32)
     max_blocks = int(-(-lengths.max() // BLOCK_SIZE))
     table = rng.permutation(batch * max_blocks).reshape(batch, max_blocks).astype(np.int32)
     cache = jax.random.normal(jax.random.key(0), (batch * max_blocks, BLOCK_SIZE, 1, D), jnp.bfloat16) / 10
+    if fp8:
+        cache = quantize_kv_cache(cache, DV)
     q = jax.random.normal(jax.random.key(1), (batch, s_q, h_q, D), jnp.bfloat16) / 10
     lens = jnp.asarray(lengths)
     meta = get_mla_metadata(lens, s_q * h_q, 1)
     total = int(lengths.sum())
     flops = s_q * total * h_q * (D + DV) * 2
-    moved = (total * D + batch * s_q * h_q * (D + DV)) * 2
-    row = {"b": batch, "s_k": mean_sk, "h_q": h_q, "s_q": s_q, "varlen": varlen}
+    row_bytes = fp8_row_bytes(D, DV) if fp8 else D * 2
+    moved = total * row_bytes + batch * s_q * h_q * (D + DV) * 2
+    row = {"b": batch, "s_k": mean_sk, "h_q": h_q, "s_q": s_q, "varlen": varlen, "cache": "fp8" if fp8 else "bf16"}
     outputs = {}
     for name in implementations:
         fn = jax.jit(lambda q, c, t, l, m, name=name: flash_mla_with_kvcache(q, c, t, l, DV, m, causal=True,
@@ -70,11 +75,11 @@ def sweep() -> dict:
     for mean_sk in (4096, 8192):
         for h_q in (16, 32, 64, 128):
             for s_q in (1, 2):
-                for varlen in (False, True):
+                for varlen, fp8 in ((False, False), (True, False), (True, True)):
                     try:
-                        rows.append(sweep_case(128, mean_sk, h_q, s_q, varlen, implementations))
+                        rows.append(sweep_case(128, mean_sk, h_q, s_q, varlen, implementations, fp8))
                     except Exception as error:  # one failing case must not hide the others
-                        rows.append({"s_k": mean_sk, "h_q": h_q, "s_q": s_q, "varlen": varlen,
+                        rows.append({"s_k": mean_sk, "h_q": h_q, "s_q": s_q, "varlen": varlen, "cache": "fp8" if fp8 else "bf16",
                                      "error": f"{type(error).__name__}: {error}"[:300]})
                     print(json.dumps(rows[-1]), flush=True)
     for row in rows:
