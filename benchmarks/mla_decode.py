@@ -2,7 +2,8 @@
 
 Sweep (FlashMLA's test): b = 128, mean s_k in {4096, 8192}, h_q in {16, 32, 64, 128}, s_q in {1, 2}, varlen
 on/off (lengths ~ N(s_k, s_k / 2), at least s_q), h_kv = 1, d = 576, dv = 512, causal. FlashMLA's formulas:
-FLOPs = s_q * total_seqlens * h_q * (d + dv) * 2; bytes = (total_seqlens * d + b * s_q * h_q * (d + dv)) * 2.
+FLOPs = s_q * total_seqlens * h_q * (d + dv) * 2;
+bytes = (total_seqlens * d + b * s_q * h_q * (d + dv)) * 2.
 The varlen cases run again over the FP8 cache (656 bytes a token instead of 1152 in the bytes formula),
 dequantised in the kernel. Reports each implementation available on the device (the XLA path always) and % of the copy bandwidth
 measured in the same run.
@@ -79,8 +80,8 @@ def sweep() -> dict:
                     try:
                         rows.append(sweep_case(128, mean_sk, h_q, s_q, varlen, implementations, fp8))
                     except Exception as error:  # one failing case must not hide the others
-                        rows.append({"s_k": mean_sk, "h_q": h_q, "s_q": s_q, "varlen": varlen, "cache": "fp8" if fp8 else "bf16",
-                                     "error": f"{type(error).__name__}: {error}"[:300]})
+                        rows.append({"s_k": mean_sk, "h_q": h_q, "s_q": s_q, "varlen": varlen,
+                                     "cache": "fp8" if fp8 else "bf16", "error": f"{type(error).__name__}: {error}"[:300]})
                     print(json.dumps(rows[-1]), flush=True)
     for row in rows:
         for name in implementations:

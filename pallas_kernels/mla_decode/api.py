@@ -93,8 +93,7 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Ar
         k_cache = unpack_flashmla(k_cache, q.shape[-1], head_dim_v)
     _validate(q, k_cache, block_table, cache_seqlens, head_dim_v)
     check_implementation(implementation)
-    batch, s_q, h_q, d = q.shape
-    h_kv = k_cache.shape[2]
+    s_q, d = q.shape[1], q.shape[3]
     causal = causal and s_q > 1
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
 

@@ -1,8 +1,8 @@
 """FlashMLA-style split-KV decoding over a paged cache, as a Pallas Mosaic GPU kernel (Hopper).
 
 Status: it matches a float64 reference in jax's Mosaic GPU interpreter (tests/test_mla_decode.py, full
-576/512 rows, splits, causal s_q = 2) and lowers for CUDA; it has not run on a GPU yet, so the API only
-launches it when asked for by name.
+576/512 rows, splits, causal s_q = 2, bf16 and FP8 caches) and lowers for CUDA; it has not run on a GPU
+yet, so the API only launches it when asked for by name.
 
 Work items come from ``get_mla_metadata``: (sequence, first page, end page, output slot). For each item
 and each 64-row tile of query rows (s_q x h_q rows share the single latent KV head), a CTA keeps the
