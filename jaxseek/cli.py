@@ -91,6 +91,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--mla-implementation", choices=("xla", "mosaic_gpu", "interpret"), default=None,
                    help="MLA decoding: xla (default), the Mosaic GPU kernel (Hopper, bf16 models), or that "
                         "kernel in the CPU interpreter (slow)")
+    p.add_argument("--kv-cache", choices=("model", "fp8"), default="model",
+                   help="cache rows in the model's dtype (default) or FlashMLA's FP8 format (656 bytes a token "
+                        "for DeepSeek-V3; needs kv_lora_rank %% 128 == 0)")
 
 
 def _generate(args, console: Console) -> int:
@@ -103,7 +106,7 @@ def _generate(args, console: Console) -> int:
     model = load_model(args.checkpoint)
     generator = Generator(model, max_blocks_per_seq=-(-(max(len(p.encode()) for p in args.prompt)
                                                         + sampling.max_new_tokens) // 64),
-                          implementation=args.mla_implementation)
+                          implementation=args.mla_implementation, kv_cache=args.kv_cache)
     prompts = [list(p.encode()) for p in args.prompt]
     stream = len(prompts) == 1
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -48,13 +48,13 @@ def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_t
         attn = block.attn
         x = block.attn_norm(h)
         q = attn.absorb_queries(*attn.project_queries(x, positions))  # [batch, s, heads, latent]
-        layer_pages = write_rows(pages.data[index], attn.project_latent(x, positions), block_table, positions, valid)
+        layer_pages = write_rows(pages.layer(index), attn.project_latent(x, positions), block_table, positions, valid)
         layers.append(layer_pages)
-        out, _ = flash_mla_with_kvcache(q.astype(layer_pages.dtype), layer_pages, block_table, attend_len,
+        out, _ = flash_mla_with_kvcache(q.astype(pages.query_dtype), layer_pages, block_table, attend_len,
                                         head_dim_v=config.mla.kv_lora_rank, metadata=metadata,
                                         softmax_scale=attn.softmax_scale, causal=True, implementation=implementation)
         h, _ = block.feed_forward(h + attn.output_from_latent(out.astype(x.dtype)))
-    return model.logits(h), KVPages(jnp.stack(layers))
+    return model.logits(h), KVPages.stack(layers)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "implementation"), donate_argnames=("pages",))

@@ -73,11 +73,21 @@ class Generator:
     """Serves generation requests from one model and one paged cache."""
 
     def __init__(self, model: Transformer, *, num_blocks: int = 256, max_blocks_per_seq: int = 32,
-                 prefix_store: PrefixStore | None = None, implementation: str | None = None):
+                 prefix_store: PrefixStore | None = None, implementation: str | None = None,
+                 kv_cache: str = "model"):
+        """``kv_cache``: "model" keeps rows in the model's compute dtype, "fp8" in FlashMLA's FP8 format
+        (e4m3 latent with a power-of-two scale per 128 values, bf16 RoPE; needs kv_lora_rank % 128 == 0)."""
         self.config: ModelConfig = model.config
         self.graphdef, self.state = nnx.split(model)
+        if kv_cache not in ("model", "fp8"):
+            raise ValueError(f"kv_cache: expected 'model' or 'fp8', got {kv_cache!r}")
         dtype = jnp.bfloat16 if self.config.compute_dtype == "bfloat16" else jnp.float32
-        self.pages: KVPages = empty_pages(self.config.num_layers, num_blocks, self.config.mla.latent_dim, dtype)
+        mla = self.config.mla
+        if kv_cache == "fp8" and mla.kv_lora_rank % 128:
+            raise ValueError(f"kv_cache: 'fp8' scales groups of 128 latent values; this model's kv_lora_rank is "
+                             f"{mla.kv_lora_rank}")
+        self.pages: KVPages = empty_pages(self.config.num_layers, num_blocks, mla.latent_dim, dtype,
+                                          fp8_value_dim=mla.kv_lora_rank if kv_cache == "fp8" else None)
         self.allocator = PageAllocator(num_blocks, max_blocks_per_seq)
         self.prefix_store = prefix_store if prefix_store is not None else InMemoryPrefixStore()
         self.implementation = implementation
@@ -92,8 +102,7 @@ class Generator:
     def _layer_rows(self, seq_id: int, length: int) -> np.ndarray:
         """[num_layers, length, latent_dim] cached rows of a sequence (for the prefix store)."""
         table = self.allocator.block_table([seq_id])[0][: -(-length // BLOCK_SIZE)]
-        rows = np.asarray(self.pages.data[:, table, :, 0])  # [layers, pages, 64, latent]
-        return rows.reshape(rows.shape[0], -1, rows.shape[-1])[:, :length]
+        return self.pages.rows(table)[:, :length]
 
     def prefill(self, seq_id: int, prompt: list[int]) -> jax.Array:
         """Caches the prompt; returns the [vocab] logits after its last token."""
@@ -101,9 +110,7 @@ class Generator:
         self.allocator.reserve(seq_id, len(prompt))
         if reused:
             table = self.allocator.block_table([seq_id])[0]
-            pages = self.pages.data.at[:, table[: reused // BLOCK_SIZE]].set(
-                jnp.asarray(rows, self.pages.data.dtype).reshape(rows.shape[0], -1, BLOCK_SIZE, 1, rows.shape[-1]))
-            self.pages = KVPages(pages)
+            self.pages = self.pages.with_rows(table[: reused // BLOCK_SIZE], rows)
         rest = prompt[reused:]
         width = -(-len(rest) // PREFILL_BUCKET) * PREFILL_BUCKET
         tokens = np.zeros((1, width), np.int32)

@@ -1,7 +1,9 @@
 """A paged MLA KV cache: device pages plus the host-side allocator that hands them to sequences.
 
 Each layer caches one ``kv_lora_rank + qk_rope_head_dim`` row per token (576 for DeepSeek-V3), in pages
-of 64 tokens (FlashMLA's block size) shared by all layers: ``pages[layer, page, slot, 0, :]``. The
+of 64 tokens (FlashMLA's block size) shared by all layers: ``pages[layer, page, slot, 0, :]``; or, with
+``fp8_value_dim``, FlashMLA's FP8 format (an ``FP8KVCache`` with a leading layer axis, 656 bytes a token
+for DeepSeek-V3 instead of 1152 in bf16), which rows are quantised into as they are written. The
 allocator keeps a free list and one block table per sequence; ``PrefixStore`` is the hook a prefix
 cache (the storage package's 3FS-backed one, or ``InMemoryPrefixStore``) plugs into, so a new request
 whose prompt starts with a stored prefix skips recomputing it.
@@ -16,25 +18,66 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.mla_decode.fp8_cache import FP8KVCache, dequantize_kv_cache, quantize_kv_cache, quantize_rows
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
+from pallas_kernels.quant import FP8_DTYPE, GROUP
 
 
 class KVPages(NamedTuple):
     """The device side of the cache."""
 
-    data: jax.Array  # [num_layers, num_blocks, 64, 1, latent_dim]
+    data: jax.Array | FP8KVCache  # [num_layers, num_blocks, 64, 1, latent_dim], or FP8KVCache parts with a layer axis
+
+    @property
+    def query_dtype(self):
+        """The dtype queries attend in: the pages' own, bf16 over FP8 pages (the kernel's FP8 path)."""
+        return jnp.bfloat16 if isinstance(self.data, FP8KVCache) else self.data.dtype
+
+    def layer(self, index: int) -> jax.Array | FP8KVCache:
+        """One layer's pages: [num_blocks, 64, 1, latent_dim] or an FP8KVCache."""
+        return jax.tree.map(lambda x: x[index], self.data)
+
+    @staticmethod
+    def stack(layers: list) -> "KVPages":
+        return KVPages(jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+
+    def rows(self, pages: np.ndarray) -> np.ndarray:
+        """[num_layers, len(pages) * 64, latent_dim] float32 rows of the given pages, in order."""
+        selected = jax.tree.map(lambda x: x[:, pages], self.data)
+        if isinstance(selected, FP8KVCache):
+            selected = jax.vmap(lambda c: dequantize_kv_cache(c, jnp.float32))(selected)
+        rows = np.asarray(selected[:, :, :, 0], np.float32)  # [layers, pages, 64, latent]
+        return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+
+    def with_rows(self, pages: np.ndarray, rows: np.ndarray) -> "KVPages":
+        """Writes [num_layers, len(pages) * 64, latent_dim] rows into the given pages."""
+        rows = jnp.asarray(rows, jnp.float32).reshape(rows.shape[0], len(pages), BLOCK_SIZE, 1, rows.shape[-1])
+        if isinstance(self.data, FP8KVCache):
+            dv = self.data.values.shape[-1]
+            rows = jax.vmap(lambda r: quantize_kv_cache(r, dv))(rows)
+        return KVPages(jax.tree.map(lambda x, r: x.at[:, pages].set(r.astype(x.dtype)), self.data, rows))
 
 
-def empty_pages(num_layers: int, num_blocks: int, latent_dim: int, dtype=jnp.float32) -> KVPages:
-    return KVPages(jnp.zeros((num_layers, num_blocks, BLOCK_SIZE, 1, latent_dim), dtype))
+def empty_pages(num_layers: int, num_blocks: int, latent_dim: int, dtype=jnp.float32, *,
+                fp8_value_dim: int | None = None) -> KVPages:
+    """Zeroed pages; with ``fp8_value_dim`` (the latent's kv_lora_rank, a multiple of 128) in FP8."""
+    lead = (num_layers, num_blocks, BLOCK_SIZE, 1)
+    if fp8_value_dim is None:
+        return KVPages(jnp.zeros(lead + (latent_dim,), dtype))
+    if fp8_value_dim % GROUP or not 0 < fp8_value_dim < latent_dim:
+        raise ValueError(f"fp8_value_dim: the FP8 cache scales groups of {GROUP} latent values and keeps the "
+                         f"RoPE part in bf16: need a multiple of {GROUP} below {latent_dim}, got {fp8_value_dim}")
+    return KVPages(FP8KVCache(jnp.zeros(lead + (fp8_value_dim,), FP8_DTYPE),
+                              jnp.zeros(lead + (latent_dim - fp8_value_dim,), jnp.bfloat16),
+                              jnp.ones((num_layers, num_blocks, 1, fp8_value_dim // GROUP, BLOCK_SIZE), jnp.float32)))
 
 
-def write_rows(layer_pages: jax.Array, rows: jax.Array, block_table: jax.Array, positions: jax.Array,
-               valid: jax.Array) -> jax.Array:
-    """Stores new latent rows into their pages.
+def write_rows(layer_pages: jax.Array | FP8KVCache, rows: jax.Array, block_table: jax.Array, positions: jax.Array,
+               valid: jax.Array) -> jax.Array | FP8KVCache:
+    """Stores new latent rows into their pages (quantised first when the pages are FP8).
 
     Args:
-      layer_pages: [num_blocks, 64, 1, latent_dim] one layer's pages.
+      layer_pages: [num_blocks, 64, 1, latent_dim] one layer's pages, or its FP8KVCache.
       rows: [batch, s, latent_dim] rows of tokens at ``positions`` [batch, s] int32.
       block_table: [batch, max_blocks] int32.
       valid: [batch, s] bool; other rows are not written.
@@ -43,7 +86,13 @@ def write_rows(layer_pages: jax.Array, rows: jax.Array, block_table: jax.Array, 
     """
     page = jnp.take_along_axis(block_table, positions // BLOCK_SIZE, axis=1)  # [batch, s]
     page = jnp.where(valid, page, layer_pages.shape[0])  # out of range: dropped
-    return layer_pages.at[page, positions % BLOCK_SIZE, 0].set(rows.astype(layer_pages.dtype), mode="drop")
+    slot = positions % BLOCK_SIZE
+    if isinstance(layer_pages, FP8KVCache):
+        values, scales, rope = quantize_rows(rows, layer_pages.head_dim_v)
+        return FP8KVCache(layer_pages.values.at[page, slot, 0].set(values, mode="drop"),
+                          layer_pages.rope.at[page, slot, 0].set(rope, mode="drop"),
+                          layer_pages.scales.at[page, 0, :, slot].set(scales, mode="drop"))
+    return layer_pages.at[page, slot, 0].set(rows.astype(layer_pages.dtype), mode="drop")
 
 
 class PrefixStore(Protocol):

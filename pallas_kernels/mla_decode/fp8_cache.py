@@ -62,16 +62,21 @@ def fp8_row_bytes(d: int, dv: int) -> int:
     return dv + 4 * (dv // GROUP) + 2 * (d - dv)
 
 
-def quantize_kv_cache(kv: jax.Array, dv: int) -> FP8KVCache:
-    """[num_blocks, 64, h_kv, d] rows -> FP8KVCache (``dv`` a multiple of 128)."""
+def quantize_rows(rows: jax.Array, dv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[..., d] rows -> (values [..., dv] e4m3, scales [..., dv / 128] float32, rope [..., d - dv] bf16)."""
     if dv % GROUP:
         raise ValueError(f"head_dim_v: the FP8 cache scales groups of {GROUP}, got {dv}")
+    lead = rows.shape[:-1]
+    q = per_token_cast_to_fp8(rows[..., :dv].reshape(-1, dv).astype(jnp.float32), ue8m0=True)
+    return q.data.reshape(lead + (dv,)), q.scale.reshape(lead + (dv // GROUP,)), rows[..., dv:].astype(jnp.bfloat16)
+
+
+def quantize_kv_cache(kv: jax.Array, dv: int) -> FP8KVCache:
+    """[num_blocks, 64, h_kv, d] rows -> FP8KVCache (``dv`` a multiple of 128)."""
     if kv.ndim != 4 or kv.shape[1] != BLOCK_SIZE:
         raise ValueError(f"kv: expected [num_blocks, {BLOCK_SIZE}, h_kv, d], got {kv.shape}")
-    blocks, _, h_kv, d = kv.shape
-    q = per_token_cast_to_fp8(kv[..., :dv].reshape(-1, dv).astype(jnp.float32), ue8m0=True)
-    scales = q.scale.reshape(blocks, BLOCK_SIZE, h_kv, dv // GROUP).transpose(0, 2, 3, 1)
-    return FP8KVCache(q.data.reshape(blocks, BLOCK_SIZE, h_kv, dv), kv[..., dv:].astype(jnp.bfloat16), scales)
+    values, scales, rope = quantize_rows(kv, dv)
+    return FP8KVCache(values, rope, scales.transpose(0, 2, 3, 1))
 
 
 def dequantize_kv_cache(cache: FP8KVCache, dtype=jnp.bfloat16) -> jax.Array:
