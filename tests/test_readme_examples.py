@@ -19,3 +19,11 @@ def test_3fs_example_runs(tmp_path):
         assert namespace["pl"].read_parquet(f)["a"].to_list() == [1, 2, 3]
     namespace["client"].close()
     namespace["fs"].client.close()
+
+
+def test_mla_decoding_example_runs():
+    namespace: dict = {}
+    exec(compile(python_block_after("### Paged MLA decoding"), "README.md (MLA example)", "exec"), namespace)
+    out, out8 = namespace["out"], namespace["out8"]
+    assert out.shape == (4, 1, 16, 512) and out8.shape == out.shape
+    assert float(abs(out.astype(float) - out8.astype(float)).max()) < 0.02  # FP8 cache: close, not equal

@@ -5,6 +5,10 @@ V is its first ``head_dim_v`` (512) columns. ``q`` carries the absorbed queries 
 .absorb_queries``). Pages hold 64 tokens; ``block_table[b, j]`` is the page of sequence b's tokens
 64 j .. 64 j + 63.
 
+An ``FP8KVCache`` (``fp8_cache.py``: e4m3 latent with power-of-two scales per 128 values, bf16 RoPE, 656
+bytes a token) may stand in for the cache: the XLA path dequantises it, the kernel dequantises each page
+in shared memory.
+
 ``implementation``: ``"xla"`` (gather pages, f32 softmax), ``"mosaic_gpu"`` (the split-KV Pallas kernel,
 Hopper) or ``"interpret"`` (that kernel in the CPU interpreter). None runs ``xla``: the kernel matches the
 reference in the interpreter and lowers for CUDA, but it has not been measured or validated on a GPU yet,
@@ -66,8 +70,8 @@ def schedule_sms(implementation: str | None) -> int:
     return num_sms_of_device() if on_hopper() else HOPPER_SMS
 
 
-def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array, block_table: jax.Array, cache_seqlens: jax.Array,
-                           head_dim_v: int = 512, metadata: MLAMetadata | None = None,
+def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array | FP8KVCache, block_table: jax.Array,
+                           cache_seqlens: jax.Array, head_dim_v: int = 512, metadata: MLAMetadata | None = None,
                            softmax_scale: float | None = None, causal: bool = False, *,
                            is_fp8_kvcache: bool = False, implementation: str | None = None
                            ) -> tuple[jax.Array, jax.Array]:
