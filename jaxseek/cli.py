@@ -178,7 +178,7 @@ def _info(args, console: Console) -> int:
     layers = Table(title="per-layer parameter shapes (one dense block, one MoE block, shell)")
     layers.add_column("parameter")
     layers.add_column("shape", justify="right")
-    shown = {f"blocks.0.", f"blocks.{mc.first_k_dense}."} if mc.first_k_dense < mc.num_layers else {"blocks.0."}
+    shown = {"blocks.0.", f"blocks.{mc.first_k_dense}."} if mc.first_k_dense < mc.num_layers else {"blocks.0."}
     for name, shape in shapes.items():
         if not name.startswith(("blocks.", "mtp.")) or any(name.startswith(prefix) for prefix in shown):
             layers.add_row(name, "x".join(map(str, shape)))

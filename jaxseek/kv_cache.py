@@ -42,16 +42,17 @@ class KVPages(NamedTuple):
         return KVPages(jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
 
     def rows(self, pages: np.ndarray) -> np.ndarray:
-        """[num_layers, len(pages) * 64, latent_dim] float32 rows of the given pages, in order."""
+        """[num_layers, len(pages) * 64, latent_dim] rows of the given pages, in order, in the pages' dtype
+        (bf16 for FP8 pages: an e4m3 value times a power-of-two scale is exact in bf16)."""
         selected = jax.tree.map(lambda x: x[:, pages], self.data)
         if isinstance(selected, FP8KVCache):
-            selected = jax.vmap(lambda c: dequantize_kv_cache(c, jnp.float32))(selected)
-        rows = np.asarray(selected[:, :, :, 0], np.float32)  # [layers, pages, 64, latent]
+            selected = jax.vmap(lambda c: dequantize_kv_cache(c, jnp.bfloat16))(selected)
+        rows = np.asarray(selected[:, :, :, 0])  # [layers, pages, 64, latent]
         return rows.reshape(rows.shape[0], -1, rows.shape[-1])
 
     def with_rows(self, pages: np.ndarray, rows: np.ndarray) -> "KVPages":
         """Writes [num_layers, len(pages) * 64, latent_dim] rows into the given pages."""
-        rows = jnp.asarray(rows, jnp.float32).reshape(rows.shape[0], len(pages), BLOCK_SIZE, 1, rows.shape[-1])
+        rows = jnp.asarray(rows).reshape(rows.shape[0], len(pages), BLOCK_SIZE, 1, rows.shape[-1])
         if isinstance(self.data, FP8KVCache):
             dv = self.data.values.shape[-1]
             rows = jax.vmap(lambda r: quantize_kv_cache(r, dv))(rows)

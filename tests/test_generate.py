@@ -144,14 +144,22 @@ def test_fp8_cache_stores_quantised_rows_and_generates(micro_config):
     written = jnp.asarray(rows["model"][:len(prompt)].reshape(-1, 1, 192))
     expected = dequantize_kv_cache(quantize_kv_cache(jnp.pad(written, ((0, 128 - len(prompt)), (0, 0), (0, 0)))
                                                      .reshape(2, 64, 1, 192), 128), jnp.float32)
-    np.testing.assert_array_equal(rows["fp8"][:len(prompt)], np.asarray(expected).reshape(128, 192)[:len(prompt)])
+    np.testing.assert_array_equal(np.asarray(rows["fp8"][:len(prompt)], np.float32),
+                                  np.asarray(expected).reshape(128, 192)[:len(prompt)])
     gap = np.abs(logits["fp8"] - logits["model"]).max()
     assert 0 < gap < 0.01 * logits["model"].std(), gap  # measured: 6.8e-5 against a std of 0.12
     store = InMemoryPrefixStore()
     generator = Generator(model, num_blocks=8, max_blocks_per_seq=3, prefix_store=store, kv_cache="fp8")
-    first = generator.generate([prompt], SamplingConfig(max_new_tokens=5))
+    assert len(generator.generate([prompt], SamplingConfig(max_new_tokens=5))[0]) == 5  # decode steps over FP8
     assert store.lookup(tuple(prompt))[0] == 64
-    assert generator.generate([prompt], SamplingConfig(max_new_tokens=5)) == first  # from the stored page
+    reuse = Generator(model, num_blocks=8, max_blocks_per_seq=3, prefix_store=store, kv_cache="fp8")
+    reuse.allocator.reserve(9, 64)  # another sequence holds page 0: the prompt's first page is a fresh one
+    reused_logits = np.asarray(reuse.prefill(0, prompt))  # its first 64 rows come from the store
+    table = reuse.allocator.block_table([0])[0][:2]
+    assert table[0] != 0
+    np.testing.assert_array_equal(np.asarray(reuse.pages.rows(table)[0][:64], np.float32),
+                                  np.asarray(rows["fp8"][:64], np.float32))
+    np.testing.assert_allclose(reused_logits, logits["fp8"], rtol=0, atol=1e-5)  # measured: 0.0
     with pytest.raises(ValueError, match="kv_cache"):
         Generator(Transformer(micro_config, rngs=nnx.Rngs(0)), kv_cache="fp8")  # kv_lora_rank 16
 

@@ -157,6 +157,8 @@ def test_bad_fp8_caches_name_the_part(change, argument):
     q, cache, table, lens = make_case((70,), 1, 16)
     with pytest.raises(ValueError, match=argument):
         flash_mla_with_kvcache(q, change(quantize_kv_cache(cache, 512)), table, lens, 512, implementation="xla")
+    with pytest.raises(ValueError, match="head_dim_v"):  # no room for the RoPE columns
+        quantize_kv_cache(cache, 640)
     with pytest.raises(ValueError, match="k_cache"):  # FlashMLA rows of the wrong width
         flash_mla_with_kvcache(q, jnp.zeros(cache.shape[:3] + (600,), jnp.uint8), table, lens, 512,
                                is_fp8_kvcache=True, implementation="xla")
@@ -220,7 +222,7 @@ def test_fp8_cache_kernel_in_interpreter_matches_float64_reference(seqlens, s_q,
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("s_q, causal, fp8", [(1, False, False), (2, True, False), (1, False, True)])
+@pytest.mark.parametrize("s_q, causal, fp8", [(1, False, False), (2, True, False), (1, False, True), (2, True, True)])
 def test_kernel_lowers_for_cuda(s_q, causal, fp8):
     """The Mosaic GPU variant (register P, transposed K operand, in-place accumulation; FP8 pages
     dequantised in SMEM) lowers for CUDA, which enforces the hardware rules the interpreter does not."""

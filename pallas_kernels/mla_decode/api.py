@@ -39,10 +39,11 @@ def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v):
     if len(k_cache.shape) != 4 or k_cache.shape[1] != BLOCK_SIZE:
         raise ValueError(f"k_cache: expected [num_blocks, {BLOCK_SIZE}, h_kv, d], got shape {k_cache.shape}")
     h_kv = k_cache.shape[2]
+    if isinstance(k_cache, FP8KVCache):
+        k_cache.check()
     if k_cache.shape[3] != d:
         raise ValueError(f"q: head dim {d} does not match k_cache's {k_cache.shape[3]}")
     if isinstance(k_cache, FP8KVCache):
-        k_cache.check()
         if k_cache.head_dim_v != head_dim_v:
             raise ValueError(f"head_dim_v: {head_dim_v} does not match the FP8 cache's {k_cache.head_dim_v}")
     elif k_cache.dtype != q.dtype:
@@ -102,8 +103,12 @@ def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array | FP8KVCache, block_
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
 
     def xla():
-        cache = dequantize_kv_cache(k_cache, q.dtype) if isinstance(k_cache, FP8KVCache) else k_cache
-        return reference.mla_decode_reference(q, cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
+        cache, table = k_cache, block_table
+        if isinstance(k_cache, FP8KVCache):  # dequantise only the pages the batch refers to
+            pages = jnp.clip(block_table, 0, k_cache.shape[0] - 1).reshape(-1)
+            cache = dequantize_kv_cache(jax.tree.map(lambda x: x[pages], k_cache), q.dtype)
+            table = jnp.arange(pages.size, dtype=jnp.int32).reshape(block_table.shape)
+        return reference.mla_decode_reference(q, cache, table, cache_seqlens, head_dim_v=head_dim_v,
                                               softmax_scale=scale, causal=causal)
 
     def kernel(interpret: bool):

@@ -64,8 +64,9 @@ def fp8_row_bytes(d: int, dv: int) -> int:
 
 def quantize_rows(rows: jax.Array, dv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[..., d] rows -> (values [..., dv] e4m3, scales [..., dv / 128] float32, rope [..., d - dv] bf16)."""
-    if dv % GROUP:
-        raise ValueError(f"head_dim_v: the FP8 cache scales groups of {GROUP}, got {dv}")
+    if dv % GROUP or not 0 < dv < rows.shape[-1]:
+        raise ValueError(f"head_dim_v: the FP8 cache scales groups of {GROUP} latent values and keeps the "
+                         f"RoPE columns after them: need a multiple of {GROUP} below d={rows.shape[-1]}, got {dv}")
     lead = rows.shape[:-1]
     q = per_token_cast_to_fp8(rows[..., :dv].reshape(-1, dv).astype(jnp.float32), ue8m0=True)
     return q.data.reshape(lead + (dv,)), q.scale.reshape(lead + (dv // GROUP,)), rows[..., dv:].astype(jnp.bfloat16)
