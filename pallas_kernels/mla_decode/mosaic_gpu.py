@@ -33,7 +33,7 @@ from pallas_kernels.mla_decode.pages import CHUNK, TILED_16BIT, DensePages, FP8P
 
 ROWS = 64  # query rows per tile (the wgmma M)
 NUM_COMPUTE_WGS = 2
-STAGE_COLUMNS = 16  # output columns staged per TMA store (Q + 2 page stages leave ~11 KB of SMEM)
+STAGE_COLUMNS = 16  # output columns staged per TMA store (~11 KB of SMEM is left with bf16 pages, ~2 KB with FP8)
 LOG2E = math.log2(math.e)
 
 
