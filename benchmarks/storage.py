@@ -19,6 +19,8 @@ Every number is the median over ``--repeats`` rounds; backends take turns within
 checked against what was written (outside the timed region). All data lives under ``--root`` (default:
 a temporary directory, removed at the end).
 
+The backends and measuring helpers are in ``storage_backends.py``, the tables in ``storage_report.py``.
+
     python benchmarks/storage.py            # ~2-4 min on 2 cores; writes benchmarks/results/storage.json
     python benchmarks/storage.py --quick    # small sizes, < 30 s
 """
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -35,207 +36,26 @@ import platform
 import random
 import shlex
 import shutil
-import sqlite3
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster  # noqa: E402
-from storage.threefs.mount import MountClient  # noqa: E402
 from storage.threefs.processes import ProcessCluster  # noqa: E402
 from storage.threefs.usrbio import IoRing, IoVec  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the sibling modules below
+from storage_backends import MIB, SMALL, Plain, ThreeFS, aligned_offsets, timed  # noqa: E402
+from storage_report import (batched_table, data_table, median_rows, metadata_table, summary_table,  # noqa: E402
+                            versions)
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-MIB = 1 << 20
-SMALL = 4096
 SHAPE = ClusterShape(nodes=3, targets_per_node=4, replicas=3, chunk_size=MIB, stripe=4)  # the default: 4 chains
-LABELS = {"plain": "plain os.pread/pwrite", "plain-cold": "plain, page cache dropped",
-          "embedded": "3FS embedded", "processes": "3FS processes (TCP)"}
-
-
-# ----------------------------------------------------------------------------- measuring helpers
-
-
-def dirtied_bytes(pids: list[int]) -> int:
-    """Bytes the processes dirtied in the page cache (write_bytes - cancelled_write_bytes)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = dict(line.split(": ") for line in pathlib.Path(f"/proc/{pid}/io").read_text().splitlines())
-        except (OSError, ValueError):
-            return -1  # not readable here: reported as unknown
-        total += int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
-    return total
-
-
-def timed(fn: Callable[[], Any], pids: list[int] | None = None) -> tuple[float, int | None]:
-    """Seconds `fn()` took and, with `pids`, the bytes those processes dirtied meanwhile."""
-    before = dirtied_bytes(pids) if pids else None
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    if pids:
-        after = dirtied_bytes(pids)
-        return seconds, (after - before if before >= 0 and after >= 0 else None)
-    return seconds, None
-
-
-def aligned_offsets(rng: random.Random, count: int, file_size: int, size: int) -> list[int]:
-    return [rng.randrange(file_size // size) * size for _ in range(count)]
-
-
-# ----------------------------------------------------------------------------- the backends
-
-
-class Plain:
-    """Plain Python file IO: os.pwrite/os.preadv on files under `root` (fsync once at the end of writes)."""
-
-    name = "plain"
-
-    def __init__(self, root: pathlib.Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.mount = MountClient(root)  # the same File API as the 3FS client, for IoRing
-        self.pids = [os.getpid()]
-
-    def _path(self, path: str) -> str:
-        return str(self.root / path.lstrip("/"))
-
-    def write_sequential(self, path: str, data: memoryview, request: int) -> None:
-        fd = os.open(self._path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for offset in range(0, len(data), request):
-                os.pwrite(fd, data[offset:offset + request], offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def read_sequential(self, path: str, out: bytearray, request: int) -> None:
-        view = memoryview(out)
-        fd = os.open(self._path(path), os.O_RDONLY)
-        try:
-            for offset in range(0, len(out), request):
-                os.preadv(fd, [view[offset:offset + request]], offset)
-        finally:
-            os.close(fd)
-
-    def read_random(self, path: str, out: bytearray, offsets: list[int], size: int) -> None:
-        view = memoryview(out)
-        fd = os.open(self._path(path), os.O_RDONLY)
-        try:
-            for i, offset in enumerate(offsets):
-                os.preadv(fd, [view[i * size:(i + 1) * size]], offset)
-        finally:
-            os.close(fd)
-
-    def write_random(self, path: str, payload: memoryview, offsets: list[int], size: int) -> None:
-        fd = os.open(self._path(path), os.O_RDWR)
-        try:
-            for i, offset in enumerate(offsets):
-                os.pwrite(fd, payload[i * size:(i + 1) * size], offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def drop_cache(self, path: str) -> None:
-        """Asks the kernel to evict the (clean, fsynced) file from the page cache."""
-        fd = os.open(self._path(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-    def open_file(self, path: str):
-        return self.mount.open(path, "rb")
-
-    def remove(self, path: str) -> None:
-        p = pathlib.Path(self._path(path))
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-
-    # metadata
-    def makedirs(self, path: str) -> None:
-        os.makedirs(self._path(path), exist_ok=True)
-
-    def create_empty(self, paths: list[str]) -> None:
-        for path in paths:
-            os.close(os.open(self._path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
-
-    def stat_all(self, paths: list[str]) -> None:
-        for path in paths:
-            os.stat(self._path(path))
-
-    def listdir(self, path: str) -> list[str]:
-        return sorted(os.listdir(self._path(path)))
-
-    def remove_all(self, paths: list[str]) -> None:
-        for path in paths:
-            os.unlink(self._path(path))
-
-
-class ThreeFS:
-    """A 3FS client (embedded or over processes) with the same benchmark operations."""
-
-    def __init__(self, name: str, client, pids: list[int]) -> None:
-        self.name = name
-        self.client = client
-        self.pids = pids
-
-    def write_sequential(self, path: str, data: memoryview, request: int) -> None:
-        with self.client.open(path, "wb") as f:  # acknowledged by all 3 replicas per pwrite; close sets length
-            for offset in range(0, len(data), request):
-                f.pwrite(data[offset:offset + request], offset)
-
-    def read_sequential(self, path: str, out: bytearray, request: int) -> None:
-        view = memoryview(out)
-        with self.client.open(path, "rb") as f:
-            for offset in range(0, len(out), request):
-                f.pread_into(view[offset:offset + request], offset)
-
-    def read_random(self, path: str, out: bytearray, offsets: list[int], size: int) -> None:
-        view = memoryview(out)
-        with self.client.open(path, "rb") as f:
-            for i, offset in enumerate(offsets):
-                f.pread_into(view[i * size:(i + 1) * size], offset)
-
-    def write_random(self, path: str, payload: memoryview, offsets: list[int], size: int) -> None:
-        with self.client.open(path, "r+b") as f:
-            for i, offset in enumerate(offsets):
-                f.pwrite(payload[i * size:(i + 1) * size], offset)
-
-    def open_file(self, path: str):
-        return self.client.open(path, "rb")
-
-    def remove(self, path: str) -> None:
-        if self.client.exists(path):
-            self.client.remove(path, recursive=True)
-
-    def makedirs(self, path: str) -> None:
-        self.client.makedirs(path)
-
-    def create_empty(self, paths: list[str]) -> None:
-        for path in paths:
-            self.client.open(path, "wb").close()
-
-    def stat_all(self, paths: list[str]) -> None:
-        for path in paths:
-            self.client.stat(path)
-
-    def listdir(self, path: str) -> list[str]:
-        return self.client.listdir(path)
-
-    def remove_all(self, paths: list[str]) -> None:
-        for path in paths:
-            self.client.remove(path)
 
 
 # ----------------------------------------------------------------------------- the sections
@@ -347,181 +167,6 @@ def metadata_round(backend, args, round_index: int) -> dict[str, dict]:
     rows["remove"] = {"seconds": seconds, "ops": len(paths)}
     backend.remove(directory)
     return rows
-
-
-# ----------------------------------------------------------------------------- reporting
-
-
-DATA_NOTES = {
-    ("plain", "seq write 1 MiB"): "page cache, one fsync at the end; 1 copy",
-    ("plain", "seq read 1 MiB"): "warm page cache: memory speed",
-    ("plain", "rand read 4 KiB"): "warm page cache: one syscall per read",
-    ("plain", "rand write 4 KiB"): "page cache, one fsync at the end; 1 copy",
-    ("plain-cold", "seq read 1 MiB"): "after fsync + POSIX_FADV_DONTNEED (VM disk: host may still cache)",
-    ("plain-cold", "rand read 4 KiB"): "after fsync + POSIX_FADV_DONTNEED",
-    ("3fs", "seq write 1 MiB"): "3 replicas (CRAQ head->tail); per write and replica: new chunk file + "
-                                "fsync + 2 SQLite txns",
-    ("3fs", "seq read 1 MiB"): "1 replica; whole-chunk pread + CRC32 check; chunk files page-cache warm",
-    ("3fs", "rand read 4 KiB"): "one pread + CRC32 of the 4 KiB block(s) read, not the whole chunk",
-    ("3fs", "rand write 4 KiB"): "copy-on-write: each 4 KiB write rewrites its 1 MiB chunk on 3 replicas",
-}
-RPC_NOTE = "; pickle RPC over loopback per chunk request and per chain hop"
-
-
-def median_rows(rounds: list[dict[str, dict]]) -> dict[str, dict]:
-    """Per op, the median of every numeric field over rounds (plus the spread of seconds)."""
-    merged = {}
-    for op in rounds[0]:
-        values = [r[op] for r in rounds]
-        row = {}
-        for key in values[0]:
-            numbers = [v[key] for v in values if v[key] is not None]
-            row[key] = statistics.median(numbers) if numbers else None
-        for key in ("seconds", "loop_seconds", "ring_seconds"):
-            if key in values[0]:
-                row[f"{key}_all"] = [v[key] for v in values]
-        merged[op] = row
-    return merged
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:,.{max(digits, 1 if abs(value) >= 10 else 2)}f}"
-
-
-def data_table(results: dict[str, dict[str, dict]]) -> tuple[Table, list[dict]]:
-    table = Table(title="Data IO (median of rounds; ratio = this row / plain, warm cache)")
-    for column in ("backend", "op", "requests", "MiB/s", "IOPS", "vs plain", "dirtied B / B", "notes"):
-        table.add_column(column, justify="right" if column in ("requests", "MiB/s", "IOPS", "vs plain",
-                                                               "dirtied B / B") else "left")
-    flat = []
-    plain = results.get("plain", {})
-    order = ["plain", "plain-cold", "embedded", "processes"]
-    for backend in [b for b in order if b in results]:
-        for op, row in results[backend].items():
-            mib_s = row["bytes"] / MIB / row["seconds"]
-            iops = row["requests"] / row["seconds"]
-            base = plain.get(op)
-            ratio = (mib_s / (base["bytes"] / MIB / base["seconds"])) if base and backend != "plain" else None
-            amplification = row["dirtied"] / row["bytes"] if row.get("dirtied") is not None else None
-            kind = "3fs" if backend in ("embedded", "processes") else backend
-            note = DATA_NOTES.get((kind, op), "") + (RPC_NOTE if backend == "processes" else "")
-            flat.append({"backend": backend, "op": op, "requests": row["requests"], "bytes": row["bytes"],
-                         "seconds": row["seconds"], "seconds_all_rounds": row["seconds_all"],
-                         "mib_per_s": mib_s, "iops": iops, "ratio_to_plain": ratio,
-                         "dirtied_bytes_per_logical_byte": amplification, "notes": note})
-            table.add_row(LABELS[backend], op, str(row["requests"]), fmt(mib_s), fmt(iops),
-                          f"{ratio:.3g}x" if ratio is not None else "", fmt(amplification, 1), note)
-        table.add_section()
-    return table, flat
-
-
-BATCH_NOTES = {
-    "plain": "a thread hand-off per IO vs one page-cache pread syscall",
-    "embedded": "client and storage in one process: 8 ring threads share one GIL",
-    "processes": "up to 8 RPCs in flight over 3 storage processes; all share 2 cores",
-}
-
-
-def batched_table(results: dict[str, dict[str, dict]], batch: int) -> tuple[Table, list[dict]]:
-    table = Table(title=f"Batched (IoRing, {batch} per batch, io_depth 0, 8 workers) vs a loop of pread_into")
-    for column in ("backend", "op", "requests", "loop MiB/s", "loop IOPS", "ring MiB/s", "ring IOPS",
-                   "speedup", "notes"):
-        table.add_column(column, justify="left" if column in ("backend", "op", "notes") else "right")
-    flat = []
-    for backend in [b for b in ("plain", "embedded", "processes") if b in results]:
-        for op, row in results[backend].items():
-            loop_iops, ring_iops = row["requests"] / row["loop_seconds"], row["requests"] / row["ring_seconds"]
-            loop_mib, ring_mib = row["bytes"] / MIB / row["loop_seconds"], row["bytes"] / MIB / row["ring_seconds"]
-            speedup = row["loop_seconds"] / row["ring_seconds"]
-            flat.append({"backend": backend, "op": op, "requests": row["requests"], "bytes": row["bytes"],
-                         "loop_seconds": row["loop_seconds"], "ring_seconds": row["ring_seconds"],
-                         "loop_seconds_all_rounds": row["loop_seconds_all"],
-                         "ring_seconds_all_rounds": row["ring_seconds_all"],
-                         "loop_iops": loop_iops, "ring_iops": ring_iops, "loop_mib_per_s": loop_mib,
-                         "ring_mib_per_s": ring_mib, "speedup": speedup, "notes": BATCH_NOTES[backend]})
-            table.add_row(LABELS[backend] + (" (MountClient)" if backend == "plain" else ""), op,
-                          str(row["requests"]), fmt(loop_mib), fmt(loop_iops), fmt(ring_mib), fmt(ring_iops),
-                          f"{speedup:.2f}x", BATCH_NOTES[backend])
-        table.add_section()
-    return table, flat
-
-
-META_NOTES = {
-    "embedded": "in-process SQLite KV (WAL, synchronous=NORMAL); create = stat + create txn + close txn",
-    "processes": "3 pickle RPCs to the meta server (one thread and SQLite connection per client connection)",
-    "plain": "kernel VFS (dentry cache)",
-}
-
-
-def metadata_table(results: dict[str, dict[str, dict]]) -> tuple[Table, list[dict]]:
-    table = Table(title="Metadata operations (median of rounds)")
-    for column in ("backend", "op", "ops", "ops/s", "us/op", "vs plain", "notes"):
-        table.add_column(column, justify="left" if column in ("backend", "op", "notes") else "right")
-    flat = []
-    plain = results.get("plain", {})
-    for backend in [b for b in ("plain", "embedded", "processes") if b in results]:
-        for op, row in results[backend].items():
-            rate = row["ops"] / row["seconds"]
-            base = plain.get(op)
-            ratio = rate / (base["ops"] / base["seconds"]) if base and backend != "plain" else None
-            note = META_NOTES[backend] if op.startswith("create") else ""
-            if op.startswith("listdir"):
-                note = f"{row['entries'] / row['seconds']:,.0f} entries/s"
-            if op == "remove" and backend != "plain":
-                note = "unlink txn + garbage collection (chunk removal on each chain of the layout)"
-            flat.append({"backend": backend, "op": op, "ops": row["ops"], "seconds": row["seconds"],
-                         "seconds_all_rounds": row["seconds_all"], "ops_per_s": rate,
-                         "ratio_to_plain": ratio, "notes": note})
-            table.add_row(LABELS[backend], op, str(row["ops"]), fmt(rate), fmt(1e6 / rate, 1),
-                          f"{ratio:.3g}x" if ratio is not None else "", note)
-        table.add_section()
-    return table, flat
-
-
-def summary_table(data: list[dict], batched: list[dict], meta: list[dict]) -> tuple[Table, dict]:
-    def find(rows, backend, op, key):
-        return next((r[key] for r in rows if r["backend"] == backend and r["op"] == op), None)
-
-    backends = [b for b in ("plain", "embedded", "processes") if any(r["backend"] == b for r in data)]
-    table = Table(title="Summary (3FS columns: value, and ratio to plain)")
-    table.add_column("metric")
-    for backend in backends:
-        table.add_column(LABELS[backend], justify="right")
-    metrics = [("seq write MiB/s", data, "seq write 1 MiB", "mib_per_s"),
-               ("seq read MiB/s", data, "seq read 1 MiB", "mib_per_s"),
-               ("rand read 4 KiB IOPS", data, "rand read 4 KiB", "iops"),
-               ("rand write 4 KiB IOPS", data, "rand write 4 KiB", "iops"),
-               ("IoRing speedup, 4 KiB reads", batched, "rand read 4 KiB", "speedup"),
-               ("IoRing speedup, 1 MiB reads", batched, "read 1 MiB", "speedup"),
-               ("create/s", meta, "create (open wb + close)", "ops_per_s"),
-               ("stat/s", meta, "stat", "ops_per_s")]
-    summary = {}
-    for name, rows, op, key in metrics:
-        cells = []
-        for backend in backends:
-            value = find(rows, backend, op, key)
-            ratio = find(rows, backend, op, "ratio_to_plain") if key != "speedup" else None
-            summary.setdefault(backend, {})[name] = value
-            if value is None:
-                cells.append("-")
-            elif key == "speedup":
-                cells.append(f"{value:.2f}x")
-            else:
-                cells.append(fmt(value) + (f" ({ratio:.2g}x)" if ratio is not None else ""))
-        table.add_row(name, *cells)
-    return table, summary
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
-    for package in ("jaxseek", "rich"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[package] = importlib.metadata.version(package)
-    return out
 
 
 # ----------------------------------------------------------------------------- main
