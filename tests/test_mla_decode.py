@@ -228,7 +228,7 @@ def test_kernel_lowers_for_cuda(s_q, causal, fp8):
     dequantised in SMEM) lowers for CUDA, which enforces the hardware rules the interpreter does not."""
     from pallas_kernels.mla_decode.mosaic_gpu import DecodeConfig, partial_attention
     from pallas_kernels.mla_decode.pages import DensePages, FP8Pages
-    pages = FP8Pages(d=576, dv=512) if fp8 else DensePages(d=576, dtype=jnp.bfloat16)
+    pages = FP8Pages(d=576, dv=512) if fp8 else DensePages(d=576)
     config = DecodeConfig(d=576, dv=512, s_q=s_q, heads=64, softmax_scale=576 ** -0.5, causal=causal, num_sms=132,
                           pages=pages)
     S = jax.ShapeDtypeStruct

@@ -28,7 +28,7 @@ def flash_mla(q, k_cache, block_table, cache_seqlens, metadata: MLAMetadata | No
     rows = s_q * h_q
     rows_pad = -(-rows // ROWS) * ROWS
     q_rows = jnp.pad(q.reshape(batch, rows, d), ((0, 0), (0, rows_pad - rows), (0, 0)))
-    pages = FP8Pages(d=d, dv=head_dim_v) if fp8 else DensePages(d=d, dtype=q.dtype)
+    pages = FP8Pages(d=d, dv=head_dim_v) if fp8 else DensePages(d=d)
     config = DecodeConfig(d=d, dv=head_dim_v, s_q=s_q, heads=h_q, softmax_scale=softmax_scale, causal=causal,
                           num_sms=num_sms, pages=pages, for_interpreter=interpret)
     out, lse = partial_attention(q_rows, k_cache, block_table, cache_seqlens, metadata.work, config=config,

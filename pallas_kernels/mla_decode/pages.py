@@ -47,7 +47,6 @@ class DensePages:
     """bf16/fp16 rows [num_blocks * 64, d]; V is the page's first dv columns."""
 
     d: int
-    dtype: Any
 
     def gmem_operands(self, k_cache: jax.Array, for_interpreter: bool) -> tuple[jax.Array, ...]:
         rows = k_cache.reshape(-1, self.d)  # page p holds rows 64 p .. 64 p + 63
