@@ -1,12 +1,17 @@
-"""Every GPU check and benchmark in one process, for the few minutes a GPU is lent (H200 target < 8 min).
+"""Every GPU check and benchmark in one command, for the few minutes a GPU is lent (H200 target < 8 min).
 
 1. Roofline peers measured now: copy bandwidth, bf16 matmul rate.
 2. FP8 GEMM kernels on odd shapes against the XLA reference (all four ops, on the GPU).
 3. FP8 GEMM speed over DeepGEMM's shapes (``benchmarks/fp8_gemm.py``) and a small tile sweep.
 4. Training-step throughput (``benchmarks/train_tiny.py``).
-5. MLA decoding over FlashMLA's sweep (``benchmarks/mla_decode.py``).
+5. MLA decoding: the kernel validated against float64 and XLA (``gpu_validation.py``), FlashMLA's sweep
+   (``benchmarks/mla_decode.py``), racecheck of its barriers.
+6. The MoE grouped-matmul variants (``benchmarks/grouped_matmul.py``), ptxas registers of the FP8 kernel.
 
-    python benchmarks/gpu_suite.py [--quick] [--out DIR]
+Sections that run a kernel for the first time run in child processes with a time limit, so a hang or
+fault costs only that section; ``--deadline-s`` bounds the whole run.
+
+    python benchmarks/gpu_suite.py [--quick] [--sections a,b,...] [--deadline-s S] [--out DIR]
 
 Imports only jax, flax, optax, orbax and rich (the lent GPU machine has no polars).
 """
@@ -30,11 +35,12 @@ import fp8_gemm  # noqa: E402
 from timing import copy_bandwidth_gbps, gpu_kernel_ms, matmul_tflops  # noqa: E402
 
 
-def in_subprocess(flag: str, timeout_s: int = 240) -> list[dict]:
+def in_subprocess(flag: str, timeout_s: int = 240) -> list[dict | list]:
     """One section in a child process: a kernel that hangs or faults on the GPU must not stop the suite."""
     import subprocess
     try:
-        result = subprocess.run([sys.executable, __file__, flag], capture_output=True, text=True, timeout=timeout_s)
+        result = subprocess.run([sys.executable, __file__, "--child", flag] + (["--quick"] if "--quick" in sys.argv else []),
+                                capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as error:
         return [{"error": f"timed out after {timeout_s} s", "stdout": str(error.stdout)[-1500:]}]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -112,9 +118,9 @@ def tile_sweep(m=4096, n=7168, k=16384) -> list[dict]:
     return rows
 
 
-def mla_decode_sweep() -> dict:
+def mla_decode_sweep(quick: bool) -> dict:
     import mla_decode
-    return mla_decode.sweep()
+    return mla_decode.sweep(quick=quick)
 
 
 def training() -> list[dict]:
@@ -122,35 +128,69 @@ def training() -> list[dict]:
     return [train_tiny.measure("tiny", 20), train_tiny.measure("small", 20, bf16=True)]
 
 
+def grouped_matmuls() -> list[dict]:
+    import grouped_matmul
+    return grouped_matmul.run()
+
+
+def validation(check: str, timeout_s: int) -> list[dict]:
+    """A ``gpu_validation.py`` check in a child process (it prints a JSON object per row)."""
+    import subprocess
+    try:
+        done = subprocess.run([sys.executable, str(HERE / "gpu_validation.py"), check], capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        rows = [json.loads(line) for line in (error.stdout or b"").decode().splitlines() if line.startswith("{")]
+        return rows + [{"error": f"timed out after {timeout_s} s"}]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode:
+        rows.append({"error": f"exit {done.returncode}: {done.stderr[-1500:]}"})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few shapes per benchmark")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--sections", default="peers,fp8_correctness,fp8_gemm,training,fp8_tile_sweep,mla_decode",
-                        help="comma-separated subset of the sections to run")
-    parser.add_argument("--correctness-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--sweep-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sections", default="peers,fp8_correctness,fp8_gemm,training,fp8_tile_sweep,mla_validate,"
+                        "mla_decode,grouped_matmul,racecheck,ptxas", help="comma-separated subset of the sections to run")
+    parser.add_argument("--deadline-s", type=float, default=480, help="skip sections once this much time has passed")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.correctness_only or args.sweep_only:
-        (fp8_correctness if args.correctness_only else tile_sweep)()
+    children = {"fp8_correctness": fp8_correctness, "fp8_tile_sweep": tile_sweep, "training": training,
+                "grouped_matmul": grouped_matmuls, "mla_decode": lambda: mla_decode_sweep(args.quick)}
+    if args.child:
+        result = children[args.child]()
+        for row in result if isinstance(result, list) else [result]:
+            print(json.dumps(row), flush=True)
         return
     device = jax.devices()[0]
     report = {"device": device.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
     print(f"{device.device_kind}, jax {jax.__version__}", flush=True)
+    # name -> (run(time limit in s), its own limit); child sections never outlive the suite's deadline
     sections = {
-        "peers": lambda: {"copy_gbps": copy_bandwidth_gbps(), "bf16_matmul_tflops": matmul_tflops()},
-        "fp8_correctness": lambda: in_subprocess("--correctness-only"),
-        "fp8_gemm": lambda: fp8_gemm.run(args.quick),
-        "training": training,
-        "fp8_tile_sweep": lambda: in_subprocess("--sweep-only"),
-        "mla_decode": mla_decode_sweep,
+        "peers": (lambda _: {"copy_gbps": copy_bandwidth_gbps(), "bf16_matmul_tflops": matmul_tflops()}, None),
+        "fp8_correctness": (lambda t: in_subprocess("fp8_correctness", t), 240),
+        "fp8_gemm": (lambda _: fp8_gemm.run(args.quick), None),
+        "training": (lambda t: in_subprocess("training", t), 150),
+        "fp8_tile_sweep": (lambda t: in_subprocess("fp8_tile_sweep", t), 240),
+        "mla_validate": (lambda t: validation("mla_kernel", t), 200),
+        "mla_decode": (lambda t: in_subprocess("mla_decode", t), 200),
+        "grouped_matmul": (lambda t: in_subprocess("grouped_matmul", t), 120),
+        "racecheck": (lambda t: validation("racecheck", t), 170),
+        "ptxas": (lambda t: validation("ptxas", t), 130),
     }
-    for name, section in sections.items():
-        if name not in args.sections.split(","):
+    suite_start = time.time()
+    for name in args.sections.split(","):
+        section, limit = sections[name]
+        left = args.deadline_s - (time.time() - suite_start)
+        if left < 20:
+            report[name] = {"skipped": f"past the {args.deadline_s:.0f} s deadline"}
+            print(f"== {name}: skipped (deadline)", flush=True)
             continue
         start = time.time()
         try:
-            report[name] = section()
+            report[name] = section(int(min(limit, left)) if limit else None)
         except Exception:
             report[name] = {"error": traceback.format_exc()[-2000:]}
         print(f"== {name} ({time.time() - start:.0f} s): {json.dumps(report[name])[:3000]}", flush=True)

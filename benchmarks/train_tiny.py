@@ -26,8 +26,9 @@ def measure(preset: str, steps: int, bf16: bool = False) -> dict:
     from jaxseek.data import SequenceBatches, load_stdlib_corpus
     from jaxseek.model.accounting import flops_per_token
     from jaxseek.presets import get_preset
-    from jaxseek.train_step import init_train_state, make_train_step
-    from sharding.mesh import batch_sharding, make_mesh, replicated
+    from jaxseek.train_state import init_train_state
+    from jaxseek.train_step import make_train_step
+    from sharding.mesh import batch_sharding, make_mesh
 
     mc, tc = get_preset(preset)
     if bf16:
@@ -35,9 +36,8 @@ def measure(preset: str, steps: int, bf16: bool = False) -> dict:
     mesh = make_mesh()
     corpus = load_stdlib_corpus(max_bytes=4_000_000)
     batches = SequenceBatches(corpus.train, batch_size=tc.batch_size, window=tc.seq_len + 1 + mc.mtp_depth, seed=0)
-    graphdef, state = init_train_state(mc, tc)
-    state = jax.device_put(state, replicated(mesh))
-    step = make_train_step(graphdef, mc, tc)
+    graphdef, state = init_train_state(mc, tc, mesh)
+    step = make_train_step(graphdef, mc, tc, mesh=mesh)
     batch = jax.device_put(batches.batch(0), batch_sharding(mesh))
     holder = {"state": state}
 

@@ -54,11 +54,13 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / CONFIG_FILE).write_text(configs_to_json(mc, tc))
 
-    def check_configs(self, mc: ModelConfig, tc: TrainConfig) -> None:
+    def check_configs(self, mc: ModelConfig, tc: TrainConfig | None) -> None:
         """Raises ValueError if the run in this directory was started with other configs (an exact resume
-        needs the same model and the same schedule, data order and checkpoint cadence)."""
+        needs the same model and the same schedule, data order and checkpoint cadence). ``tc=None`` checks
+        the model only (a run at step 0, e.g. a converted checkpoint, may start any schedule)."""
         saved_model, saved_train = load_configs(self.directory)
-        for kind, saved, given in (("model", saved_model, mc), ("training", saved_train, tc)):
+        pairs = (("model", saved_model, mc),) + ((("training", saved_train, tc),) if tc is not None else ())
+        for kind, saved, given in pairs:
             changed = [f.name for f in dataclasses.fields(given) if getattr(saved, f.name) != getattr(given, f.name)]
             if changed:
                 raise ValueError(f"resume: the {kind} config differs from the run's in {changed}; "

@@ -33,12 +33,29 @@ def _add_train(sub) -> None:
     p.add_argument("--eplb-replicas", type=int, help="EPLB: physical expert slots per MoE layer (redundant replicas)")
     p.add_argument("--eplb-gpus", type=int, default=1, help="EPLB: expert-parallel ranks the slots are placed on")
     p.add_argument("--eplb-every", type=int, default=50, help="EPLB: rebalance every N steps")
+    _add_mesh_arguments(p, default_rules="dp")
+    p.add_argument("--remat", choices=("none", "block", "attention"),
+                   help="recompute activations in backward: whole blocks, or attention only (default: the preset's)")
+
+
+def _add_mesh_arguments(p, *, default_rules: str) -> None:
+    from sharding.rules import RULE_SETS
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel mesh axis size")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel mesh axis size (default: the devices left)")
+    p.add_argument("--rules", choices=sorted(RULE_SETS), default=default_rules,
+                   help="how parameters and optimizer moments are laid out over the mesh (sharding/rules.py)")
 
 
 def _train(args, console: Console) -> int:
+    import pathlib
+
+    from jaxseek.checkpoint import CONFIG_FILE, load_configs
     from jaxseek.train import train
 
-    mc, tc = get_preset(args.preset)
+    out = args.out or f"runs/{args.preset}"
+    # A run directory carries its configs: resuming takes them from there (e.g. a `jaxseek convert` run).
+    resuming_a_run = args.resume and (pathlib.Path(out) / CONFIG_FILE).exists()
+    mc, tc = load_configs(out) if resuming_a_run else get_preset(args.preset)
     overrides = {name: getattr(args, name) for name in
                  ("steps", "batch_size", "seq_len", "learning_rate", "checkpoint_every", "eval_every", "seed")
                  if getattr(args, name) is not None}
@@ -47,19 +64,24 @@ def _train(args, console: Console) -> int:
     tc = tc.replace(**overrides)
     if args.bf16:
         mc = mc.replace(compute_dtype="bfloat16")
+    if args.remat:
+        mc = mc.replace(remat=args.remat)
     if args.fp8:
         mc = mc.with_fp8()
     if args.eplb_replicas:
         mc = mc.replace(moe=dataclasses.replace(mc.moe, num_physical_experts=args.eplb_replicas,
                                                 eplb_gpus=args.eplb_gpus))
         tc = tc.replace(eplb=dataclasses.replace(tc.eplb, every=args.eplb_every))
-    out = args.out or f"runs/{args.preset}"
     import jax
 
-    console.print(f"[bold]jaxseek train[/] preset={args.preset} fp8={mc.fp8} steps={tc.steps} batch={tc.batch_size}x{tc.seq_len} "
-                  f"devices={jax.device_count()} ({jax.devices()[0].platform}) out={out}")
-    result = train(mc, tc, out, resume=args.resume, stop_after=args.stop_after, console=console,
-                   show_progress=not args.no_progress)
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh(dp=args.dp, ep=args.ep)
+    console.print(f"[bold]jaxseek train[/] {'run config' if resuming_a_run else 'preset=' + args.preset} fp8={mc.fp8} steps={tc.steps} batch={tc.batch_size}x{tc.seq_len} "
+                  f"devices={jax.device_count()} ({jax.devices()[0].platform}) mesh dp={mesh.shape['dp']} "
+                  f"ep={mesh.shape['ep']} rules={args.rules} out={out}")
+    result = train(mc, tc, out, resume=args.resume, stop_after=args.stop_after, mesh=mesh, rules=args.rules,
+                   console=console, show_progress=not args.no_progress)
     table = Table(title="run summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -68,7 +90,8 @@ def _train(args, console: Console) -> int:
     table.add_row("train next-token loss (nats/byte)", f"{last['ce_loss']:.3f}")
     table.add_row("validation loss (nats/byte)", f"{result.valid_loss:.3f}")
     table.add_row("unigram entropy of the bytes", f"{result.unigram_entropy:.3f}")
-    table.add_row("tokens/s (median step)", f"{result.tokens_per_s:,.0f}")
+    table.add_row("tokens/s (median step, compilation excluded)", f"{result.tokens_per_s:,.0f}")
+    table.add_row("train step compilation (s)", f"{result.compile_s:.1f}")
     table.add_row("expert balance max/mean (last step)", f"{last['expert_balance_mean']:.2f}")
     rebalances = [r for r in result.log.rows if r.get("eplb_moved_slots") is not None]
     if rebalances:
@@ -157,8 +180,37 @@ def _eplb(args, console: Console) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="Hugging Face DeepSeek-V3 checkpoints <-> jaxseek run directories")
+    p.add_argument("--hf", help="a HF checkpoint directory (config.json + safetensors, FP8 or not) to import")
+    p.add_argument("--out", help="the run directory to create from --hf (for `generate` and `train --resume`)")
+    p.add_argument("--run", help="a jaxseek run directory to export")
+    p.add_argument("--hf-out", help="where to write --run's latest checkpoint in the HF layout (bf16)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="compute dtype of the imported model "
+                   "(default: the checkpoint's torch_dtype)")
+
+
+def _convert(args, console: Console) -> int:
+    from jaxseek.convert import load_hf, save_hf, save_run
+    from jaxseek.generate import load_model
+
+    if bool(args.hf) == bool(args.run) or (args.hf and not args.out) or (args.run and not args.hf_out):
+        raise ValueError("convert: give --hf DIR --out RUN_DIR (import) or --run RUN_DIR --hf-out DIR (export)")
+    if args.hf:
+        model = load_hf(args.hf, compute_dtype=args.compute_dtype)
+        save_run(model, args.out)
+        console.print(f"wrote {args.out}: {model.config.num_layers} layers, step 0 (`jaxseek generate --checkpoint "
+                      f"{args.out}` or `jaxseek train --resume --out {args.out}`)")
+    else:
+        save_hf(load_model(args.run), args.hf_out)
+        console.print(f"wrote {args.hf_out} (config.json, safetensors shards, index)")
+    return 0
+
+
 def _info(args, console: Console) -> int:
     from jaxseek.model.accounting import count_parameters, flops_per_token, parameter_shapes
+    from jaxseek.train_state import abstract_train_state, bytes_per_device
+    from sharding.rules import get_rules
 
     mc, tc = get_preset(args.preset)
     counts = count_parameters(mc)
@@ -173,15 +225,21 @@ def _info(args, console: Console) -> int:
                     f"{counts.mtp_total:,} / {counts.mtp_activated:,}")
     summary.add_row(f"forward FLOPs per token (context {tc.seq_len})", f"{flops.forward:.3e}")
     summary.add_row("training FLOPs per token (3x forward)", f"{flops.training:.3e}")
+    if args.ep < 1 or (args.dp or 1) < 1:
+        raise ValueError(f"ep, dp: mesh axes must be >= 1, got ep={args.ep} dp={args.dp}")
+    mesh_shape = {"pp": 1, "dp": args.dp or 1, "ep": args.ep}
+    held = bytes_per_device(abstract_train_state(mc, tc)[1], get_rules(args.rules), mesh_shape)
+    where = f"per device (dp={mesh_shape['dp']}, ep={args.ep}, rules {args.rules})"
+    summary.add_row(f"parameter bytes {where}", f"{held.params / 2**30:,.2f} GiB of {held.params_total / 2**30:,.2f}")
+    summary.add_row(f"optimizer bytes {where}",
+                    f"{held.optimizer / 2**30:,.2f} GiB of {held.optimizer_total / 2**30:,.2f}")
     console.print(summary)
     shapes = parameter_shapes(mc)
-    layers = Table(title="per-layer parameter shapes (one dense block, one MoE block, shell)")
+    layers = Table(title="parameter shapes (stacked blocks lead with their layer count)")
     layers.add_column("parameter")
     layers.add_column("shape", justify="right")
-    shown = {"blocks.0.", f"blocks.{mc.first_k_dense}."} if mc.first_k_dense < mc.num_layers else {"blocks.0."}
     for name, shape in shapes.items():
-        if not name.startswith(("blocks.", "mtp.")) or any(name.startswith(prefix) for prefix in shown):
-            layers.add_row(name, "x".join(map(str, shape)))
+        layers.add_row(name, "x".join(map(str, shape)))
     console.print(layers)
     return 0
 
@@ -192,12 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     _add_generate(sub)
     _add_eplb(sub)
+    _add_convert(sub)
     info = sub.add_parser("info", help="parameter counts, per-layer shapes and FLOPs of a preset (abstract)")
     info.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESET_BUILDERS))
+    _add_mesh_arguments(info, default_rules="ep+zero1")
     args = parser.parse_args(argv)
     console = Console()
     try:
-        return {"train": _train, "generate": _generate, "eplb": _eplb, "info": _info}[args.command](args, console)
+        commands = {"train": _train, "generate": _generate, "eplb": _eplb, "convert": _convert, "info": _info}
+        return commands[args.command](args, console)
     except ValueError as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2

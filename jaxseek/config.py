@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from jaxseek.model.experts import DISPATCHERS, GROUPED_MATMULS
+from jaxseek.model.experts import GROUPED_MATMULS, MOE_STRATEGIES
 
 ComputeDtype = Literal["float32", "bfloat16"]
+Remat = Literal["none", "block", "attention"]
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -27,6 +28,11 @@ class MLAConfig:
     are compressed jointly to ``kv_lora_rank`` latents plus one decoupled RoPE key of
     ``qk_rope_head_dim`` shared by all heads. Decoding kernels attend over the
     ``kv_lora_rank + qk_rope_head_dim`` (512 + 64 = 576) latent directly.
+
+    RoPE rotates adjacent pairs of the RoPE dimensions (DeepSeek's convention). YaRN context extension
+    (``rope_factor`` > 1) takes effect when the model's ``max_seq_len`` exceeds ``original_seq_len``, as in
+    DeepSeek's reference: the frequencies between the ``beta_fast`` and ``beta_slow`` correction bounds are
+    interpolated by ``rope_factor`` and the softmax scale is multiplied by ``(0.1 * mscale * ln(rope_factor) + 1)^2``.
     """
 
     num_heads: int
@@ -36,6 +42,11 @@ class MLAConfig:
     qk_rope_head_dim: int
     v_head_dim: int
     rope_theta: float = 10000.0
+    rope_factor: float = 1.0  # YaRN scaling factor (1 = plain RoPE); DeepSeek-V3: 40
+    original_seq_len: int = 4096  # the context the RoPE frequencies were trained for
+    beta_fast: float = 32.0  # YaRN: rotations below which a frequency is fully interpolated...
+    beta_slow: float = 1.0  # ...and above which it is kept (extrapolated)
+    mscale: float = 1.0  # YaRN attention temperature coefficient
 
     def __post_init__(self):
         for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -44,6 +55,11 @@ class MLAConfig:
         _require(self.qk_rope_head_dim % 2 == 0, "mla.qk_rope_head_dim",
                  f"RoPE rotates pairs of dimensions, so it must be even, got {self.qk_rope_head_dim}")
         _require(self.rope_theta > 0, "mla.rope_theta", f"must be positive, got {self.rope_theta}")
+        _require(self.rope_factor >= 1, "mla.rope_factor", f"must be >= 1 (1 = no YaRN), got {self.rope_factor}")
+        _require(self.original_seq_len > 0, "mla.original_seq_len", f"must be positive, got {self.original_seq_len}")
+        _require(self.beta_fast > self.beta_slow > 0, "mla.beta_fast",
+                 f"YaRN needs beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
+        _require(self.mscale >= 0, "mla.mscale", f"must be >= 0, got {self.mscale}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -59,9 +75,10 @@ class MLAConfig:
 class MoEConfig:
     """DeepSeekMoE: shared experts plus routed SwiGLU experts, sigmoid gate, group-limited top-k.
 
-    ``grouped_matmul`` and ``dispatch`` name the strategies the MoE layer uses for the expert matmuls
-    and for moving tokens to experts; ``jaxseek/model/experts.py`` is the one place that maps the names
-    to code.
+    ``strategy`` names the MoE region (dispatch -> grouped expert matmuls on the local experts ->
+    combine; "local" on one device, expert parallelism over the mesh later) and ``grouped_matmul`` the
+    expert matmul inside it ("auto" picks per backend); ``jaxseek/model/experts.py`` is the one place
+    that maps the names to code.
     """
 
     num_routed_experts: int
@@ -73,8 +90,8 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 1e-3
     seq_aux_loss_weight: float = 0.0
-    grouped_matmul: str = "xla"
-    dispatch: str = "local"
+    grouped_matmul: str = "auto"
+    strategy: str = "local"
     num_physical_experts: int = 0  # EPLB: expert slots including redundant replicas (0 = no replicas)
     eplb_gpus: int = 1  # EPLB: expert-parallel ranks the slots are placed on
 
@@ -99,7 +116,8 @@ class MoEConfig:
         _require(self.seq_aux_loss_weight >= 0, "moe.seq_aux_loss_weight", f"must be >= 0, got {self.seq_aux_loss_weight}")
         _require(self.grouped_matmul in GROUPED_MATMULS, "moe.grouped_matmul",
                  f"expected one of {GROUPED_MATMULS}, got {self.grouped_matmul!r}")
-        _require(self.dispatch in DISPATCHERS, "moe.dispatch", f"expected one of {DISPATCHERS}, got {self.dispatch!r}")
+        _require(self.strategy in MOE_STRATEGIES, "moe.strategy",
+                 f"expected one of {MOE_STRATEGIES}, got {self.strategy!r}")
         if self.num_physical_experts:
             _require(self.num_physical_experts >= self.num_routed_experts, "moe.num_physical_experts",
                      f"must be 0 or >= num_routed_experts={self.num_routed_experts}, got {self.num_physical_experts}")
@@ -110,7 +128,12 @@ class MoEConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A DeepSeek-V3-style decoder: embed -> blocks (first ``first_k_dense`` dense, then MoE) -> norm -> head,
-    plus ``mtp_depth`` multi-token-prediction modules (0 disables)."""
+    plus ``mtp_depth`` multi-token-prediction modules (0 disables).
+
+    ``max_seq_len`` bounds the positions the model accepts and switches YaRN on when it exceeds
+    ``mla.original_seq_len``. ``remat`` recomputes activations in the backward pass: "block" keeps only each
+    block's input, "attention" recomputes the attention half of each block.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -126,6 +149,7 @@ class ModelConfig:
     compute_dtype: ComputeDtype = "float32"
     fp8: bool = False  # DeepSeek-V3's FP8 GEMMs in the dense projections (see also moe.grouped_matmul)
     init_std: float = 0.02
+    remat: Remat = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_seq_len"):
@@ -141,6 +165,14 @@ class ModelConfig:
         _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         _require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
                  f"expected 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        _require(self.remat in ("none", "block", "attention"), "remat",
+                 f"expected 'none', 'block' or 'attention', got {self.remat!r}")
+        _require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+
+    @property
+    def yarn(self) -> bool:
+        """Whether YaRN scaling is in effect (DeepSeek's rule: a context longer than the original one)."""
+        return self.mla.rope_factor > 1 and self.max_seq_len > self.mla.original_seq_len
 
     @property
     def num_moe_layers(self) -> int:

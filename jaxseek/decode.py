@@ -1,6 +1,6 @@
 """The model's forward pass over a paged KV cache: prefill and decode through absorbed MLA.
 
-Per layer: the new tokens' latent rows ``[c_kv | k_rope]`` are written into their pages, the absorbed
+Per layer (a scan over each block stack): the new tokens' latent rows ``[c_kv | k_rope]`` are written into their pages, the absorbed
 queries attend over the sequence's pages with ``flash_mla_with_kvcache`` (``implementation``: its XLA path
 by default, the split-KV Mosaic GPU kernel with "mosaic_gpu", or that kernel in the CPU interpreter with
 "interpret"), and the latent output is projected back through W_uv and W_o. The same function serves
@@ -30,7 +30,8 @@ def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_t
       tokens: [batch, s] int32 new tokens (rows past ``new_tokens`` are padding).
       start: [batch] int32 tokens already cached per sequence (the position of tokens[:, 0]).
       new_tokens: [batch] int32 valid new tokens per sequence (0..s).
-      pages: the cache; block_table: [batch, max_blocks] int32, pages reserved for start + new_tokens.
+      pages: the cache ([num_layers, ...]: the dense blocks' layers, then the MoE blocks');
+      block_table: [batch, max_blocks] int32, pages reserved for start + new_tokens.
     Returns:
       (logits [batch, s, vocab] float32, updated pages).
     """
@@ -42,19 +43,28 @@ def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_t
     # tokens up to itself. Padding rows (i >= new_tokens) write nothing and their outputs are ignored.
     attend_len = (start + s).astype(jnp.int32)
     metadata = get_mla_metadata(attend_len, s * config.mla.num_heads, 1, num_sms=schedule_sms(implementation))
-    h = model.embed(tokens)
-    layers = []
-    for index, block in enumerate(model.blocks):
+
+    def block_step(h, block, layer_pages):
+        """One block over the cache: [batch, s, hidden], one layer's pages -> (next h, updated pages)."""
         attn = block.attn
         x = block.attn_norm(h)
         q = attn.absorb_queries(*attn.project_queries(x, positions))  # [batch, s, heads, latent]
-        layer_pages = write_rows(pages.layer(index), attn.project_latent(x, positions), block_table, positions, valid)
-        layers.append(layer_pages)
+        layer_pages = write_rows(layer_pages, attn.project_latent(x, positions), block_table, positions, valid)
         out, _ = flash_mla_with_kvcache(q.astype(pages.query_dtype), layer_pages, block_table, attend_len,
                                         head_dim_v=config.mla.kv_lora_rank, metadata=metadata,
                                         softmax_scale=attn.softmax_scale, causal=True, implementation=implementation)
         h, _ = block.feed_forward(h + attn.output_from_latent(out.astype(x.dtype)))
-    return model.logits(h), KVPages.stack(layers)
+        return h, layer_pages
+
+    scan_blocks = nnx.scan(block_step, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+    h, updated, first = model.embed(tokens), [], 0
+    for stack in (model.dense_blocks, model.moe_blocks):
+        if stack is not None:
+            count = stack.num_layers
+            h, stack_pages = scan_blocks(h, stack.layers, jax.tree.map(lambda x: x[first:first + count], pages.data))
+            updated.append(stack_pages)
+            first += count
+    return model.logits(h), KVPages(jax.tree.map(lambda *parts: jnp.concatenate(parts), *updated))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "implementation"), donate_argnames=("pages",))

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxseek.config import EPLBConfig, ModelConfig
@@ -34,7 +35,8 @@ class RebalanceReport(NamedTuple):
 
 
 def _moe_layers(graphdef, params_like, model_state) -> tuple[object, list[MoE]]:
-    """A copy of the model (so edits never reach the caller's state) and its MoE layers."""
+    """A copy of the model (so edits never reach the caller's state) and its stacked MoE layers
+    (arrays with a leading layer axis, in ``expert_load`` row order)."""
     model = nnx.merge(graphdef, params_like, model_state, copy=True)
     return model, model.moe_layers()
 
@@ -43,17 +45,37 @@ def sum_replica_gradients(graphdef: nnx.GraphDef, grads, model_state):
     """Gives every replica the sum of its expert's replica gradients (inside the jitted step)."""
     model, layers = _moe_layers(graphdef, grads, model_state)
     for layer in layers:
-        phy2log = layer.phy2log[...]
+        experts = layer.config.num_routed_experts
         for name in EXPERT_WEIGHTS:
             weight = getattr(layer, name)
-            weight[...] = jax.ops.segment_sum(weight[...], phy2log, layer.config.num_routed_experts)[phy2log]
+            weight[...] = jax.vmap(lambda w, p: jax.ops.segment_sum(w, p, experts)[p])(weight[...], layer.phy2log[...])
     return nnx.split(model, nnx.Param, ...)[1]
+
+
+def logical_gradient_norm(graphdef: nnx.GraphDef, grads, model_state) -> jax.Array:
+    """The global gradient norm with each logical expert counted once: after ``sum_replica_gradients`` every
+    replica holds its expert's whole gradient, so a slot's squared norm is divided by its replica count."""
+    model, layers = _moe_layers(graphdef, grads, model_state)
+    for layer in layers:
+        if not layer.config.num_physical_experts:
+            continue
+        share = jax.vmap(lambda count, p: count[p])(layer.logcnt[...], layer.phy2log[...])  # [layers, slots]
+        for name in EXPERT_WEIGHTS:
+            weight = getattr(layer, name)
+            weight[...] = weight[...] * jax.lax.rsqrt(share.astype(weight.dtype))[:, :, None, None]
+    return optax.tree.norm(nnx.split(model, nnx.Param, ...)[1])
 
 
 def current_placements(graphdef, params, model_state) -> np.ndarray:
     """[moe_layers, slots] phy2log of every MoE layer."""
     _, layers = _moe_layers(graphdef, params, model_state)
-    return np.stack([np.asarray(layer.phy2log[...]) for layer in layers])
+    return np.concatenate([np.asarray(layer.phy2log[...]) for layer in layers])
+
+
+def _split_rows(rows, layers: list[MoE]) -> list:
+    """[moe_layers, ...] rows -> one [layers_of_stack, ...] block per stacked MoE layer."""
+    bounds = np.cumsum([0] + [layer.phy2log.shape[0] for layer in layers])
+    return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def placement_balancedness(loads: np.ndarray, phy2log: np.ndarray, num_experts: int, num_gpus: int) -> np.ndarray:
@@ -62,13 +84,13 @@ def placement_balancedness(loads: np.ndarray, phy2log: np.ndarray, num_experts: 
     return balancedness(gpu_loads(np.asarray(loads, np.float64), phy2log, np.maximum(logcnt, 1), num_gpus))
 
 
-def _relayout(graphdef, params_like, model_state, gathers: list[np.ndarray]):
-    """Permutes the expert slots of a params-shaped state: slot s takes old slot gathers[layer][s]."""
+def _relayout(graphdef, params_like, model_state, gathers: np.ndarray):
+    """Permutes the expert slots of a params-shaped state: slot s of MoE layer l takes old slot gathers[l, s]."""
     model, layers = _moe_layers(graphdef, params_like, model_state)
-    for layer, gather in zip(layers, gathers):
+    for layer, gather in zip(layers, _split_rows(jnp.asarray(gathers), layers)):
         for name in EXPERT_WEIGHTS:
             weight = getattr(layer, name)
-            weight[...] = weight[...][jnp.asarray(gather)]
+            weight[...] = jnp.take_along_axis(weight[...], gather[:, :, None, None], axis=1)
     return nnx.split(model, nnx.Param, ...)[1]
 
 
@@ -80,7 +102,7 @@ def rebalance(state, graphdef: nnx.GraphDef, mc: ModelConfig, loads: np.ndarray,
                                   previous=previous, min_improvement=eplb.min_improvement)
     # New slot s holds logical expert phy2log[s]: copy it from that expert's first old replica.
     first_old_slot = [np.array([np.flatnonzero(p == e)[0] for e in range(experts)]) for p in previous]
-    gathers = [first[new] for first, new in zip(first_old_slot, placement.phy2log)]
+    gathers = np.stack([first[new] for first, new in zip(first_old_slot, placement.phy2log)])  # [moe_layers, slots]
 
     def relayout_params_like(tree):
         return jax.tree.map(lambda x: _relayout(graphdef, x, state.model_state, gathers)
@@ -89,10 +111,10 @@ def rebalance(state, graphdef: nnx.GraphDef, mc: ModelConfig, loads: np.ndarray,
     params = _relayout(graphdef, state.params, state.model_state, gathers)
     opt_state = relayout_params_like(state.opt_state)  # Adam's moments mirror the params
     model, layers = _moe_layers(graphdef, params, state.model_state)
-    for layer, phy2log in zip(layers, placement.phy2log):
+    for layer, phy2log in zip(layers, _split_rows(np.asarray(placement.phy2log), layers)):
         layer.phy2log[...] = jnp.asarray(phy2log, jnp.int32)
-        layer.log2phy[...] = jnp.asarray(replica_table(phy2log, experts))
-        layer.logcnt[...] = jnp.asarray(np.bincount(phy2log, minlength=experts), jnp.int32)
+        layer.log2phy[...] = jnp.asarray(np.stack([replica_table(p, experts) for p in phy2log]))
+        layer.logcnt[...] = jnp.asarray(np.stack([np.bincount(p, minlength=experts) for p in phy2log]), jnp.int32)
     _, _, model_state = nnx.split(model, nnx.Param, ...)
     report = RebalanceReport(float(placement_balancedness(loads, previous, experts, gpus).mean()),
                              float(placement.balancedness.mean()), placement.moved_slots)

@@ -22,7 +22,7 @@ from jaxseek.config import ModelConfig
 from jaxseek.decode import paged_forward_jit
 from jaxseek.kv_cache import InMemoryPrefixStore, KVPages, PageAllocator, PrefixStore, empty_pages
 from jaxseek.model.transformer import Transformer
-from jaxseek.train_step import init_train_state
+from jaxseek.train_state import init_train_state
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
 
 PREFILL_BUCKET = BLOCK_SIZE  # prompts are padded to a multiple of this, so prefill compiles once per bucket

@@ -58,14 +58,16 @@ def _deepseek_v3() -> tuple[ModelConfig, TrainConfig]:
         intermediate_size=18432,
         num_layers=61,
         first_k_dense=3,
+        # YaRN as released: factor 40 over the 4K pre-training context, on since max_seq_len > 4096.
         mla=MLAConfig(num_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                      qk_rope_head_dim=64, v_head_dim=128),
+                      qk_rope_head_dim=64, v_head_dim=128, rope_factor=40.0, original_seq_len=4096,
+                      beta_fast=32.0, beta_slow=1.0, mscale=1.0),
         moe=MoEConfig(num_routed_experts=256, num_shared_experts=1, num_experts_per_token=8,
                       intermediate_size=2048, n_group=8, topk_group=4, routed_scaling_factor=2.5,
                       bias_update_rate=1e-3, seq_aux_loss_weight=1e-4),
         mtp_depth=1,
         mtp_loss_weight=0.3,
-        max_seq_len=4096,
+        max_seq_len=163840,  # the released config's max_position_embeddings
         compute_dtype="bfloat16",
         init_std=0.006,
     )

@@ -1,7 +1,10 @@
 """The training loop behind ``jaxseek train``: data, data parallelism, checkpoints, metrics, progress.
 
 The step itself is ``train_step.make_train_step``; this file only feeds it. Batches are sharded over
-every visible device (``sharding.mesh``), parameters replicated, so XLA all-reduces the gradients.
+the mesh's ``dp`` x ``ep`` devices (``sharding.mesh``); the state is laid out by a rule set
+(``sharding.rules``: "dp" replicates it, "zero1" splits the optimizer moments over ``dp``, "ep" the expert
+weights and their moments over ``ep``). The step is compiled before the first timed step, so every
+logged tokens/s is a step's own.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from jaxseek.config import ModelConfig, TrainConfig
 from jaxseek.data import ByteCorpus, SequenceBatches, load_stdlib_corpus, unigram_entropy
 from jaxseek.expert_placement import current_placements, placement_balancedness, rebalance
 from jaxseek.metrics import MetricsLog, plot_training
-from jaxseek.train_step import TrainState, init_train_state, make_eval_step, make_train_step
-from sharding.mesh import batch_shards, batch_sharding, make_mesh, replicated
+from jaxseek.train_state import TrainState, abstract_train_state, init_train_state, state_shardings
+from jaxseek.train_step import make_eval_step, make_train_step
+from sharding.mesh import batch_shards, batch_sharding, make_mesh
+from sharding.rules import get_rules
 
 METRICS_FILE = "metrics.parquet"
 PLOT_FILE = "training.png"
@@ -34,7 +39,8 @@ class TrainResult(NamedTuple):
     state: TrainState
     valid_loss: float  # validation next-token CE (nats/byte) at the last step
     unigram_entropy: float  # of the training bytes, nats
-    tokens_per_s: float  # median over this run's steps after the first (compilation) step
+    tokens_per_s: float  # median over this run's steps (compilation excluded)
+    compile_s: float  # seconds spent compiling the train step
 
 
 def _evaluate(evaluate, state: TrainState, batches: list[np.ndarray], sharding) -> float:
@@ -43,7 +49,7 @@ def _evaluate(evaluate, state: TrainState, batches: list[np.ndarray], sharding) 
 
 def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
           stop_after: int | None = None, corpus: ByteCorpus | None = None, mesh: jax.sharding.Mesh | None = None,
-          console: Console | None = None, show_progress: bool = True) -> TrainResult:
+          rules: str = "dp", console: Console | None = None, show_progress: bool = True) -> TrainResult:
     """Trains ``mc`` with ``tc`` and writes checkpoints, ``metrics.parquet`` and ``training.png`` to ``out_dir``.
 
     Args:
@@ -52,6 +58,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
       stop_after: stop (with a checkpoint) after this many total steps, as a preempted job would.
       corpus: the byte data (default: the standard library's source).
       mesh: devices to train on (default: a data-parallel mesh over all of them).
+      rules: the state's layout over the mesh, a ``sharding.rules`` rule set ("dp", "zero1", "ep", "ep+zero1").
     """
     out_dir = pathlib.Path(out_dir)
     console = console or Console()
@@ -65,15 +72,20 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
     valid_batches = SequenceBatches(corpus.valid, batch_size=tc.batch_size, window=window, seed=tc.seed).first(tc.eval_batches)
     entropy = unigram_entropy(corpus.train, mc.vocab_size)
 
-    graphdef, state = init_train_state(mc, tc)
-    state = jax.device_put(state, replicated(mesh))
+    get_rules(rules)  # a bad name fails before any work
+    graphdef, state = init_train_state(mc, tc, mesh, rules)
+    shardings = state_shardings(abstract_train_state(mc, tc)[1], mesh, get_rules(rules))
     checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every)
     log, start = MetricsLog(), 0
     if resume:
         start = checkpointer.latest_step()
         if start is None:
             raise ValueError(f"resume: no checkpoint under {out_dir}")
-        checkpointer.check_configs(mc, tc)
+        if start == 0:  # nothing trained yet (a converted checkpoint): any schedule may start from it
+            checkpointer.check_configs(mc, None)
+            checkpointer.write_configs(mc, tc)
+        else:
+            checkpointer.check_configs(mc, tc)
         state = checkpointer.restore(start, state)
         if (out_dir / METRICS_FILE).exists():
             log = MetricsLog.read_parquet(out_dir / METRICS_FILE, up_to_step=start)
@@ -84,24 +96,27 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
     else:
         checkpointer.write_configs(mc, tc)
 
-    step_fn, evaluate = make_train_step(graphdef, mc, tc), make_eval_step(graphdef)
+    evaluate = make_eval_step(graphdef)
+    data_sharding = batch_sharding(mesh)
+    compile_start = time.perf_counter()
+    step_fn = make_train_step(graphdef, mc, tc, mesh=mesh, rules=rules).lower(
+        state, jax.device_put(train_batches.batch(start), data_sharding)).compile()
+    compile_s = time.perf_counter() - compile_start
     eplb_on = bool(mc.moe.num_physical_experts and tc.eplb.every)
     placements = current_placements(graphdef, state.params, state.model_state) if eplb_on else None
-    data_sharding = batch_sharding(mesh)
     tokens_per_step = tc.batch_size * tc.seq_len
     step_times = []
     progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[status]}"), console=console, disable=not show_progress)
     with progress:
-        task = progress.add_task("train", total=tc.steps, completed=start, status="compiling...")
+        task = progress.add_task("train", total=tc.steps, completed=start, status=f"compiled in {compile_s:.1f} s")
         for step in range(start + 1, end + 1):
             batch = jax.device_put(train_batches.batch(step - 1), data_sharding)
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - t0
-            if step > start + 1:
-                step_times.append(elapsed)
+            step_times.append(elapsed)
             row = log.append(step, metrics, step_time_s=elapsed, tokens=tokens_per_step)
             if eplb_on:
                 row.update(eplb_balancedness=float(placement_balancedness(
@@ -109,7 +124,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
                     eplb_balancedness_before=None, eplb_balancedness_after=None, eplb_moved_slots=None)
                 if step % tc.eplb.every == 0 and step < end:
                     state, report = rebalance(state, graphdef, mc, np.asarray(state.load_average), tc.eplb)
-                    state = jax.device_put(state, replicated(mesh))
+                    state = jax.device_put(state, shardings)
                     placements = current_placements(graphdef, state.params, state.model_state)
                     row.update(eplb_balancedness_before=report.balancedness_before,
                                eplb_balancedness_after=report.balancedness_after, eplb_moved_slots=report.moved_slots)
@@ -128,4 +143,4 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
                   title=f"{mc.num_layers}-layer MLA/MoE, {tc.batch_size}x{tc.seq_len} bytes per step")
     tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
     return TrainResult(out_dir, log, state, log.rows[-1]["valid_loss"] if log.rows else float("nan"), entropy,
-                       tokens_per_s)
+                       tokens_per_s, compile_s)

@@ -12,7 +12,7 @@ def test_info_reports_the_v3_sizes(capsys):
     assert main(["info", "--preset", "deepseek-v3"]) == 0
     out = capsys.readouterr().out
     assert "671.03 B" in out and "36.63 B" in out
-    assert "blocks.3.ffn.w_gate" in out and "256x7168x2048" in out
+    assert "moe_blocks.layers.ffn.w_gate" in out and "58x256x7168x2048" in out
 
 
 def test_bad_cli_values_exit_with_a_named_error(capsys, tmp_path):

@@ -22,7 +22,7 @@ def test_unknown_preset_names_the_argument():
     (dict(n_group=3), "moe.n_group"),  # groups not dividing experts
     (dict(topk_group=5), "moe.topk_group"),
     (dict(num_experts_per_token=5, n_group=4, topk_group=2), "moe.num_experts_per_token"),  # 5 > 2 groups x 2
-    (dict(dispatch="nccl"), "moe.dispatch"),
+    (dict(strategy="nccl"), "moe.strategy"),
     (dict(grouped_matmul="cublas"), "moe.grouped_matmul"),
     (dict(bias_update_rate=-1.0), "moe.bias_update_rate"),
 ])

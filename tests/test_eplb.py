@@ -16,7 +16,8 @@ from hypothesis.extra import numpy as hnp
 from jaxseek.cli import main
 from jaxseek.config import EPLBConfig
 from jaxseek.expert_placement import current_placements, rebalance
-from jaxseek.train_step import init_train_state, make_train_step
+from jaxseek.train_state import init_train_state
+from jaxseek.train_step import make_train_step
 from sharding.eplb import no_replication_balancedness, rebalance_experts
 
 README_WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -135,13 +136,12 @@ def test_replicas_stay_identical_through_training_steps(micro_config):
     for i in range(3):
         state, _ = step(state, jax.random.randint(jax.random.key(i), (4, 18), 0, 256))
     model = nnx.merge(graphdef, state.params, state.model_state)
-    for layer in model.moe_layers():
-        phy2log = np.asarray(layer.phy2log[...])
-        weights = np.asarray(layer.w_gate[...])
-        for expert in range(8):
-            slots = np.flatnonzero(phy2log == expert)
-            for slot in slots[1:]:
-                np.testing.assert_array_equal(weights[slot], weights[slots[0]])
+    for stack in model.moe_layers():
+        for phy2log, weights in zip(np.asarray(stack.phy2log[...]), np.asarray(stack.w_gate[...])):  # per layer
+            for expert in range(8):
+                slots = np.flatnonzero(phy2log == expert)
+                for slot in slots[1:]:
+                    np.testing.assert_array_equal(weights[slot], weights[slots[0]])
 
 
 def test_eplb_command_writes_placement_and_heat_map(tmp_path, capsys):

@@ -5,46 +5,50 @@ import pytest
 from flax import nnx
 
 from jaxseek.config import MoEConfig
-from jaxseek.model.experts import get_dispatcher, get_grouped_matmul, local_combine, local_dispatch
+from jaxseek.model.experts import ExpertWeights, get_grouped_matmul, get_moe_strategy, local_moe_apply
 from jaxseek.model.moe import MoE
+from jaxseek.model.router import route
+
+silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
 
 
-def test_dispatch_groups_rows_by_expert_and_combine_undoes_it():
+def _expert_loop(x, ids, weights, experts: ExpertWeights) -> np.ndarray:
+    """float64 sum_k weight_k * swiglu_{expert_k}(x_t), one token and one slot at a time."""
+    wg, wu, wd = (np.asarray(w, np.float64) for w in experts)
+    x = np.asarray(x, np.float64)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, weight in zip(np.asarray(ids[t]), np.asarray(weights[t], np.float64)):
+            out[t] += weight * (silu(x[t] @ wg[e]) * (x[t] @ wu[e])) @ wd[e]
+    return out
+
+
+@pytest.mark.parametrize("grouped_matmul", ["ragged_dot", "tiled", "capacity", "auto"])
+def test_local_region_matches_a_per_token_loop_with_an_empty_expert(grouped_matmul):
     rng = np.random.default_rng(0)
-    tokens, hidden, experts, top_k = 13, 6, 5, 2
+    tokens, hidden, inter, experts, top_k = 13, 6, 5, 5, 2
     x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
     ids = jnp.asarray(np.stack([rng.choice(4, 2, replace=False) for _ in range(tokens)]), jnp.int32)  # expert 4 empty
-    rows, layout = local_dispatch(x, ids, experts)
-    sizes = np.asarray(layout.group_sizes)
-    np.testing.assert_array_equal(sizes, np.bincount(np.asarray(ids).ravel(), minlength=experts))
-    assert sizes[4] == 0
-    owners = np.repeat(np.arange(experts), sizes)  # expert of each sorted row
-    for row, flat in enumerate(np.asarray(layout.order)):
-        token, slot = divmod(int(flat), top_k)
-        assert owners[row] == int(ids[token, slot])
-        np.testing.assert_array_equal(np.asarray(rows[row]), np.asarray(x[token]))
     weights = jnp.asarray(rng.uniform(size=(tokens, top_k)), jnp.float32)
-    combined = local_combine(rows, weights, layout)  # identity experts: sum_k w_k * x
-    np.testing.assert_allclose(np.asarray(combined), np.asarray(x) * np.asarray(weights).sum(-1, keepdims=True),
-                               rtol=1e-6)
+    params = ExpertWeights(*(jnp.asarray(rng.normal(size=s), jnp.float32) for s in
+                             ((experts, hidden, inter), (experts, hidden, inter), (experts, inter, hidden))))
+    y, counts = local_moe_apply(x, ids, weights, params, get_grouped_matmul(grouped_matmul))
+    np.testing.assert_array_equal(np.asarray(counts), np.bincount(np.asarray(ids).ravel(), minlength=experts))
+    np.testing.assert_allclose(np.asarray(y), _expert_loop(x, ids, weights, params), rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_matmul_matches_a_loop_over_groups_with_empty_groups():
-    rng = np.random.default_rng(1)
-    sizes = np.array([3, 0, 5, 0, 2])
-    x = rng.normal(size=(sizes.sum(), 4)).astype(np.float32)
-    w = rng.normal(size=(5, 4, 7)).astype(np.float32)
-    out = np.asarray(get_grouped_matmul("xla")(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32)))
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    expected = np.concatenate([x[bounds[g]:bounds[g + 1]] @ w[g] for g in range(5)])
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_unknown_strategies_are_rejected():
-    with pytest.raises(ValueError, match="moe.dispatch"):
-        get_dispatcher("deepep")
+def test_the_region_is_one_strategy_by_name():
+    assert get_moe_strategy("local") is local_moe_apply
+    with pytest.raises(ValueError, match="moe.strategy"):
+        get_moe_strategy("deepep")
     with pytest.raises(ValueError, match="moe.grouped_matmul"):
         get_grouped_matmul("deepgemm")
+
+
+def test_auto_grouped_matmul_follows_the_backend():
+    from jaxseek.model.grouped_matmul import GROUPED_MATMULS
+    assert get_grouped_matmul("auto", "cpu") is GROUPED_MATMULS["tiled"]
+    assert get_grouped_matmul("auto", "gpu") is GROUPED_MATMULS["ragged_dot"]
 
 
 def test_moe_layer_matches_a_per_token_reference():
@@ -56,15 +60,9 @@ def test_moe_layer_matches_a_per_token_reference():
     y, stats = layer(x)
     flat = np.asarray(x, np.float64).reshape(10, 16)
     logits = flat @ np.asarray(layer.router[...], np.float64).T
-    from jaxseek.model.router import route
     routing = route(jnp.asarray(logits, jnp.float32), layer.expert_bias[...], top_k=3, n_group=4, topk_group=3,
                     routed_scaling_factor=2.0)
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-    wg, wu, wd = (np.asarray(w[...], np.float64) for w in (layer.w_gate, layer.w_up, layer.w_down))
-    expected = np.zeros_like(flat)
-    for t in range(10):
-        for e, weight in zip(np.asarray(routing.expert_ids[t]), np.asarray(routing.weights[t], np.float64)):
-            expected[t] += weight * (silu(flat[t] @ wg[e]) * (flat[t] @ wu[e])) @ wd[e]
+    expected = _expert_loop(flat, routing.expert_ids, routing.weights, layer.expert_weights())
     shared = layer.shared
     sg, su, sd = (np.asarray(m.kernel[...], np.float64) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
     expected += (silu(flat @ sg) * (flat @ su)) @ sd

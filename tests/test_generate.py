@@ -147,7 +147,9 @@ def test_fp8_cache_stores_quantised_rows_and_generates(micro_config):
     np.testing.assert_array_equal(np.asarray(rows["fp8"][:len(prompt)], np.float32),
                                   np.asarray(expected).reshape(128, 192)[:len(prompt)])
     gap = np.abs(logits["fp8"] - logits["model"]).max()
-    assert 0 < gap < 0.01 * logits["model"].std(), gap  # measured: 6.8e-5 against a std of 0.12
+    # measured: 2.5e-3 against a std of 0.11 (e4m3 keeps 3 mantissa bits; with the embedding drawn at init_std,
+    # attention is a real share of the residual stream, so its cache error reaches the logits)
+    assert 0 < gap < 0.05 * logits["model"].std(), gap
     store = InMemoryPrefixStore()
     generator = Generator(model, num_blocks=8, max_blocks_per_seq=3, prefix_store=store, kv_cache="fp8")
     assert len(generator.generate([prompt], SamplingConfig(max_new_tokens=5))[0]) == 5  # decode steps over FP8
@@ -193,8 +195,9 @@ def test_decode_through_the_interpreted_kernel_matches_the_xla_path():
                                 table, implementation=implementation)
         results[implementation] = (np.asarray(prefill, np.float32), np.asarray(step, np.float32))
         if implementation == "xla":  # the decode step's attention itself, on the model's own cache rows
-            attn, new = model.blocks[0].attn, jnp.asarray([[7], [9]], jnp.int32)
-            x = model.blocks[0].attn_norm(model.embed(new))
+            first_block = (model.dense_blocks or model.moe_blocks).layer(0)
+            attn, new = first_block.attn, jnp.asarray([[7], [9]], jnp.int32)
+            x = first_block.attn_norm(model.embed(new))
             positions = lengths[:, None]
             q = attn.absorb_queries(*attn.project_queries(x, positions))
             cache = write_rows(pages.data[0], attn.project_latent(x, positions), table, positions,

@@ -34,7 +34,7 @@ def test_loss_falls_below_the_unigram_entropy(micro_config, corpus, tmp_path, de
     assert frame["valid_loss"].drop_nulls().len() == 2
     assert (tmp_path / "run" / PLOT_FILE).stat().st_size > 10_000
     assert (tmp_path / "run" / "checkpoints" / "120").is_dir()
-    assert result.state.params["blocks"][0]["attn"]["wo"]["kernel"][...].sharding.is_fully_replicated
+    assert result.state.params["moe_blocks"]["layers"]["attn"]["wo"]["kernel"][...].sharding.is_fully_replicated
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 
 from jaxseek.config import ModelConfig
-from jaxseek.model.transformer import Block, MTPModule, Transformer
+from jaxseek.model.transformer import Transformer
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -42,25 +42,12 @@ def _abstract_shapes(build) -> dict[str, tuple[int, ...]]:
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Flat ``'blocks.3.ffn.w_gate' -> shape`` map of every parameter of ``Transformer(config)``.
+    """Flat ``'moe_blocks.layers.ffn.w_gate' -> shape`` map of every parameter of ``Transformer(config)``.
 
-    Each distinct module (dense block, MoE block, MTP module, the embedding/norm/head shell) is traced
-    once and repeated: tracing the 61-layer model in one ``eval_shape`` costs O(params^2) in flax's RNG
-    bookkeeping (25 s for DeepSeek-V3), this costs under a second.
+    Stacked blocks carry their leading layer axis (``[num_moe_layers, experts, hidden, inter]`` above); each
+    stack is traced once, so even the 61-layer preset is counted in about a second.
     """
-    rngs = lambda: nnx.Rngs(0)  # noqa: E731
-    shell = config.replace(num_layers=1, first_k_dense=1, mtp_depth=0)
-    shapes = {name: shape for name, shape in _abstract_shapes(lambda: Transformer(shell, rngs=rngs())).items()
-              if not name.startswith("blocks.")}
-    kinds = {use_moe: _abstract_shapes(lambda: Block(config, use_moe=use_moe, rngs=rngs()))
-             for use_moe in {i >= config.first_k_dense for i in range(config.num_layers)}}
-    for i in range(config.num_layers):
-        shapes.update({f"blocks.{i}.{name}": shape for name, shape in kinds[i >= config.first_k_dense].items()})
-    if config.mtp_depth:
-        mtp = _abstract_shapes(lambda: MTPModule(config, rngs=rngs()))
-        for k in range(config.mtp_depth):
-            shapes.update({f"mtp.{k}.{name}": shape for name, shape in mtp.items()})
-    return shapes
+    return _abstract_shapes(lambda: Transformer(config, rngs=nnx.Rngs(0)))
 
 
 def count_parameters(config: ModelConfig) -> ParameterCount:

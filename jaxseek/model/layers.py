@@ -1,5 +1,9 @@
 """Small building blocks shared by attention, experts and MTP: dense projections (optionally FP8), RMSNorm,
-RoPE, SwiGLU."""
+the token embedding, SwiGLU.
+
+Every parameter carries ``logical_axes`` metadata (names such as "embed", "mlp", "heads"), which
+``sharding.rules`` maps to mesh axes; a stack of layers adds a leading "layers" axis.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ class Dense(nnx.Module):
     (1x128 activation and 128x128 weight scaling in forward, dgrad and wgrad; ``pallas_kernels.fp8_gemm``).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, dtype, init_std: float, fp8: bool, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], dtype, init_std: float,
+                 fp8: bool, rngs: nnx.Rngs):
         self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (in_features, out_features),
-                                                                  jnp.float32))
+                                                                  jnp.float32), logical_axes=axes)
         self.dtype = dtype
         self.fp8 = fp8
 
@@ -31,32 +36,25 @@ class Dense(nnx.Module):
         return x @ self.kernel[...].astype(self.dtype)
 
 
-def linear(in_features: int, out_features: int, *, dtype, init_std: float, rngs: nnx.Rngs, fp8: bool = False) -> Dense:
-    return Dense(in_features, out_features, dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
+def linear(in_features: int, out_features: int, *, axes: tuple[str, str], dtype, init_std: float, rngs: nnx.Rngs,
+           fp8: bool = False) -> Dense:
+    """A ``Dense`` [in, out] whose kernel's dimensions are named ``axes`` (logical axis names)."""
+    return Dense(in_features, out_features, axes=axes, dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
 
 
-def rms_norm(features: int, *, eps: float, dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def rms_norm(features: int, *, eps: float, dtype, rngs: nnx.Rngs, axis: str = "norm") -> nnx.RMSNorm:
+    """RMSNorm over the last dimension; its fp32 ``scale`` [features] is named ``axis``."""
+    norm = nnx.RMSNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    norm.scale.set_metadata(logical_axes=(axis,))
+    return norm
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, half-split convention.
-
-    Args:
-      x: [batch, seq, ..., dim] the rotated part of queries or keys (dim even).
-      positions: [batch, seq] int32, absolute token positions.
-      theta: the RoPE base.
-    Returns:
-      [batch, seq, ..., dim] same dtype as ``x``; the rotation is computed in float32.
-    """
-    dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # [dim/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, dim/2]
-    angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+def embedding(vocab_size: int, features: int, *, dtype, init_std: float, rngs: nnx.Rngs) -> nnx.Embed:
+    """The token embedding: an fp32 table [vocab, features] drawn from N(0, init_std^2)."""
+    embed = nnx.Embed(vocab_size, features, dtype=dtype, param_dtype=jnp.float32,
+                      embedding_init=nnx.initializers.normal(init_std), rngs=rngs)
+    embed.embedding.set_metadata(logical_axes=("vocab", "embed"))
+    return embed
 
 
 class SwiGLU(nnx.Module):
@@ -65,9 +63,9 @@ class SwiGLU(nnx.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, init_std: float, rngs: nnx.Rngs,
                  fp8: bool = False):
         dense = dict(dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
-        self.gate_proj = linear(hidden_size, intermediate_size, **dense)
-        self.up_proj = linear(hidden_size, intermediate_size, **dense)
-        self.down_proj = linear(intermediate_size, hidden_size, **dense)
+        self.gate_proj = linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **dense)
+        self.up_proj = linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **dense)
+        self.down_proj = linear(intermediate_size, hidden_size, axes=("mlp", "embed"), **dense)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., hidden] -> [..., hidden]."""

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxseek.config import MLAConfig
-from jaxseek.model.layers import apply_rope, linear, rms_norm
+from jaxseek.model import rope
+from jaxseek.model.layers import linear, rms_norm
 
 AttentionForm = Literal["expanded", "absorbed"]
 
@@ -67,25 +68,31 @@ def latent_attention(q_latent: jax.Array, kv_latent: jax.Array, mask: jax.Array,
 
 
 class MultiHeadLatentAttention(nnx.Module):
+    """MLA with DeepSeek's RoPE (adjacent pairs) and, when ``max_seq_len`` exceeds the config's
+    ``original_seq_len``, YaRN frequencies and softmax scale (``jaxseek.model.rope``)."""
+
     def __init__(self, hidden_size: int, config: MLAConfig, *, eps: float, dtype, init_std: float, rngs: nnx.Rngs,
-                 fp8: bool = False):
+                 fp8: bool = False, max_seq_len: int | None = None):
         self.config = config
+        max_seq_len = config.original_seq_len if max_seq_len is None else max_seq_len
+        self.rope_frequencies = tuple(float(f) for f in rope.rope_frequencies(config, max_seq_len))  # static
+        self.softmax_scale = rope.softmax_scale(config, max_seq_len)
         h = config.num_heads
         dense = dict(dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
         if config.q_lora_rank > 0:
-            self.wq_a = linear(hidden_size, config.q_lora_rank, **dense)
+            self.wq_a = linear(hidden_size, config.q_lora_rank, axes=("embed", "q_lora"), **dense)
             self.q_norm = rms_norm(config.q_lora_rank, eps=eps, dtype=dtype, rngs=rngs)
-            self.wq_b = linear(config.q_lora_rank, h * config.qk_head_dim, **dense)
+            self.wq_b = linear(config.q_lora_rank, h * config.qk_head_dim, axes=("q_lora", "heads"), **dense)
         else:
-            self.wq = linear(hidden_size, h * config.qk_head_dim, **dense)
-        self.wkv_a = linear(hidden_size, config.latent_dim, **dense)
+            self.wq = linear(hidden_size, h * config.qk_head_dim, axes=("embed", "heads"), **dense)
+        self.wkv_a = linear(hidden_size, config.latent_dim, axes=("embed", "kv_latent"), **dense)
         self.kv_norm = rms_norm(config.kv_lora_rank, eps=eps, dtype=dtype, rngs=rngs)
-        self.wkv_b = linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), **dense)
-        self.wo = linear(h * config.v_head_dim, hidden_size, **dense)
+        self.wkv_b = linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim),
+                            axes=("kv_lora", "heads"), **dense)
+        self.wo = linear(h * config.v_head_dim, hidden_size, axes=("heads", "embed"), **dense)
 
-    @property
-    def softmax_scale(self) -> float:
-        return self.config.qk_head_dim ** -0.5
+    def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        return rope.apply_rope(x, positions, self.rope_frequencies)
 
     def project_queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[batch, seq, hidden], [batch, seq] -> (q_nope [b, s, heads, nope], q_rope [b, s, heads, rope] rotated)."""
@@ -93,7 +100,7 @@ class MultiHeadLatentAttention(nnx.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank > 0 else self.wq(x)
         q = q.reshape(q.shape[:2] + (c.num_heads, c.qk_head_dim))  # [b, s, h, nope + rope]
         q_nope, q_rope = jnp.split(q, [c.qk_nope_head_dim], axis=-1)
-        return q_nope, apply_rope(q_rope, positions, c.rope_theta)
+        return q_nope, self._rope(q_rope, positions)
 
     def project_latent(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """[batch, seq, hidden], [batch, seq] -> [batch, seq, kv_lora_rank + rope]: the rows an MLA cache stores,
@@ -101,7 +108,7 @@ class MultiHeadLatentAttention(nnx.Module):
         c = self.config
         kv = self.wkv_a(x)  # [b, s, kv_lora + rope]
         c_kv, k_rope = jnp.split(kv, [c.kv_lora_rank], axis=-1)
-        k_rope = apply_rope(k_rope[:, :, None, :], positions, c.rope_theta)[:, :, 0, :]
+        k_rope = self._rope(k_rope[:, :, None, :], positions)[:, :, 0, :]
         return jnp.concatenate([self.kv_norm(c_kv), k_rope], axis=-1)
 
     def _up_projections(self) -> tuple[jax.Array, jax.Array]:

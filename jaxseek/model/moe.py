@@ -1,8 +1,8 @@
 """DeepSeekMoE layer: shared experts + routed SwiGLU experts behind a group-limited sigmoid router.
 
-gate -> dispatch -> grouped expert matmul -> combine. The dispatch and matmul strategies come from
-``experts.get_dispatcher`` / ``experts.get_grouped_matmul``; the router is ``router.route``. Router
-statistics leave the layer as data (``MoEStats``) for the balancing bias, EPLB and the metrics.
+gate -> one MoE region (``experts.get_moe_strategy``: dispatch -> grouped expert matmuls -> combine) ->
++ shared experts. The router is ``router.route``. Router statistics leave the layer as data
+(``MoEStats``) for the balancing bias, EPLB and the metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseek.config import MoEConfig
-from jaxseek.model.experts import get_dispatcher, get_grouped_matmul
+from jaxseek.model.experts import ExpertWeights, get_grouped_matmul, get_moe_strategy
 from jaxseek.model.layers import SwiGLU
 from jaxseek.model.router import route, sequence_balance_loss, tokens_per_expert, updated_bias
 
@@ -44,12 +44,25 @@ def replica_table(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     return table
 
 
+def placement_maps(config: MoEConfig) -> dict[str, np.ndarray]:
+    """The initial EPLB maps of a layer: phy2log [slots], log2phy [experts, max_replicas] (-1 padded) and
+    logcnt [experts] (replicas per expert); the identity without replicas."""
+    phy2log = initial_placement(config)
+    experts = config.num_routed_experts
+    return {"phy2log": phy2log, "log2phy": replica_table(phy2log, experts),
+            "logcnt": np.bincount(phy2log, minlength=experts).astype(np.int32)}
+
+
 class ExpertBias(nnx.Variable):
-    """The auxiliary-loss-free balancing bias: steers expert selection, receives no gradient."""
+    """The auxiliary-loss-free balancing bias [experts]: steers expert selection, receives no gradient."""
 
 
 class ExpertPlacement(nnx.Variable):
     """Where the logical experts' replicas live (EPLB): integer maps, never trained."""
+
+
+EXPERT_WEIGHT_AXES = {"w_gate": ("experts", "embed", "expert_mlp"), "w_up": ("experts", "embed", "expert_mlp"),
+                      "w_down": ("experts", "expert_mlp", "embed")}
 
 
 class MoEStats(NamedTuple):
@@ -64,35 +77,34 @@ class MoE(nnx.Module):
         self.dtype = dtype
         e, d, f = config.num_routed_experts, hidden_size, config.intermediate_size
         init = nnx.initializers.normal(init_std)
-        self.router = nnx.Param(init(rngs.params(), (e, d), jnp.float32))  # [experts, hidden]
-        self.expert_bias = ExpertBias(jnp.zeros((e,), jnp.float32))
+        self.router = nnx.Param(init(rngs.params(), (e, d), jnp.float32), logical_axes=("router", "embed"))  # [E, d]
+        self.expert_bias = ExpertBias(jnp.zeros((e,), jnp.float32), logical_axes=("router",))
         # Expert weights are physical: one slot per replica when EPLB replicates experts
         # (num_physical_experts > 0), else one per logical expert. Replicas start identical.
-        phy2log = initial_placement(config)  # [slots]
-        self.phy2log = ExpertPlacement(jnp.asarray(phy2log))
-        self.log2phy = ExpertPlacement(jnp.asarray(replica_table(phy2log, e)))  # [experts, max_replicas], -1 padded
-        self.logcnt = ExpertPlacement(jnp.asarray(np.bincount(phy2log, minlength=e), jnp.int32))  # [experts]
-        self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32)[phy2log])  # [slots, hidden, inter]
-        self.w_up = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32)[phy2log])  # [slots, hidden, inter]
-        self.w_down = nnx.Param(init(rngs.params(), (e, f, d), jnp.float32)[phy2log])  # [slots, inter, hidden]
+        maps = placement_maps(config)
+        phy2log = maps["phy2log"]  # [slots]
+        self.phy2log = ExpertPlacement(jnp.asarray(phy2log), logical_axes=("expert_slots",))
+        self.log2phy = ExpertPlacement(jnp.asarray(maps["log2phy"]), logical_axes=("router", "replicas"))
+        self.logcnt = ExpertPlacement(jnp.asarray(maps["logcnt"]), logical_axes=("router",))
+        shapes = {"w_gate": (e, d, f), "w_up": (e, d, f), "w_down": (e, f, d)}  # [slots, in, out] once placed
+        for name, shape in shapes.items():
+            setattr(self, name, nnx.Param(init(rngs.params(), shape, jnp.float32)[phy2log],
+                                          logical_axes=EXPERT_WEIGHT_AXES[name]))
         self.shared = (SwiGLU(d, config.num_shared_experts * f, dtype=dtype, init_std=init_std, rngs=rngs, fp8=fp8)
                        if config.num_shared_experts else None)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEStats]:
         """[batch, seq, hidden] -> ([batch, seq, hidden], MoEStats)."""
         c = self.config
-        dispatcher, grouped_matmul = get_dispatcher(c.dispatch), get_grouped_matmul(c.grouped_matmul)
         batch, seq, hidden = x.shape
         tokens = x.reshape(batch * seq, hidden)  # [T, d]
         logits = tokens.astype(jnp.float32) @ self.router[...].T  # [T, E] float32
         routing = route(logits, self.expert_bias[...], top_k=c.num_experts_per_token, n_group=c.n_group,
                         topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)
         slots = self.physical_slots(routing.expert_ids)  # [T, k] the replica each copy goes to
-        rows, layout = dispatcher.dispatch(tokens.astype(self.dtype), slots, self.phy2log.shape[0])  # [T * k, d]
-        gate = grouped_matmul(rows, self.w_gate[...], layout.group_sizes)  # [T * k, f]
-        up = grouped_matmul(rows, self.w_up[...], layout.group_sizes)
-        expert_out = grouped_matmul(jax.nn.silu(gate) * up, self.w_down[...], layout.group_sizes)
-        y = dispatcher.combine(expert_out, routing.weights, layout).reshape(batch, seq, hidden)
+        y, _ = get_moe_strategy(c.strategy)(tokens.astype(self.dtype), slots, routing.weights, self.expert_weights(),
+                                            get_grouped_matmul(c.grouped_matmul))
+        y = y.reshape(batch, seq, hidden)
         if self.shared is not None:
             y = y + self.shared(x)
         stats = MoEStats(
@@ -101,6 +113,9 @@ class MoE(nnx.Module):
                                                routing.expert_ids.reshape(batch, seq, -1), c.num_routed_experts),
         )
         return y.astype(x.dtype), stats
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
 
     def physical_slots(self, expert_ids: jax.Array) -> jax.Array:
         """[T, k] logical experts -> [T, k] physical slots, spreading each expert's tokens over its replicas

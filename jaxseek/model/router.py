@@ -89,9 +89,10 @@ def sequence_balance_loss(affinities: jax.Array, expert_ids: jax.Array, num_expe
 
 
 def updated_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
-    """Auxiliary-loss-free bias update: [experts] bias, [experts] token counts -> [experts] new bias.
+    """Auxiliary-loss-free bias update: [..., experts] bias, [..., experts] token counts -> new bias.
 
-    Overloaded experts (load above the mean) get a lower bias, underloaded ones a higher bias.
+    Overloaded experts (load above their layer's mean) get a lower bias, underloaded ones a higher bias.
+    Leading axes (stacked layers) are independent.
     """
     load = load.astype(jnp.float32)
-    return bias + rate * jnp.sign(load.mean() - load)
+    return bias + rate * jnp.sign(load.mean(-1, keepdims=True) - load)

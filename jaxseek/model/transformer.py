@@ -1,13 +1,16 @@
-"""The DeepSeek-V3-style decoder: embed -> blocks -> final norm -> head, plus multi-token prediction.
+"""The DeepSeek-V3-style decoder: embed -> dense blocks -> MoE blocks -> final norm -> head, plus MTP.
 
-Each ``Block`` is a pure function of (its parameters, hidden states, positions) once split with
-``nnx.split``, so a pipeline schedule can cut ``Transformer.blocks`` into stages. The first
-``first_k_dense`` blocks use a dense SwiGLU FFN, the rest the MoE layer.
+Blocks of one kind live in one ``BlockStack`` (a leading layer axis, run by ``nnx.scan``). The model
+is cut into three stage functions a pipeline can place on different ranks:
+- ``pre_stage``: the embedding and the dense blocks;
+- ``moe_blocks`` (or any ``moe_blocks.slice``): the MoE blocks;
+- ``post_stage``: the final norm, the output head and the multi-token-prediction modules
+  (``jaxseek.model.loss.head_loss`` adds the losses).
 
-Multi-token prediction (DeepSeek-V3 §2.2): MTP module k (1..D) combines the previous depth's hidden
-state at position i with the embedding of token i+k, ``h' = W [norm(h); norm(emb(t_{i+k}))]``, runs one
-block, and predicts token i+k+1 through the shared output head. The embedding and head are shared
-with the main model.
+Multi-token prediction (DeepSeek-V3 §2.2, the released layout): MTP module k (1..D) combines the previous
+depth's hidden state at position i with the embedding of token i+k,
+``h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)])``, runs one block, and predicts token i+k+1 through its
+own final norm and the shared output head. The embedding and head are shared with the main model.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxseek.config import ModelConfig
-from jaxseek.model.layers import SwiGLU, linear, rms_norm
+from jaxseek.model.layers import SwiGLU, embedding, linear, rms_norm
 from jaxseek.model.mla import MultiHeadLatentAttention
 from jaxseek.model.moe import MoE, MoEStats
+from jaxseek.model.stack import BlockStack, layer_count, scan_layers, slice_layers, stacked
+
+Form = Literal["expanded", "absorbed"]
 
 
 class ModelOutput(NamedTuple):
@@ -31,7 +37,15 @@ class ModelOutput(NamedTuple):
     balance_loss: jax.Array  # [] float32, sum of the layers' sequence-wise balance losses
 
 
-def _dtype(config: ModelConfig):
+class HeadOutput(NamedTuple):
+    """What the post-stage computes from the last block's hidden states."""
+
+    logits: jax.Array  # [batch, seq, vocab] float32
+    mtp_logits: jax.Array  # [mtp_depth, batch, seq, vocab] float32
+    mtp_stats: MoEStats | None  # per MTP module ([mtp_depth, ...]), None without MoE MTP blocks
+
+
+def compute_dtype(config: ModelConfig):
     return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
 
 
@@ -39,23 +53,30 @@ class Block(nnx.Module):
     """Pre-norm residual block: h + MLA(norm(h)), then h + FFN(norm(h)) with FFN dense or MoE."""
 
     def __init__(self, config: ModelConfig, *, use_moe: bool, rngs: nnx.Rngs):
-        dtype, std, eps = _dtype(config), config.init_std, config.rms_norm_eps
+        dtype, std, eps = compute_dtype(config), config.init_std, config.rms_norm_eps
         self.attn_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
         self.attn = MultiHeadLatentAttention(config.hidden_size, config.mla, eps=eps, dtype=dtype, init_std=std,
-                                             rngs=rngs, fp8=config.fp8)
+                                             rngs=rngs, fp8=config.fp8, max_seq_len=config.max_seq_len)
         self.ffn_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
         self.ffn = (MoE(config.hidden_size, config.moe, dtype=dtype, init_std=std, rngs=rngs, fp8=config.fp8)
                     if use_moe else SwiGLU(config.hidden_size, config.intermediate_size, dtype=dtype, init_std=std,
                                            rngs=rngs, fp8=config.fp8))
+        self.remat_attention = config.remat == "attention"
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoE)
 
-    def __call__(self, h: jax.Array, positions: jax.Array, *, form: Literal["expanded", "absorbed"] = "expanded"
+    def __call__(self, h: jax.Array, positions: jax.Array, *, form: Form = "expanded"
                  ) -> tuple[jax.Array, MoEStats | None]:
         """[batch, seq, hidden], [batch, seq] int32 -> ([batch, seq, hidden], MoEStats or None for dense)."""
-        return self.feed_forward(h + self.attn(self.attn_norm(h), positions, form=form))
+
+        def attention(attn, x):
+            return attn(x, positions, form=form)
+
+        if self.remat_attention:
+            attention = nnx.remat(attention)
+        return self.feed_forward(h + attention(self.attn, self.attn_norm(h)))
 
     def feed_forward(self, h: jax.Array) -> tuple[jax.Array, MoEStats | None]:
         """The block's second half: h + FFN(norm(h)), with the MoE statistics (None for a dense FFN)."""
@@ -67,50 +88,88 @@ class Block(nnx.Module):
 
 
 class MTPModule(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        dtype, eps = _dtype(config), config.rms_norm_eps
-        self.hidden_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
-        self.embed_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
-        self.proj = linear(2 * config.hidden_size, config.hidden_size, dtype=dtype, init_std=config.init_std, rngs=rngs,
-                           fp8=config.fp8)
-        self.block = Block(config, use_moe=config.num_moe_layers > 0, rngs=rngs)
+    """One multi-token-prediction depth: enorm, hnorm, eh_proj, a block and its own final norm."""
 
-    def __call__(self, h_prev: jax.Array, next_embeddings: jax.Array, positions: jax.Array
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, eps = compute_dtype(config), config.rms_norm_eps
+        self.enorm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
+        self.hnorm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
+        self.eh_proj = linear(2 * config.hidden_size, config.hidden_size, axes=("mtp_concat", "embed"), dtype=dtype,
+                              init_std=config.init_std, rngs=rngs, fp8=config.fp8)
+        self.block = Block(config, use_moe=config.num_moe_layers > 0, rngs=rngs)
+        self.norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h_prev: jax.Array, ahead_embeddings: jax.Array, positions: jax.Array
                  ) -> tuple[jax.Array, MoEStats | None]:
         """[b, s, d] previous depth's states, [b, s, d] embeddings of tokens i+k -> ([b, s, d], stats)."""
-        h = self.proj(jnp.concatenate([self.hidden_norm(h_prev), self.embed_norm(next_embeddings)], axis=-1))
+        h = self.eh_proj(jnp.concatenate([self.enorm(ahead_embeddings), self.hnorm(h_prev)], axis=-1))
         return self.block(h, positions)
 
 
 class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtype = _dtype(config)
-        self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-                               embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
-        self.blocks = nnx.List([Block(config, use_moe=i >= config.first_k_dense, rngs=rngs)
-                                for i in range(config.num_layers)])
+        dtype = compute_dtype(config)
+        self.embed = embedding(config.vocab_size, config.hidden_size, dtype=dtype, init_std=config.init_std,
+                               rngs=rngs)
+        self.dense_blocks = (BlockStack(lambda r: Block(config, use_moe=False, rngs=r), config.first_k_dense,
+                                        rngs=rngs, remat=config.remat) if config.first_k_dense else None)
+        self.moe_blocks = (BlockStack(lambda r: Block(config, use_moe=True, rngs=r), config.num_moe_layers,
+                                      rngs=rngs, remat=config.remat) if config.num_moe_layers else None)
         self.final_norm = rms_norm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.head = linear(config.hidden_size, config.vocab_size, dtype=dtype, init_std=config.init_std, rngs=rngs)
-        self.mtp = nnx.List([MTPModule(config, rngs=rngs) for _ in range(config.mtp_depth)])
+        self.head = linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), dtype=dtype,
+                           init_std=config.init_std, rngs=rngs)
+        self.mtp = (stacked(lambda r: MTPModule(config, rngs=r), config.mtp_depth, rngs)
+                    if config.mtp_depth else None)
 
-    def trunk(self, tokens: jax.Array, positions: jax.Array, *, form: Literal["expanded", "absorbed"] = "expanded"
-              ) -> tuple[jax.Array, list[MoEStats]]:
-        """[batch, seq] int32 tokens and positions -> ([batch, seq, hidden] last block's output, MoE stats)."""
+    def positions(self, batch: int, seq: int) -> jax.Array:
+        """[batch, seq] int32 positions 0..seq-1; refuses sequences longer than ``max_seq_len``."""
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"tokens: {seq} positions exceed max_seq_len={self.config.max_seq_len}")
+        return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+    def pre_stage(self, tokens: jax.Array, positions: jax.Array, *, form: Form = "expanded") -> jax.Array:
+        """[batch, seq] int32 tokens and positions -> [batch, seq, hidden]: the embedding and the dense blocks."""
         h = self.embed(tokens)
-        stats = []
-        for block in self.blocks:
-            h, block_stats = block(h, positions, form=form)
-            if block_stats is not None:
-                stats.append(block_stats)
-        return h, stats
+        if self.dense_blocks is not None:
+            h, _ = self.dense_blocks(h, positions, form=form)
+        return h
+
+    def moe_stage(self, h: jax.Array, positions: jax.Array, *, form: Form = "expanded"
+                  ) -> tuple[jax.Array, MoEStats | None]:
+        """[batch, seq, hidden] -> ([batch, seq, hidden], MoEStats with a leading [moe_layers] axis or None)."""
+        if self.moe_blocks is None:
+            return h, None
+        return self.moe_blocks(h, positions, form=form)
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """[batch, seq, hidden] -> [batch, seq, vocab] float32 through the final norm and the shared head."""
+        """[..., hidden] -> [..., vocab] float32 through the final norm and the shared head."""
         return self.head(self.final_norm(h)).astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array, *, with_mtp: bool = True,
-                 form: Literal["expanded", "absorbed"] = "expanded") -> ModelOutput:
+    def post_stage(self, h: jax.Array, tokens: jax.Array, positions: jax.Array) -> HeadOutput:
+        """The final norm, the head and the first D MTP modules.
+
+        Args:
+          h: [batch, seq, hidden] the last block's output.
+          tokens: [batch, seq + D] int32, the model's input tokens followed by D look-ahead tokens: MTP depth k
+            embeds ``tokens[:, k:seq + k]`` (token i+k at position i). D = 0 runs no MTP module.
+          positions: [batch, seq] int32.
+        """
+        seq = h.shape[1]
+        depth = tokens.shape[1] - seq
+        logits = self.logits(h)
+        if depth == 0:
+            return HeadOutput(logits, jnp.zeros((0,) + logits.shape, jnp.float32), None)
+        available = layer_count(self.mtp) if self.mtp is not None else 0
+        if not 0 < depth <= available:
+            raise ValueError(f"tokens: {depth} look-ahead columns but the model has {available} MTP modules")
+        ahead = jnp.stack([self.embed(tokens[:, k:seq + k]) for k in range(1, depth + 1)])  # [D, b, s, d]
+        modules = self.mtp if depth == available else slice_layers(self.mtp, 0, depth)
+
+        _, (normed, stats) = scan_layers(modules, _mtp_step, (h, positions), ahead)
+        return HeadOutput(logits, self.head(normed).astype(jnp.float32), stats)
+
+    def __call__(self, tokens: jax.Array, *, with_mtp: bool = True, form: Form = "expanded") -> ModelOutput:
         """Runs the model over a batch.
 
         Args:
@@ -124,30 +183,47 @@ class Transformer(nnx.Module):
         seq = tokens.shape[1] - depth
         if seq <= 0:
             raise ValueError(f"tokens: need more than mtp_depth={depth} columns, got shape {tokens.shape}")
-        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (tokens.shape[0], seq))
-        h, stats = self.trunk(tokens[:, :seq], positions, form=form)
-        logits = self.logits(h)
-        mtp_logits = []
-        for k, module in enumerate(self.mtp[:depth], start=1):
-            h, block_stats = module(h, self.embed(tokens[:, k:seq + k]), positions)
-            mtp_logits.append(self.logits(h))
-            if block_stats is not None:
-                stats.append(block_stats)
-        experts = self.config.moe.num_routed_experts
-        return ModelOutput(
-            logits=logits,
-            mtp_logits=jnp.stack(mtp_logits) if mtp_logits else jnp.zeros((0,) + logits.shape, jnp.float32),
-            expert_load=(jnp.stack([s.tokens_per_expert for s in stats]) if stats
-                         else jnp.zeros((0, experts), jnp.int32)),
-            balance_loss=sum((s.balance_loss for s in stats), jnp.zeros((), jnp.float32)),
-        )
+        positions = self.positions(tokens.shape[0], seq)
+        h, stats = self.moe_stage(self.pre_stage(tokens[:, :seq], positions, form=form), positions, form=form)
+        head = self.post_stage(h, tokens[:, :seq + depth], positions)
+        load, balance = expert_statistics([stats, head.mtp_stats], self.config.moe.num_routed_experts)
+        return ModelOutput(head.logits, head.mtp_logits, load, balance)
+
+    def moe_stacks(self) -> list[nnx.Module]:
+        """The stacked modules holding MoE layers, in the order of ``ModelOutput.expert_load`` rows:
+        the MoE blocks' ``layers``, then the MTP modules' blocks."""
+        stacks = [self.moe_blocks.layers] if self.moe_blocks is not None else []
+        if self.mtp is not None and self.config.num_moe_layers:
+            stacks.append(self.mtp.block)
+        return stacks
 
     def moe_layers(self) -> list[MoE]:
-        """The MoE layers in the order of ``ModelOutput.expert_load`` rows."""
-        blocks = list(self.blocks) + [m.block for m in self.mtp]
-        return [b.ffn for b in blocks if b.is_moe]
+        """The MoE layers of ``moe_stacks``, each with a leading layer axis."""
+        return [stack.ffn for stack in self.moe_stacks()]
 
     def update_expert_bias(self, expert_load: jax.Array) -> None:
         """Applies the auxiliary-loss-free bias update to every MoE layer from [moe_layers, experts] loads."""
-        for layer, load in zip(self.moe_layers(), expert_load):
-            layer.update_bias(load)
+        start = 0
+        for layer in self.moe_layers():
+            count = layer.expert_bias.shape[0]
+            layer.update_bias(expert_load[start:start + count])
+            start += count
+
+
+def _mtp_step(module: MTPModule, carry, ahead_embeddings):
+    """One MTP depth: (h of the previous depth, positions), [b, s, d] embeddings of tokens i+k ->
+    (carry for the next depth, (its final-normed states, MoE stats))."""
+    h, positions = carry
+    h, stats = module(h, ahead_embeddings, positions)
+    return (h, positions), (module.norm(h), stats)
+
+
+def expert_statistics(stats: list[MoEStats | None], num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Per-stage MoE statistics ([layers, ...] each, None for none) -> ([moe_layers, experts] int32 loads,
+    [] float32 summed balance loss)."""
+    present = [s for s in stats if s is not None]
+    if not present:
+        return jnp.zeros((0, num_experts), jnp.int32), jnp.zeros((), jnp.float32)
+    load = jnp.concatenate([s.tokens_per_expert for s in present])
+    balance = sum((s.balance_loss.sum() for s in present), jnp.zeros((), jnp.float32))
+    return load, balance
