@@ -1,9 +1,10 @@
 """jaxseek.sharding: meshes, collectives, schedules and expert placement, in pure JAX/NumPy.
 
-Here today: ``mesh`` (named ``pp``/``dp``/``ep`` meshes over any devices, fake CPU devices included).
-Planned, one concept per module: ``ep`` (DeepEP-style dispatch/combine over ``shard_map``), ``eplb``
-(the expert-parallel load balancer), ``dualpipe`` (pipeline schedules as data) and ``pipeline`` (their
-executor with ``ppermute``).
+Here today: ``mesh`` (named ``pp``/``dp``/``ep`` meshes over any devices, fake CPU devices included),
+``rules`` (logical axis names -> mesh axes for parameters, optimizer moments and activations: the dp,
+zero1, ep and ep+zero1 rule sets) and ``eplb`` (the expert-parallel load balancer). Planned, one concept
+per module: ``ep`` (DeepEP-style dispatch/combine over ``shard_map``), ``dualpipe`` (pipeline schedules as
+data) and ``pipeline`` (their executor with ``ppermute``).
 
 This is the ``sharding`` package of jaxseek (``import sharding`` resolves here after
 ``pip install jaxseek``), not an unrelated PyPI project of the same name.

@@ -27,3 +27,11 @@ def test_mla_decoding_example_runs():
     out, out8 = namespace["out"], namespace["out8"]
     assert out.shape == (4, 1, 16, 512) and out8.shape == out.shape
     assert float(abs(out.astype(float) - out8.astype(float)).max()) < 0.02  # FP8 cache: close, not equal
+
+
+def test_parallelism_example_runs(devices):
+    namespace: dict = {}
+    exec(compile(python_block_after("### Ready for parallelism"), "README.md (sharded state)", "exec"), namespace)
+    mc, shard, metrics = namespace["mc"], namespace["shard"], namespace["metrics"]
+    assert shard[1] == mc.moe.num_routed_experts // 4  # each device: 1/4 of the experts
+    assert float(metrics["loss"]) > 0

@@ -75,3 +75,17 @@ def test_info_prints_bytes_per_device(capsys):
     assert main(["info", "--preset", "tiny", "--ep", "4", "--dp", "2", "--rules", "ep+zero1"]) == 0
     out = capsys.readouterr().out
     assert "parameter bytes per device (dp=2, ep=4, rules ep+zero1)" in out and "optimizer bytes" in out
+
+
+def test_named_activations_follow_the_rules_inside_the_block_only(devices):
+    from sharding.rules import activation_sharding, constrain
+    mesh = make_mesh(dp=2, ep=4, devices=devices)
+    x = jax.numpy.ones((8, 4, 16))
+    assert constrain(x, ("batch", "length", "embed")) is x  # outside: nothing happens
+
+    @jax.jit
+    def named(x):
+        with activation_sharding(mesh, get_rules("ep")):
+            return constrain(x * 2, ("batch", "length", "embed"))
+
+    assert named(x).sharding.spec[0] == ("dp", "ep") and not any(named(x).sharding.spec[1:])

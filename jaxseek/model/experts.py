@@ -64,7 +64,8 @@ def local_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array
     order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)  # copy index of each expert-sorted row
     group_sizes = jnp.zeros((slots,), jnp.int32).at[flat_ids].add(1)
     out = swiglu_experts(x[order // top_k], experts, group_sizes, grouped_matmul)  # [tokens * top_k, hidden]
-    per_copy = jnp.zeros_like(out).at[order].set(out).reshape(tokens, top_k, -1)  # back in (token, slot) order
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))  # sorted row of each copy
+    per_copy = out[rank].reshape(tokens, top_k, -1)  # back in (token, slot) order: a gather, not a row scatter
     y = jnp.einsum("tkd,tk->td", per_copy, gate_weights.astype(out.dtype))
     return y.astype(x.dtype), group_sizes
 

@@ -21,6 +21,9 @@ from flax import nnx
 from jaxseek.config import MLAConfig
 from jaxseek.model import rope
 from jaxseek.model.layers import linear, rms_norm
+from sharding.rules import constrain
+
+HEADS = ("batch", "length", "heads", None)  # per-head activations
 
 AttentionForm = Literal["expanded", "absorbed"]
 
@@ -98,7 +101,7 @@ class MultiHeadLatentAttention(nnx.Module):
         """[batch, seq, hidden], [batch, seq] -> (q_nope [b, s, heads, nope], q_rope [b, s, heads, rope] rotated)."""
         c = self.config
         q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank > 0 else self.wq(x)
-        q = q.reshape(q.shape[:2] + (c.num_heads, c.qk_head_dim))  # [b, s, h, nope + rope]
+        q = constrain(q.reshape(q.shape[:2] + (c.num_heads, c.qk_head_dim)), HEADS)  # [b, s, h, nope + rope]
         q_nope, q_rope = jnp.split(q, [c.qk_nope_head_dim], axis=-1)
         return q_nope, self._rope(q_rope, positions)
 
@@ -149,7 +152,7 @@ class MultiHeadLatentAttention(nnx.Module):
         if form != "expanded":
             raise ValueError(f"form: expected 'expanded' or 'absorbed', got {form!r}")
         c_kv, k_rope = jnp.split(kv_latent, [c.kv_lora_rank], axis=-1)
-        kv = self.wkv_b(c_kv).reshape(c_kv.shape[:2] + (c.num_heads, -1))  # [b, s, h, nope + v]
+        kv = constrain(self.wkv_b(c_kv).reshape(c_kv.shape[:2] + (c.num_heads, -1)), HEADS)  # [b, s, h, nope + v]
         k_nope, v = jnp.split(kv, [c.qk_nope_head_dim], axis=-1)
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [b, s, h, nope + rope]

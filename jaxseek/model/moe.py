@@ -18,6 +18,7 @@ from jaxseek.config import MoEConfig
 from jaxseek.model.experts import ExpertWeights, get_grouped_matmul, get_moe_strategy
 from jaxseek.model.layers import SwiGLU
 from jaxseek.model.router import route, sequence_balance_loss, tokens_per_expert, updated_bias
+from sharding.rules import constrain
 
 
 def initial_placement(config: MoEConfig) -> np.ndarray:
@@ -97,7 +98,7 @@ class MoE(nnx.Module):
         """[batch, seq, hidden] -> ([batch, seq, hidden], MoEStats)."""
         c = self.config
         batch, seq, hidden = x.shape
-        tokens = x.reshape(batch * seq, hidden)  # [T, d]
+        tokens = constrain(x.reshape(batch * seq, hidden), ("batch", "embed"))  # [T, d], tokens split like the batch
         logits = tokens.astype(jnp.float32) @ self.router[...].T  # [T, E] float32
         routing = route(logits, self.expert_bias[...], top_k=c.num_experts_per_token, n_group=c.n_group,
                         topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)

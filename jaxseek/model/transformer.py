@@ -26,6 +26,9 @@ from jaxseek.model.layers import SwiGLU, embedding, linear, rms_norm
 from jaxseek.model.mla import MultiHeadLatentAttention
 from jaxseek.model.moe import MoE, MoEStats
 from jaxseek.model.stack import BlockStack, layer_count, scan_layers, slice_layers, stacked
+from sharding.rules import constrain
+
+HIDDEN = ("batch", "length", "embed")  # the logical axes of the residual stream
 
 Form = Literal["expanded", "absorbed"]
 
@@ -76,7 +79,8 @@ class Block(nnx.Module):
 
         if self.remat_attention:
             attention = nnx.remat(attention)
-        return self.feed_forward(h + attention(self.attn, self.attn_norm(h)))
+        h, stats = self.feed_forward(h + attention(self.attn, self.attn_norm(h)))
+        return constrain(h, HIDDEN), stats
 
     def feed_forward(self, h: jax.Array) -> tuple[jax.Array, MoEStats | None]:
         """The block's second half: h + FFN(norm(h)), with the MoE statistics (None for a dense FFN)."""
@@ -130,7 +134,7 @@ class Transformer(nnx.Module):
 
     def pre_stage(self, tokens: jax.Array, positions: jax.Array, *, form: Form = "expanded") -> jax.Array:
         """[batch, seq] int32 tokens and positions -> [batch, seq, hidden]: the embedding and the dense blocks."""
-        h = self.embed(tokens)
+        h = constrain(self.embed(tokens), HIDDEN)
         if self.dense_blocks is not None:
             h, _ = self.dense_blocks(h, positions, form=form)
         return h
