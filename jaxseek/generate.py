@@ -22,7 +22,8 @@ from jaxseek.config import ModelConfig
 from jaxseek.decode import paged_forward_jit
 from jaxseek.kv_cache import InMemoryPrefixStore, KVPages, PageAllocator, PrefixStore, empty_pages
 from jaxseek.model.transformer import Transformer
-from jaxseek.train_state import init_train_state
+from jaxseek.train_state import abstract_train_state, sharded_abstract_state
+from sharding.mesh import make_mesh
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
 
 PREFILL_BUCKET = BLOCK_SIZE  # prompts are padded to a multiple of this, so prefill compiles once per bucket
@@ -63,9 +64,10 @@ def load_model(run_dir: str | pathlib.Path) -> Transformer:
     step = checkpointer.latest_step()
     if step is None:
         raise ValueError(f"checkpoint: no checkpoint under {run_dir}")
-    graphdef, state = init_train_state(mc, tc)
-    state = checkpointer.restore(step, state)
+    one_device = make_mesh(devices=jax.devices()[:1])
+    state = checkpointer.restore(step, sharded_abstract_state(mc, tc, one_device))  # no initialisation needed
     checkpointer.close()
+    graphdef = abstract_train_state(mc, tc)[0]
     return nnx.merge(graphdef, state.params, state.model_state)
 
 

@@ -24,7 +24,8 @@ from jaxseek.config import ModelConfig, TrainConfig
 from jaxseek.data import ByteCorpus, SequenceBatches, load_stdlib_corpus, unigram_entropy
 from jaxseek.expert_placement import current_placements, placement_balancedness, rebalance
 from jaxseek.metrics import MetricsLog, plot_training
-from jaxseek.train_state import TrainState, abstract_train_state, init_train_state, state_shardings
+from jaxseek.train_state import (TrainState, abstract_train_state, init_train_state, sharded_abstract_state,
+                                  state_shardings)
 from jaxseek.train_step import make_eval_step, make_train_step
 from sharding.mesh import batch_shards, batch_sharding, make_mesh
 from sharding.rules import get_rules
@@ -73,8 +74,6 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
     entropy = unigram_entropy(corpus.train, mc.vocab_size)
 
     get_rules(rules)  # a bad name fails before any work
-    graphdef, state = init_train_state(mc, tc, mesh, rules)
-    shardings = state_shardings(abstract_train_state(mc, tc)[1], mesh, get_rules(rules))
     checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every)
     log, start = MetricsLog(), 0
     if resume:
@@ -86,7 +85,8 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
             checkpointer.write_configs(mc, tc)
         else:
             checkpointer.check_configs(mc, tc)
-        state = checkpointer.restore(start, state)
+        graphdef = abstract_train_state(mc, tc)[0]
+        state = checkpointer.restore(start, sharded_abstract_state(mc, tc, mesh, rules))  # restored in its layout
         if (out_dir / METRICS_FILE).exists():
             log = MetricsLog.read_parquet(out_dir / METRICS_FILE, up_to_step=start)
         console.print(f"[bold]resuming[/] {out_dir} at step {start}")
@@ -95,6 +95,8 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
                          "pass --resume to continue it or choose another --out")
     else:
         checkpointer.write_configs(mc, tc)
+        graphdef, state = init_train_state(mc, tc, mesh, rules)
+    shardings = state_shardings(abstract_train_state(mc, tc)[1], mesh, get_rules(rules))
 
     evaluate = make_eval_step(graphdef)
     data_sharding = batch_sharding(mesh)

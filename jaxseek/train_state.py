@@ -92,6 +92,16 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules: ShardingRules) -> T
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def sharded_abstract_state(mc: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: str = "dp") -> TrainState:
+    """The state's ShapeDtypeStructs carrying the rule set's shardings: a restore target that needs no
+    initialisation."""
+    abstract = abstract_train_state(mc, tc)[1]
+    shardings = state_shardings(abstract, mesh, get_rules(rules))
+    return jax.tree.map(lambda sharding, subtree: jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), subtree),
+        shardings, abstract, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def init_train_state(mc: ModelConfig, tc: TrainConfig, mesh: Mesh | None = None, rules: str = "dp"
                      ) -> tuple[nnx.GraphDef, TrainState]:
     """Builds the model from ``tc.seed`` and returns (graph definition, initial state).
@@ -100,11 +110,16 @@ def init_train_state(mc: ModelConfig, tc: TrainConfig, mesh: Mesh | None = None,
     ("dp", "zero1", "ep", "ep+zero1"): no device materialises more than its shard. Without one, on the
     default device.
     """
-    graphdef, abstract = abstract_train_state(mc, tc)
+    graphdef, _ = abstract_train_state(mc, tc)
+    return graphdef, state_initializer(mc, tc, mesh, rules)()
+
+
+def state_initializer(mc: ModelConfig, tc: TrainConfig, mesh: Mesh | None = None, rules: str = "dp"):
+    """The jitted ``() -> TrainState`` that ``init_train_state`` runs (its outputs in the rule set's layout)."""
     if mesh is None:
-        return graphdef, jax.jit(lambda: _build(mc, tc))()
-    shardings = state_shardings(abstract, mesh, get_rules(rules))
-    return graphdef, jax.jit(lambda: _build(mc, tc), out_shardings=shardings)()
+        return jax.jit(lambda: _build(mc, tc))
+    shardings = state_shardings(abstract_train_state(mc, tc)[1], mesh, get_rules(rules))
+    return jax.jit(lambda: _build(mc, tc), out_shardings=shardings)
 
 
 class DeviceBytes(NamedTuple):

@@ -60,4 +60,4 @@ def test_fp8_model_trains_and_tracks_the_fp32_model(micro_config, tmp_path):
     fp8, fp32 = runs["fp8"].log.losses(), runs["fp32"].log.losses()
     assert np.isfinite(fp8).all() and fp8[-1] < fp8[0] - 1.0
     assert abs(fp8[-1] - fp32[-1]) / fp32[-1] < 0.05
-    assert runs["fp8"].state.params["blocks"][1]["ffn"]["w_gate"][...].dtype == jnp.float32  # fp32 masters
+    assert runs["fp8"].state.params["moe_blocks"]["layers"]["ffn"]["w_gate"][...].dtype == jnp.float32  # fp32 masters

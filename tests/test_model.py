@@ -13,8 +13,21 @@ def _tokens(seed, shape):
     return jax.random.randint(jax.random.key(seed), shape, 0, 256)
 
 
-def test_output_shapes_and_expert_load(micro_config):
-    model = Transformer(micro_config, rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module")
+def micro_model(micro_config):
+    """One model of the micro config (building a stacked model compiles its initialiser); tests that change
+    it work on ``nnx.clone``s."""
+    return Transformer(micro_config, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def deep_model(micro_config):
+    """Two dense and three MoE layers: enough to cut the MoE stack into stages."""
+    return Transformer(micro_config.replace(num_layers=5, first_k_dense=2), rngs=nnx.Rngs(0))
+
+
+def test_output_shapes_and_expert_load(micro_config, micro_model):
+    model = micro_model
     tokens = _tokens(1, (3, 10 + micro_config.mtp_depth))
     out = model(tokens)
     assert out.logits.shape == (3, 10, 256) and out.logits.dtype == jnp.float32
@@ -26,8 +39,8 @@ def test_output_shapes_and_expert_load(micro_config):
     np.testing.assert_array_equal(np.asarray(no_mtp.logits), np.asarray(out.logits))
 
 
-def test_blocks_live_in_one_stack_per_kind(micro_config):
-    model = Transformer(micro_config.replace(num_layers=5, first_k_dense=2), rngs=nnx.Rngs(0))
+def test_blocks_live_in_one_stack_per_kind(micro_config, deep_model):
+    model = deep_model
     assert model.dense_blocks.num_layers == 2 and model.moe_blocks.num_layers == 3
     assert not model.dense_blocks.layer(1).is_moe and model.moe_blocks.layer(0).is_moe
     w_gate = model.moe_blocks.layers.ffn.w_gate
@@ -48,8 +61,8 @@ def _unrolled(model: Transformer, tokens):
     return model.logits(h), jnp.stack(loads)
 
 
-def test_scanned_model_equals_the_unrolled_one(micro_config):
-    model = Transformer(micro_config.replace(num_layers=4, first_k_dense=2), rngs=nnx.Rngs(3))
+def test_scanned_model_equals_the_unrolled_one(deep_model):
+    model = deep_model
     tokens = _tokens(4, (2, 9))
     out = model(tokens, with_mtp=False)
     logits, load = _unrolled(model, tokens)
@@ -57,10 +70,10 @@ def test_scanned_model_equals_the_unrolled_one(micro_config):
     np.testing.assert_array_equal(np.asarray(out.expert_load), np.asarray(load))
 
 
-def test_stages_compose_to_the_model_and_a_stage_is_a_slice_of_a_stack(micro_config):
+def test_stages_compose_to_the_model_and_a_stage_is_a_slice_of_a_stack(deep_model):
     """What a pipeline needs: pre-stage, any cut of the MoE stack, post-stage (with the loss)."""
-    mc = micro_config.replace(num_layers=4, first_k_dense=1)
-    model = Transformer(mc, rngs=nnx.Rngs(5))
+    model = deep_model
+    mc = model.config
     tokens = _tokens(6, (2, 12 + 1 + mc.mtp_depth))
     seq = 12
     positions = model.positions(2, seq)
@@ -101,16 +114,16 @@ def test_remat_changes_memory_not_results(micro_config, remat):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_model_forms_agree(micro_config):
-    model = Transformer(micro_config, rngs=nnx.Rngs(0))
+def test_model_forms_agree(micro_model):
+    model = micro_model
     tokens = _tokens(2, (2, 9))
     a = model(tokens, form="expanded").logits
     b = model(tokens, form="absorbed").logits
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
-def test_a_block_is_a_pure_function_of_its_parameters(micro_config):
-    model = Transformer(micro_config, rngs=nnx.Rngs(0))
+def test_a_block_is_a_pure_function_of_its_parameters(micro_config, micro_model):
+    model = micro_model
     block = model.moe_blocks.layer(0)
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
 
@@ -127,8 +140,8 @@ def test_a_block_is_a_pure_function_of_its_parameters(micro_config):
     assert isinstance(block, Block) and isinstance(block.ffn, MoE)
 
 
-def test_expert_bias_update_reaches_every_moe_layer(micro_config):
-    model = Transformer(micro_config, rngs=nnx.Rngs(0))
+def test_expert_bias_update_reaches_every_moe_layer(micro_config, micro_model):
+    model = nnx.clone(micro_model)
     layers = micro_config.num_moe_layers + micro_config.mtp_depth
     model.update_expert_bias(jnp.tile(jnp.arange(micro_config.moe.num_routed_experts), (layers, 1)))
     for stack in model.moe_layers():
@@ -148,10 +161,9 @@ def test_embedding_is_initialised_with_init_std(micro_config):
     assert abs(float(np.std(np.asarray(model.embed.embedding[...]))) / 0.02 - 1) < 0.05
 
 
-def test_mtp_module_k_reads_token_i_plus_k_in_the_released_layout(micro_config):
+def test_mtp_module_k_reads_token_i_plus_k_in_the_released_layout(micro_model):
     """h' = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]), one block, the module's own norm, the shared head."""
-    mc = micro_config.replace(num_layers=2, first_k_dense=1)
-    model = Transformer(mc, rngs=nnx.Rngs(1))
+    model = nnx.clone(micro_model)
     for name in ("enorm", "hnorm", "norm"):  # distinct norms, so swapping or sharing one shows
         norm = getattr(model.mtp, name)
         norm.scale[...] = jax.random.uniform(jax.random.key(hash(name) % 97), norm.scale.shape, minval=0.5, maxval=2)

@@ -89,3 +89,14 @@ def test_named_activations_follow_the_rules_inside_the_block_only(devices):
             return constrain(x * 2, ("batch", "length", "embed"))
 
     assert named(x).sharding.spec[0] == ("dp", "ep") and not any(named(x).sharding.spec[1:])
+
+
+def test_sharded_creation_never_builds_a_whole_expert_tensor(micro_config, devices):
+    """The compiled initialiser holds expert weights only as shards ([layers, experts / ep, ...])."""
+    import re
+    from jaxseek.train_state import state_initializer
+    hlo = state_initializer(micro_config, TC, make_mesh(dp=2, ep=4, devices=devices), "ep").lower().compile().as_text()
+    moe, f = micro_config.moe, micro_config.moe.intermediate_size
+    whole = f"[{micro_config.num_moe_layers},{moe.num_routed_experts},{micro_config.hidden_size},{f}]"
+    shard = f"[{micro_config.num_moe_layers},{moe.num_routed_experts // 4},{micro_config.hidden_size},{f}]"
+    assert shard in hlo and not re.search(re.escape(whole), hlo)

@@ -89,8 +89,10 @@ class MoE(nnx.Module):
         self.logcnt = ExpertPlacement(jnp.asarray(maps["logcnt"]), logical_axes=("router",))
         shapes = {"w_gate": (e, d, f), "w_up": (e, d, f), "w_down": (e, f, d)}  # [slots, in, out] once placed
         for name, shape in shapes.items():
-            setattr(self, name, nnx.Param(init(rngs.params(), shape, jnp.float32)[phy2log],
-                                          logical_axes=EXPERT_WEIGHT_AXES[name]))
+            weight = init(rngs.params(), shape, jnp.float32)
+            if config.num_physical_experts:  # replicas copy their expert (a gather; skipped for the identity)
+                weight = weight[phy2log]
+            setattr(self, name, nnx.Param(weight, logical_axes=EXPERT_WEIGHT_AXES[name]))
         self.shared = (SwiGLU(d, config.num_shared_experts * f, dtype=dtype, init_std=init_std, rngs=rngs, fp8=fp8)
                        if config.num_shared_experts else None)
 

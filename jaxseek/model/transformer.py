@@ -1,7 +1,7 @@
 """The DeepSeek-V3-style decoder: embed -> dense blocks -> MoE blocks -> final norm -> head, plus MTP.
 
-Blocks of one kind live in one ``BlockStack`` (a leading layer axis, run by ``nnx.scan``). The model
-is cut into three stage functions a pipeline can place on different ranks:
+Blocks of one kind live in one ``BlockStack`` (a leading layer axis, scanned by ``stack.scan_layers``).
+The model is cut into three stage functions a pipeline can place on different ranks:
 - ``pre_stage``: the embedding and the dense blocks;
 - ``moe_blocks`` (or any ``moe_blocks.slice``): the MoE blocks;
 - ``post_stage``: the final norm, the output head and the multi-token-prediction modules
