@@ -192,13 +192,6 @@ def read_hf_weights(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return weights
 
 
-def _set_path(tree: dict, path: str, value) -> None:
-    *parents, leaf = path.split(".")
-    for part in parents:
-        tree = tree[part]
-    tree[leaf] = value
-
-
 def _get_path(tree: dict, path: str):
     for part in path.split("."):
         tree = tree[part]

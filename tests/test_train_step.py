@@ -4,7 +4,6 @@ MTP predicts token i+k+1, clipping counts each logical expert once, compile time
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from rich.console import Console
