@@ -35,18 +35,26 @@ import fp8_gemm  # noqa: E402
 from timing import copy_bandwidth_gbps, gpu_kernel_ms, matmul_tflops  # noqa: E402
 
 
-def in_subprocess(flag: str, timeout_s: int = 240) -> list[dict | list]:
-    """One section in a child process: a kernel that hangs or faults on the GPU must not stop the suite."""
+def child_rows(script_args: list[str], timeout_s: int) -> list[dict]:
+    """Runs ``python *script_args`` in a child process (a kernel that hangs or faults on the GPU must not stop
+    the suite) and returns the JSON objects it printed, one per line, plus an error row if it failed;
+    on a timeout, the rows it had printed so far."""
     import subprocess
     try:
-        result = subprocess.run([sys.executable, __file__, "--child", flag] + (["--quick"] if "--quick" in sys.argv else []),
-                                capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run([sys.executable, *script_args], capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as error:
-        return [{"error": f"timed out after {timeout_s} s", "stdout": str(error.stdout)[-1500:]}]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode:
-        rows.append({"error": f"exit {result.returncode}: {result.stderr[-1500:]}"})
+        out = error.stdout.decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")] + [
+            {"error": f"timed out after {timeout_s} s"}]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode:
+        rows.append({"error": f"exit {done.returncode}: {done.stderr[-1500:]}"})
     return rows
+
+
+def in_subprocess(section: str, timeout_s: int = 240) -> list[dict]:
+    """A section of this suite in a child process."""
+    return child_rows([__file__, "--child", section] + (["--quick"] if "--quick" in sys.argv else []), timeout_s)
 
 
 def fp8_correctness() -> list[dict]:
@@ -134,18 +142,8 @@ def grouped_matmuls() -> list[dict]:
 
 
 def validation(check: str, timeout_s: int) -> list[dict]:
-    """A ``gpu_validation.py`` check in a child process (it prints a JSON object per row)."""
-    import subprocess
-    try:
-        done = subprocess.run([sys.executable, str(HERE / "gpu_validation.py"), check], capture_output=True,
-                              text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as error:
-        rows = [json.loads(line) for line in (error.stdout or b"").decode().splitlines() if line.startswith("{")]
-        return rows + [{"error": f"timed out after {timeout_s} s"}]
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode:
-        rows.append({"error": f"exit {done.returncode}: {done.stderr[-1500:]}"})
-    return rows
+    """A ``gpu_validation.py`` check in a child process."""
+    return child_rows([str(HERE / "gpu_validation.py"), check], timeout_s)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ fails before any array is allocated. Presets live in ``jaxseek/presets.py``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, get_args
 
 from jaxseek.model.experts import GROUPED_MATMULS, MOE_STRATEGIES
 
@@ -60,6 +60,10 @@ class MLAConfig:
         _require(self.beta_fast > self.beta_slow > 0, "mla.beta_fast",
                  f"YaRN needs beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
         _require(self.mscale >= 0, "mla.mscale", f"must be >= 0, got {self.mscale}")
+
+    def uses_yarn(self, max_seq_len: int) -> bool:
+        """DeepSeek's rule: YaRN applies when the context is longer than the original one and factor > 1."""
+        return self.rope_factor > 1 and max_seq_len > self.original_seq_len
 
     @property
     def qk_head_dim(self) -> int:
@@ -165,14 +169,13 @@ class ModelConfig:
         _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         _require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
                  f"expected 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        _require(self.remat in ("none", "block", "attention"), "remat",
-                 f"expected 'none', 'block' or 'attention', got {self.remat!r}")
+        _require(self.remat in get_args(Remat), "remat", f"expected one of {get_args(Remat)}, got {self.remat!r}")
         _require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
 
     @property
     def yarn(self) -> bool:
         """Whether YaRN scaling is in effect (DeepSeek's rule: a context longer than the original one)."""
-        return self.mla.rope_factor > 1 and self.max_seq_len > self.mla.original_seq_len
+        return self.mla.uses_yarn(self.max_seq_len)
 
     @property
     def num_moe_layers(self) -> int:

@@ -9,6 +9,7 @@ computed from abstract shapes (``nnx.eval_shape``), so it costs nothing for the 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -60,8 +61,10 @@ def _build(mc: ModelConfig, tc: TrainConfig) -> TrainState:
     return state_from_model(Transformer(mc, rngs=nnx.Rngs(tc.seed)), tc)
 
 
+@functools.lru_cache(maxsize=8)  # init, the step, restore targets and reports all ask for the same configs
 def abstract_train_state(mc: ModelConfig, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
-    """(graph definition, TrainState of ShapeDtypeStructs with the parameters' logical-axes metadata)."""
+    """(graph definition, TrainState of ShapeDtypeStructs with the parameters' logical-axes metadata);
+    traced once per (frozen, hashable) pair of configs."""
     graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(tc.seed))), nnx.Param, ...)[0]
     return graphdef, jax.eval_shape(lambda: _build(mc, tc))
 

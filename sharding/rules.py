@@ -117,6 +117,14 @@ def activation_sharding(mesh: Mesh, rules: ShardingRules) -> Iterator[None]:
         _ACTIVATION_LAYOUT.reset(token)
 
 
+def activation_layout() -> tuple[Mesh, str] | None:
+    """The ambient (mesh, rule-set name), or None outside ``activation_sharding``. jax caches the trace of a
+    function by its identity, so code that caches traced functions (``jaxseek.model.stack``) must key them
+    on this too, or a trace made under one layout would be reused under another."""
+    layout = _ACTIVATION_LAYOUT.get()
+    return None if layout is None else (layout[0], layout[1].name)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """``x`` with a sharding constraint from its logical axis names (a no-op outside ``activation_sharding``)."""
     layout = _ACTIVATION_LAYOUT.get()

@@ -93,6 +93,8 @@ def test_unsupported_config_keys_are_named():
         config_from_hf({**base, "scoring_func": "softmax"})
     with pytest.raises(ValueError, match="rope_scaling"):
         config_from_hf({**base, "rope_scaling": {**base["rope_scaling"], "type": "linear"}})
+    with pytest.raises(ValueError, match="mscale"):
+        config_from_hf({**base, "rope_scaling": {**base["rope_scaling"], "mscale": 0.707}})
 
 
 def write_config_only():

@@ -100,3 +100,14 @@ def test_sharded_creation_never_builds_a_whole_expert_tensor(micro_config, devic
     whole = f"[{micro_config.num_moe_layers},{moe.num_routed_experts},{micro_config.hidden_size},{f}]"
     shard = f"[{micro_config.num_moe_layers},{moe.num_routed_experts // 4},{micro_config.hidden_size},{f}]"
     assert shard in hlo and not re.search(re.escape(whole), hlo)
+
+
+def test_the_train_step_pins_named_activations_to_the_mesh(micro_config, devices):
+    from jaxseek.train_step import make_train_step
+    mesh = make_mesh(dp=2, ep=4, devices=devices)
+    graphdef, state = init_train_state(micro_config, TC, mesh, "ep")
+    tokens = jax.numpy.zeros((TC.batch_size, TC.seq_len + 1 + micro_config.mtp_depth), jax.numpy.int32)
+    pinned = make_train_step(graphdef, micro_config, TC, mesh=mesh, rules="ep").lower(state, tokens).as_text()
+    free = make_train_step(graphdef, micro_config, TC).lower(state, tokens).as_text()  # no mesh: no named layout
+    # each block pins at least its residual stream (forward and backward)
+    assert pinned.count("sdy.sharding_constraint") >= free.count("sdy.sharding_constraint") + 2 * micro_config.num_layers

@@ -17,7 +17,7 @@ from flax import nnx
 from jaxseek.config import MoEConfig
 from jaxseek.model.experts import ExpertWeights, get_grouped_matmul, get_moe_strategy
 from jaxseek.model.layers import SwiGLU
-from jaxseek.model.router import route, sequence_balance_loss, tokens_per_expert, updated_bias
+from jaxseek.model.router import route, sequence_balance_loss, updated_bias
 from sharding.rules import constrain
 
 
@@ -105,13 +105,14 @@ class MoE(nnx.Module):
         routing = route(logits, self.expert_bias[...], top_k=c.num_experts_per_token, n_group=c.n_group,
                         topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)
         slots = self.physical_slots(routing.expert_ids)  # [T, k] the replica each copy goes to
-        y, _ = get_moe_strategy(c.strategy)(tokens.astype(self.dtype), slots, routing.weights, self.expert_weights(),
-                                            get_grouped_matmul(c.grouped_matmul))
+        y, slot_load = get_moe_strategy(c.strategy)(tokens.astype(self.dtype), slots, routing.weights,
+                                                    self.expert_weights(), get_grouped_matmul(c.grouped_matmul))
         y = y.reshape(batch, seq, hidden)
         if self.shared is not None:
             y = y + self.shared(x)
         stats = MoEStats(
-            tokens_per_expert=tokens_per_expert(routing.expert_ids, c.num_routed_experts),
+            # the region counts copies per physical slot; an expert's load is the sum over its replicas
+            tokens_per_expert=jax.ops.segment_sum(slot_load, self.phy2log[...], c.num_routed_experts),
             balance_loss=sequence_balance_loss(routing.affinities.reshape(batch, seq, -1),
                                                routing.expert_ids.reshape(batch, seq, -1), c.num_routed_experts),
         )

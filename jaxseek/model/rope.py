@@ -23,11 +23,6 @@ import numpy as np
 from jaxseek.config import MLAConfig
 
 
-def yarn_active(config: MLAConfig, max_seq_len: int) -> bool:
-    """DeepSeek's rule: YaRN applies when the context is longer than the original one and factor > 1."""
-    return config.rope_factor > 1 and max_seq_len > config.original_seq_len
-
-
 def _correction_dim(rotations: float, dim: int, theta: float, original_seq_len: int) -> float:
     """The (fractional) pair index whose frequency completes ``rotations`` turns over the original context."""
     return dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -37,7 +32,7 @@ def rope_frequencies(config: MLAConfig, max_seq_len: int) -> np.ndarray:
     """[qk_rope_head_dim / 2] float64 angular frequency of each rotated pair, YaRN-scaled when active."""
     dim, theta = config.qk_rope_head_dim, config.rope_theta
     freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    if not yarn_active(config, max_seq_len):
+    if not config.uses_yarn(max_seq_len):
         return freqs
     low = max(math.floor(_correction_dim(config.beta_fast, dim, theta, config.original_seq_len)), 0)
     high = min(math.ceil(_correction_dim(config.beta_slow, dim, theta, config.original_seq_len)), dim - 1)
@@ -50,7 +45,7 @@ def rope_frequencies(config: MLAConfig, max_seq_len: int) -> np.ndarray:
 def softmax_scale(config: MLAConfig, max_seq_len: int) -> float:
     """qk_head_dim^-0.5, times YaRN's mscale^2 when active."""
     scale = config.qk_head_dim ** -0.5
-    if yarn_active(config, max_seq_len):
+    if config.uses_yarn(max_seq_len):
         mscale = 0.1 * config.mscale * math.log(config.rope_factor) + 1.0
         scale *= mscale * mscale
     return scale

@@ -18,6 +18,8 @@ from typing import Any, Callable, Literal
 import jax
 from flax import nnx
 
+from sharding.rules import activation_layout
+
 LAYERS_AXIS = "layers"
 
 # step(layer, carry, x, *static) -> (carry, y): a module-level function, so scan bodies can be reused.
@@ -56,7 +58,10 @@ def slice_layers(layers: nnx.Module, start: int, stop: int) -> nnx.Module:
 
 
 @functools.lru_cache(maxsize=64)  # a few (graph, step) pairs per model; keeps eager scans compiled once
-def _scan_body(graphdef: nnx.GraphDef, step: LayerStep, remat: bool, static: tuple):
+def _scan_body(graphdef: nnx.GraphDef, step: LayerStep, remat: bool, static: tuple, layout):
+    """``layout`` (``sharding.rules.activation_layout()``) only keys the cache: a body traced with activation
+    constraints for one mesh must not be reused without them or on another mesh."""
+
     def body(carry, layer_and_x):
         layer_state, x = layer_and_x
         return step(nnx.merge(graphdef, layer_state), carry, x, *static)
@@ -68,7 +73,7 @@ def scan_layers(layers: nnx.Module, step: LayerStep, carry, xs=None, *, static: 
     ``xs``); returns (final carry, ys stacked on a leading layer axis). ``remat`` recomputes each step in
     the backward pass. The layers are read, never written."""
     graphdef, state = nnx.split(layers)
-    return jax.lax.scan(_scan_body(graphdef, step, remat, static), carry, (state, xs))
+    return jax.lax.scan(_scan_body(graphdef, step, remat, static, activation_layout()), carry, (state, xs))
 
 
 def _block_step(block, carry, _, form):
