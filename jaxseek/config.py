@@ -80,7 +80,8 @@ class MoEConfig:
     """DeepSeekMoE: shared experts plus routed SwiGLU experts, sigmoid gate, group-limited top-k.
 
     ``strategy`` names the MoE region (dispatch -> grouped expert matmuls on the local experts ->
-    combine; "local" on one device, expert parallelism over the mesh later) and ``grouped_matmul`` the
+    combine; "ep": DeepEP-style expert parallelism over the mesh's ``ep`` axis when it is > 1, else local;
+    "local": every expert where the tokens are) and ``grouped_matmul`` the
     expert matmul inside it ("auto" picks per backend); ``jaxseek/model/experts.py`` is the one place
     that maps the names to code.
     """
@@ -95,7 +96,10 @@ class MoEConfig:
     bias_update_rate: float = 1e-3
     seq_aux_loss_weight: float = 0.0
     grouped_matmul: str = "auto"
-    strategy: str = "local"
+    strategy: str = "ep"  # "ep": expert parallelism under a mesh with ep > 1, local elsewhere; "local": never
+    capacity_factor: float = 0.0  # EP buffers as a multiple of the mean load; 0 = dropless (worst case)
+    drop_policy: str = "raise"  # what training does when copies were dropped: "raise" or "drop" (count them)
+    fp8_dispatch: bool = False  # EP: tokens travel as 1x128 FP8 (hidden a multiple of 128)
     num_physical_experts: int = 0  # EPLB: expert slots including redundant replicas (0 = no replicas)
     eplb_gpus: int = 1  # EPLB: expert-parallel ranks the slots are placed on
 
@@ -122,6 +126,9 @@ class MoEConfig:
                  f"expected one of {GROUPED_MATMULS}, got {self.grouped_matmul!r}")
         _require(self.strategy in MOE_STRATEGIES, "moe.strategy",
                  f"expected one of {MOE_STRATEGIES}, got {self.strategy!r}")
+        _require(self.capacity_factor >= 0, "moe.capacity_factor", f"must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        _require(self.drop_policy in ("raise", "drop"), "moe.drop_policy",
+                 f"expected 'raise' or 'drop', got {self.drop_policy!r}")
         if self.num_physical_experts:
             _require(self.num_physical_experts >= self.num_routed_experts, "moe.num_physical_experts",
                      f"must be 0 or >= num_routed_experts={self.num_routed_experts}, got {self.num_physical_experts}")
@@ -164,6 +171,8 @@ class ModelConfig:
         # per-head shardings of the attention projections rely on it.
         _require(self.hidden_size % self.mla.num_heads == 0, "mla.num_heads",
                  f"must divide hidden_size={self.hidden_size}, got {self.mla.num_heads}")
+        _require(not self.moe.fp8_dispatch or self.hidden_size % 128 == 0, "moe.fp8_dispatch",
+                 f"FP8 dispatch casts 1x128 groups: hidden_size must be a multiple of 128, got {self.hidden_size}")
         _require(self.mtp_depth >= 0, "mtp_depth", f"must be >= 0 (0 disables MTP), got {self.mtp_depth}")
         _require(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxseek.config import EPLBConfig, ModelConfig
 from jaxseek.model.moe import MoE, replica_table
@@ -41,14 +42,55 @@ def _moe_layers(graphdef, params_like, model_state) -> tuple[object, list[MoE]]:
     return model, model.moe_layers()
 
 
-def sum_replica_gradients(graphdef: nnx.GraphDef, grads, model_state):
-    """Gives every replica the sum of its expert's replica gradients (inside the jitted step)."""
+def _replica_sums(grad: jax.Array, phy2log: jax.Array, logcnt: jax.Array) -> jax.Array:
+    """[layers, slots, ...] -> the same with each slot holding the sum over its expert's replicas (one device)."""
+    experts = logcnt.shape[-1]
+    return jax.vmap(lambda w, p: jax.ops.segment_sum(w, p, experts)[p])(grad, phy2log)
+
+
+def _replica_sums_over_ep(grad: jax.Array, phy2log: jax.Array, logcnt: jax.Array, mesh: Mesh) -> jax.Array:
+    """``_replica_sums`` with the slots split over the mesh's ``ep`` axis (slot s on rank s // slots_per_rank).
+
+    Only replicated experts are exchanged: each rank adds its slots of replicated experts into a
+    [layers, redundant, ...] buffer (row = the expert's index among the replicated ones), one psum over ep
+    sums the replicas wherever they live, and each replica reads its row back. The psum carries
+    ``slots - experts`` rows, not every expert.
+    """
+    layers, slots = phy2log.shape
+    redundant = slots - logcnt.shape[-1]  # at most this many experts have more than one replica
+
+    def per_rank(grad, phy2log, logcnt):  # grad [layers, local_slots, ...]
+        local = grad.shape[1]
+        mine = jax.lax.axis_index("ep") * local + jnp.arange(local)
+        expert = phy2log[:, mine]  # [layers, local]
+        replicated = jnp.take_along_axis(logcnt > 1, expert, axis=1)
+        row = jnp.take_along_axis(jnp.cumsum(logcnt > 1, axis=1) - 1, expert, axis=1)
+        row = jnp.where(replicated, row, redundant)  # [layers, local]; redundant = not exchanged
+        buffer = jnp.zeros((layers, redundant + 1) + grad.shape[2:], grad.dtype)
+        buffer = jax.vmap(lambda b, r, g: b.at[r].add(g))(buffer, row, grad)
+        summed = jax.lax.psum(buffer[:, :redundant], "ep")
+        shared = jax.vmap(lambda s, r: jnp.take(s, r, axis=0, mode="fill", fill_value=0))(summed, row)
+        mask = replicated.reshape(replicated.shape + (1,) * (grad.ndim - 2))
+        return jnp.where(mask, shared, grad)
+
+    spec = P(None, "ep")
+    return jax.shard_map(per_rank, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec,
+                         check_vma=False)(grad, phy2log, logcnt)
+
+
+def sum_replica_gradients(graphdef: nnx.GraphDef, grads, model_state, mesh: Mesh | None = None):
+    """Gives every replica the sum of its expert's replica gradients (inside the jitted step); with a mesh
+    whose ``ep`` axis is > 1, among the ranks that hold the replicas (``_replica_sums_over_ep``)."""
     model, layers = _moe_layers(graphdef, grads, model_state)
     for layer in layers:
-        experts = layer.config.num_routed_experts
+        slots = layer.phy2log.shape[-1]
+        over_ep = mesh is not None and mesh.shape["ep"] > 1 and slots % mesh.shape["ep"] == 0
         for name in EXPERT_WEIGHTS:
             weight = getattr(layer, name)
-            weight[...] = jax.vmap(lambda w, p: jax.ops.segment_sum(w, p, experts)[p])(weight[...], layer.phy2log[...])
+            if over_ep:
+                weight[...] = _replica_sums_over_ep(weight[...], layer.phy2log[...], layer.logcnt[...], mesh)
+            else:
+                weight[...] = _replica_sums(weight[...], layer.phy2log[...], layer.logcnt[...])
     return nnx.split(model, nnx.Param, ...)[1]
 
 

@@ -26,7 +26,8 @@ class MetricsLog:
         row = {"step": step, **{k: float(metrics[k]) for k in SCALARS},
                "step_time_s": step_time_s, "tokens_per_s": tokens / step_time_s if step_time_s > 0 else 0.0,
                "expert_balance_mean": float(balance.mean()) if balance.size else 1.0,
-               "expert_balance": balance.tolist(), "expert_load": load.tolist(), "valid_loss": None}
+               "expert_balance": balance.tolist(), "expert_load": load.tolist(),
+               "dropped_tokens": int(metrics.get("dropped_tokens", 0)), "valid_loss": None}
         self.rows.append(row)
         return row
 

@@ -8,6 +8,8 @@ from jaxseek.config import MoEConfig
 from jaxseek.model.experts import ExpertWeights, get_grouped_matmul, get_moe_strategy, local_moe_apply
 from jaxseek.model.moe import MoE
 from jaxseek.model.router import route
+from sharding.mesh import make_mesh
+from sharding.rules import activation_sharding, get_rules
 
 silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
 
@@ -32,9 +34,36 @@ def test_local_region_matches_a_per_token_loop_with_an_empty_expert(grouped_matm
     weights = jnp.asarray(rng.uniform(size=(tokens, top_k)), jnp.float32)
     params = ExpertWeights(*(jnp.asarray(rng.normal(size=s), jnp.float32) for s in
                              ((experts, hidden, inter), (experts, hidden, inter), (experts, inter, hidden))))
-    y, counts = local_moe_apply(x, ids, weights, params, get_grouped_matmul(grouped_matmul))
+    y, counts, dropped = local_moe_apply(x, ids, weights, params, get_grouped_matmul(grouped_matmul))
+    assert int(dropped) == 0
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(np.asarray(ids).ravel(), minlength=experts))
     np.testing.assert_allclose(np.asarray(y), _expert_loop(x, ids, weights, params), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_expert_parallel_region_matches_the_per_token_loop_on_a_dp_by_ep_mesh(devices, capacity_factor):
+    """One shard_map (dispatch -> local experts -> combine) over dp=2 x ep=4 with experts over ep; with a
+    small capacity some copies drop: they are counted and the kept ones are still exact."""
+    rng = np.random.default_rng(1)
+    tokens, hidden, inter, experts, top_k = 64, 8, 6, 8, 3
+    x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)]), jnp.int32)
+    ids = ids.at[:40, 0].set(5)  # a hot expert
+    weights = jnp.asarray(rng.uniform(size=(tokens, top_k)), jnp.float32)
+    params = ExpertWeights(*(jnp.asarray(rng.normal(size=s), jnp.float32) for s in
+                             ((experts, hidden, inter), (experts, hidden, inter), (experts, inter, hidden))))
+    mesh = make_mesh(dp=2, ep=4, devices=devices)
+    strategy = get_moe_strategy("ep", capacity_factor=capacity_factor)
+    with activation_sharding(mesh, get_rules("ep")):
+        y, counts, dropped = jax.jit(strategy, static_argnums=4)(x, ids, weights, params, get_grouped_matmul("tiled"))
+    if capacity_factor is None:
+        assert int(dropped) == 0
+        np.testing.assert_array_equal(np.asarray(counts), np.bincount(np.asarray(ids).ravel(), minlength=experts))
+        np.testing.assert_allclose(np.asarray(y), _expert_loop(x, ids, weights, params), rtol=1e-4, atol=1e-4)
+    else:
+        assert int(dropped) > 0 and int(counts.sum()) + int(dropped) == tokens * top_k
+    y_local = get_moe_strategy("ep")(x, ids, weights, params, get_grouped_matmul("tiled")).y  # no mesh: local
+    np.testing.assert_allclose(np.asarray(y_local), _expert_loop(x, ids, weights, params), rtol=1e-4, atol=1e-4)
 
 
 def test_the_region_is_one_strategy_by_name():

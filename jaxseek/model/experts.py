@@ -2,28 +2,38 @@
 
 A strategy is one function,
 
-    moe_apply(x, expert_ids, gate_weights, experts, grouped_matmul) -> (y, tokens_per_expert),
+    moe_apply(x, expert_ids, gate_weights, experts, grouped_matmul) -> MoEOutput(y, tokens_per_slot, num_dropped),
 
 that moves each token's copies to its experts, runs the SwiGLU experts as grouped matmuls and sums the
-copies back with their gating weights. How rows are laid out in between is the strategy's own business,
-so expert parallelism is one more strategy (one ``shard_map`` over the local weight shards) rather
-than three calls on global weights. ``get_moe_strategy`` and ``get_grouped_matmul`` are the only places
-that turn a config name into code.
+copies back with their gating weights. How rows are laid out in between is the strategy's own business:
+
+- ``"local"``: every expert on this device (sort by expert, grouped matmuls, unsort).
+- ``"ep"``: expert parallelism, DeepEP's normal mode. Under a mesh whose ``ep`` axis is > 1 (the ambient
+  ``sharding.rules.activation_sharding``), one ``shard_map`` runs dispatch -> the rank's local experts ->
+  combine, tokens split over (``dp``, ``ep``), expert slots over ``ep`` (slot s on rank s // slots_per_rank);
+  anywhere else it is the local strategy. The default.
+
+``get_moe_strategy`` and ``get_grouped_matmul`` are the only places that turn a config name into code.
 """
 
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxseek.model import grouped_matmul as gmm
 from pallas_kernels.fp8_gemm.vjp import fp8_grouped_linear
+from sharding.ep import combine, dispatch
+from sharding.rules import activation_layout
 
 GroupedMatmul = gmm.GroupedMatmul
 
-MOE_STRATEGIES = ("local",)
+MOE_STRATEGIES = ("ep", "local")
 GROUPED_MATMULS = ("auto",) + tuple(gmm.GROUPED_MATMULS) + ("fp8",)
 
 
@@ -35,7 +45,13 @@ class ExpertWeights(NamedTuple):
     w_down: jax.Array  # [slots, inter, hidden]
 
 
-MoEStrategy = Callable[[jax.Array, jax.Array, jax.Array, ExpertWeights, GroupedMatmul], tuple[jax.Array, jax.Array]]
+class MoEOutput(NamedTuple):
+    y: jax.Array  # [tokens, hidden] sum_k weight_k * expert_k(x)
+    tokens_per_slot: jax.Array  # [slots] int32 copies each physical expert slot computed
+    num_dropped: jax.Array  # [] int32 (token, expert) copies that did not fit a capacity (0 when dropless)
+
+
+MoEStrategy = Callable[[jax.Array, jax.Array, jax.Array, ExpertWeights, GroupedMatmul], MoEOutput]
 
 
 def swiglu_experts(rows: jax.Array, experts: ExpertWeights, group_sizes: jax.Array,
@@ -47,7 +63,7 @@ def swiglu_experts(rows: jax.Array, experts: ExpertWeights, group_sizes: jax.Arr
 
 
 def local_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array, experts: ExpertWeights,
-                    grouped_matmul: GroupedMatmul) -> tuple[jax.Array, jax.Array]:
+                    grouped_matmul: GroupedMatmul) -> MoEOutput:
     """All experts on this device: sort the (token, slot) copies by expert, run them, unsort and combine.
 
     Args:
@@ -56,7 +72,7 @@ def local_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array
       gate_weights: [tokens, top_k] float32 gating weights.
       experts: the layer's expert weights ([slots, ...]).
     Returns:
-      (y [tokens, hidden] in x's dtype: sum_k weight_k * expert_k(x), tokens_per_expert [slots] int32).
+      MoEOutput: y [tokens, hidden] in x's dtype, tokens per slot [slots] int32, no drops.
     """
     tokens, top_k = expert_ids.shape
     slots = experts.w_gate.shape[0]
@@ -67,7 +83,37 @@ def local_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))  # sorted row of each copy
     per_copy = out[rank].reshape(tokens, top_k, -1)  # back in (token, slot) order: a gather, not a row scatter
     y = jnp.einsum("tkd,tk->td", per_copy, gate_weights.astype(out.dtype))
-    return y.astype(x.dtype), group_sizes
+    return MoEOutput(y.astype(x.dtype), group_sizes, jnp.zeros((), jnp.int32))
+
+
+def ep_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array, experts: ExpertWeights,
+                 grouped_matmul: GroupedMatmul, *, capacity_factor: float | None = None,
+                 fp8_dispatch: bool = False) -> MoEOutput:
+    """Expert parallelism over the ambient mesh's ``ep`` axis (the local strategy without one).
+
+    Args/Returns as ``local_moe_apply``; x, expert_ids and gate_weights are the global [tokens, ...] arrays
+    of the traced program, split over (dp, ep) inside; the experts' slot axis is split over ep.
+    capacity_factor: None = dropless; fp8_dispatch: tokens travel as 1x128 FP8.
+    """
+    layout = activation_layout()
+    if layout is None or layout[0].shape.get("ep", 1) == 1:
+        return local_moe_apply(x, expert_ids, gate_weights, experts, grouped_matmul)
+    mesh = layout[0]
+    slots = experts.w_gate.shape[0]
+    tokens = P(("dp", "ep"))
+
+    def per_rank(x, expert_ids, gate_weights, w_gate, w_up, w_down):
+        received = dispatch(x, expert_ids, gate_weights, num_experts=slots, axis_name="ep",
+                            capacity_factor=capacity_factor, use_fp8=fp8_dispatch)
+        out = swiglu_experts(received.x, ExpertWeights(w_gate, w_up, w_down), received.tokens_per_expert,
+                             grouped_matmul)  # [rows, hidden], padding rows 0
+        y = combine(out, received.handle, received.weights)
+        return (y, jax.lax.psum(received.tokens_per_expert, "dp"),
+                jax.lax.psum(received.num_dropped, ("dp", "ep")))
+
+    mapped = jax.shard_map(per_rank, mesh=mesh, in_specs=(tokens, tokens, tokens, P("ep"), P("ep"), P("ep")),
+                           out_specs=(tokens, P("ep"), P()), check_vma=False)
+    return MoEOutput(*mapped(x, expert_ids, gate_weights, *experts))
 
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -76,9 +122,12 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> ja
     return fp8_grouped_linear(x, jnp.swapaxes(w, 1, 2), group_sizes)
 
 
-def get_moe_strategy(name: str) -> MoEStrategy:
+def get_moe_strategy(name: str, *, capacity_factor: float | None = None, fp8_dispatch: bool = False) -> MoEStrategy:
+    """The strategy called ``name``; the options apply to expert parallelism."""
     if name == "local":
         return local_moe_apply
+    if name == "ep":
+        return functools.partial(ep_moe_apply, capacity_factor=capacity_factor, fp8_dispatch=fp8_dispatch)
     raise ValueError(f"moe.strategy: expected one of {MOE_STRATEGIES}, got {name!r}")
 
 

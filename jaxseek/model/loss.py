@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseek.model.moe import MoEStats
-from jaxseek.model.transformer import Transformer, expert_statistics
+from jaxseek.model.transformer import Transformer, dropped_tokens, expert_statistics
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -55,7 +55,7 @@ def language_model_loss(model: Transformer, tokens: jax.Array) -> tuple[jax.Arra
     """Next-token CE + weighted MTP loss + weighted sequence-wise balance loss over [batch, seq + 1 + D] windows.
 
     Returns:
-      (scalar loss, aux) with the parts and the [moe_layers, experts] expert load.
+      (scalar loss, aux) with the parts, the [moe_layers, experts] expert load and the [] dropped copies.
     """
     config = model.config
     seq = tokens.shape[1] - 1 - config.mtp_depth
@@ -65,4 +65,4 @@ def language_model_loss(model: Transformer, tokens: jax.Array) -> tuple[jax.Arra
     stats: list[MoEStats | None] = [block_stats, aux.pop("mtp_stats")]
     load, balance = expert_statistics(stats, config.moe.num_routed_experts)
     loss = loss + config.moe.seq_aux_loss_weight * balance
-    return loss, {**aux, "balance_loss": balance, "expert_load": load}
+    return loss, {**aux, "balance_loss": balance, "expert_load": load, "dropped_tokens": dropped_tokens(stats)}

@@ -69,6 +69,7 @@ EXPERT_WEIGHT_AXES = {"w_gate": ("experts", "embed", "expert_mlp"), "w_up": ("ex
 class MoEStats(NamedTuple):
     tokens_per_expert: jax.Array  # [experts] int32, routed copies this layer received
     balance_loss: jax.Array  # [] float32, sequence-wise balance loss (unweighted)
+    dropped_tokens: jax.Array  # [] int32, (token, expert) copies over an expert-parallel capacity
 
 
 class MoE(nnx.Module):
@@ -105,8 +106,9 @@ class MoE(nnx.Module):
         routing = route(logits, self.expert_bias[...], top_k=c.num_experts_per_token, n_group=c.n_group,
                         topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)
         slots = self.physical_slots(routing.expert_ids)  # [T, k] the replica each copy goes to
-        y, slot_load = get_moe_strategy(c.strategy)(tokens.astype(self.dtype), slots, routing.weights,
-                                                    self.expert_weights(), get_grouped_matmul(c.grouped_matmul))
+        strategy = get_moe_strategy(c.strategy, capacity_factor=c.capacity_factor or None, fp8_dispatch=c.fp8_dispatch)
+        y, slot_load, dropped = strategy(tokens.astype(self.dtype), slots, routing.weights, self.expert_weights(),
+                                         get_grouped_matmul(c.grouped_matmul))
         y = y.reshape(batch, seq, hidden)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -115,6 +117,7 @@ class MoE(nnx.Module):
             tokens_per_expert=jax.ops.segment_sum(slot_load, self.phy2log[...], c.num_routed_experts),
             balance_loss=sequence_balance_loss(routing.affinities.reshape(batch, seq, -1),
                                                routing.expert_ids.reshape(batch, seq, -1), c.num_routed_experts),
+            dropped_tokens=dropped,
         )
         return y.astype(x.dtype), stats
 

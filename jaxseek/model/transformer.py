@@ -231,3 +231,8 @@ def expert_statistics(stats: list[MoEStats | None], num_experts: int) -> tuple[j
     load = jnp.concatenate([s.tokens_per_expert for s in present])
     balance = sum((s.balance_loss.sum() for s in present), jnp.zeros((), jnp.float32))
     return load, balance
+
+
+def dropped_tokens(stats: list[MoEStats | None]) -> jax.Array:
+    """[] int32 (token, expert) copies the MoE layers dropped over an expert-parallel capacity."""
+    return sum((s.dropped_tokens.sum() for s in stats if s is not None), jnp.zeros((), jnp.int32))
