@@ -40,9 +40,12 @@ from sharding.ep.layout import (as_fp8_pair, check_experts_split, check_tokens, 
                                 is_token_in_rank, valid_ids)
 
 
+TRANSPORTS = ("all_to_all", "ragged")
+
+
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("send_slot", "send_token", "row_source"),
-                   meta_fields=("axis_name", "num_ranks", "capacity", "num_tokens"))
+                   data_fields=("send_slot", "send_token", "row_source", "send_counts", "recv_counts"),
+                   meta_fields=("axis_name", "num_ranks", "capacity", "num_tokens", "transport"))
 @dataclasses.dataclass(frozen=True)
 class DispatchHandle:
     """How one dispatch moved rows; combine and the gradients replay it."""
@@ -50,10 +53,13 @@ class DispatchHandle:
     send_slot: jax.Array  # [tokens, ranks] int32 send-buffer row of each (token, rank) copy; ranks*capacity = not sent
     send_token: jax.Array  # [ranks * capacity] int32 token in each send row; tokens = empty
     row_source: jax.Array  # [rows] int32 received row behind each output row; ranks*capacity = padding
+    send_counts: jax.Array  # [ranks] int32 rows sent to each rank
+    recv_counts: jax.Array  # [ranks] int32 rows received from each rank
     axis_name: str
     num_ranks: int
     capacity: int  # C, rows per (source, destination) pair
     num_tokens: int  # T, tokens on this rank
+    transport: str  # "all_to_all": whole [R, C] buffers; "ragged": only the filled rows (GPU/TPU)
 
     @property
     def num_rows(self) -> int:
@@ -96,9 +102,19 @@ def _pad_row(x: jax.Array) -> jax.Array:
     return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
 
 
-def _exchange(rows: jax.Array, handle: DispatchHandle) -> jax.Array:
-    """[R*C, ...] send rows -> [R*C, ...] received rows (block r from / back to rank r)."""
+def _exchange(rows: jax.Array, handle: DispatchHandle, *, back: bool = False, fill=0) -> jax.Array:
+    """[R*C, ...] send rows -> [R*C, ...] received rows (block r from / back to rank r).
+
+    "ragged" sends only each block's filled rows (``lax.ragged_all_to_all``, which XLA:CPU lacks) into the
+    same [R, C] block layout, the rest set to ``fill`` (what a padding row holds), so everything around the
+    exchange is shared; ``back`` swaps the counts."""
     r, c = handle.num_ranks, handle.capacity
+    if handle.transport == "ragged":
+        sent, received = (handle.recv_counts, handle.send_counts) if back else (handle.send_counts, handle.recv_counts)
+        starts = jnp.arange(r, dtype=jnp.int32) * c
+        at_receiver = jnp.full((r,), jax.lax.axis_index(handle.axis_name) * c, jnp.int32)  # my block there
+        return jax.lax.ragged_all_to_all(rows, jnp.full_like(rows, fill), starts, sent, at_receiver, received,
+                                         axis_name=handle.axis_name)
     blocks = rows.reshape((r, c) + rows.shape[1:])
     return jax.lax.all_to_all(blocks, handle.axis_name, 0, 0).reshape(rows.shape)
 
@@ -113,7 +129,7 @@ def _collapse_and_return(rows: jax.Array, handle: DispatchHandle, dtype) -> jax.
     """[rows, ...] -> [T, ...] float32: summed per received token, sent back as ``dtype``, summed over ranks."""
     per_copy = jax.ops.segment_sum(rows.astype(jnp.float32), handle.row_source,
                                    handle.num_ranks * handle.capacity + 1)[:-1]
-    back = _exchange(per_copy.astype(dtype), handle)
+    back = _exchange(per_copy.astype(dtype), handle, back=True)
     return _pad_row(back)[handle.send_slot].astype(jnp.float32).sum(axis=1)
 
 
@@ -167,7 +183,8 @@ _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 # --- the public ops --------------------------------------------------------------------------------
 
 def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "ep",
-             capacity_factor: float | None = None, use_fp8: bool = False, expand: bool = True) -> Dispatched:
+             capacity_factor: float | None = None, use_fp8: bool = False, expand: bool = True,
+             transport: str = "all_to_all") -> Dispatched:
     """Sends this rank's tokens to the ranks of their experts (inside a map binding ``axis_name``).
 
     Args:
@@ -180,6 +197,8 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
         load and copies beyond them are dropped and counted.
       use_fp8: cast a float x to FP8 (1x128) for the wire; the result is dequantized to x's dtype.
       expand: one row per (token, local expert), sorted by expert (True), or DeepEP V1's per-rank rows.
+      transport: "all_to_all" moves whole fixed-capacity buffers (every backend); "ragged" only the filled
+        rows, through ``lax.ragged_all_to_all`` (GPU/TPU; XLA:CPU does not implement it).
     Returns:
       ``Dispatched`` (see its fields); ``combine(y, result.handle, result.weights)`` returns the weighted sum.
     """
@@ -189,6 +208,8 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
         raise ValueError(f"x: FP8 dispatch casts 1x128 groups, so hidden must be a multiple of 128, got {hidden}")
     topk_idx = check_topk_idx(topk_idx, num_experts, num_tokens=num_tokens)
     topk_weights = check_topk_weights(jnp.asarray(topk_weights), topk_idx)
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
     num_ranks = jax.lax.axis_size(axis_name)
     local = check_experts_split(num_experts, num_ranks)
     top_k = topk_idx.shape[1]
@@ -207,9 +228,12 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
     row_rank = jnp.arange(num_ranks * capacity, dtype=jnp.int32) // capacity  # [R*C]
     ids_rows = _pad_row(topk_idx)[send_token]  # [R*C, K]; padding rows hold zeros
     here = (_pad_row(rank_of)[send_token] == row_rank[:, None]) & (send_token < num_tokens)[:, None]
+    send_counts = sent.sum(axis=0, dtype=jnp.int32)  # [R]
+    recv_counts = (jax.lax.all_to_all(send_counts, axis_name, 0, 0, tiled=True) if transport == "ragged"
+                   else jnp.full((num_ranks,), capacity, jnp.int32))  # all_to_all moves every buffer row
     handle = DispatchHandle(send_slot, send_token, jnp.arange(num_ranks * capacity, dtype=jnp.int32),
-                            axis_name, num_ranks, capacity, num_tokens)
-    recv_ids = _exchange(jnp.where(here, ids_rows - row_rank[:, None] * local, -1), handle)  # [R*C, K]
+                            send_counts, recv_counts, axis_name, num_ranks, capacity, num_tokens, transport)
+    recv_ids = _exchange(jnp.where(here, ids_rows - row_rank[:, None] * local, -1), handle, fill=-1)  # [R*C, K]
     recv_weights = _exchange(jnp.where(here, _pad_row(topk_weights)[send_token], 0.0), handle)
 
     lost_on_send = (valid & ~jnp.take_along_axis(_pad_row(sent.T).T, rank_of, axis=1)).sum(dtype=jnp.int32)
