@@ -6,22 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ep_fixtures import calc_diff, per_rank
+from ep_fixtures import mesh  # noqa: F401 - a pytest fixture
 from sharding.ep import combine, dispatch, get_dispatch_layout
 
 R, T, H, E, K = 8, 16, 128, 16, 4  # ranks, tokens per rank, hidden, experts, top-k
 LOCAL = E // R
-
-
-def calc_diff(x, y) -> float:
-    x, y = np.asarray(x, np.float64) + 1, np.asarray(y, np.float64) + 1
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
-
-
-@pytest.fixture(scope="module")
-def mesh(devices):
-    return Mesh(np.asarray(devices), ("ep",))
 
 
 def routing(seed: int, *, num_tokens: int = R * T, holes: float = 0.1):
@@ -30,14 +22,6 @@ def routing(seed: int, *, num_tokens: int = R * T, holes: float = 0.1):
     idx = np.argsort(-(rng.random((num_tokens, E)) + 1), axis=1)[:, :K].astype(np.int32)
     idx[rng.random(idx.shape) < holes] = -1
     return idx, rng.random(idx.shape).astype(np.float32)
-
-
-def per_rank(mesh, fn):
-    """Runs fn on each rank's shard of every argument; each output gains a leading [ranks] axis."""
-    def wrapped(*args):
-        return jax.tree.map(lambda a: a[None], fn(*args))
-    mapped = jax.jit(jax.shard_map(wrapped, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
-    return lambda *args: jax.tree.map(np.asarray, mapped(*(jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in args)))
 
 
 def test_dispatch_layout_matches_a_numpy_reference():
