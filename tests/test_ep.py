@@ -107,7 +107,9 @@ def test_fp8_dispatch_within_deepep_tolerance_and_fp8_pairs_pass_through(mesh):
     from pallas_kernels.quant import FP8Array, dequantize_per_token, per_token_cast_to_fp8
 
     idx, w = routing(4)
-    x = jnp.asarray(np.random.default_rng(4).standard_normal((R * T, H)), jnp.bfloat16)
+    hidden = 2 * H  # two 1x128 groups per row, scaled separately
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((R * T, hidden)) * np.repeat([1.0, 50.0], H), jnp.bfloat16)
     q = per_token_cast_to_fp8(x)
 
     def fn(x, data, scale, idx, w):
@@ -119,10 +121,10 @@ def test_fp8_dispatch_within_deepep_tolerance_and_fp8_pairs_pass_through(mesh):
     cast, plain, data, scale, combined = per_rank(mesh, fn)(x, q.data, q.scale, idx, w)
     assert cast.dtype == jnp.bfloat16 and data.dtype == jnp.float8_e4m3fn
     assert calc_diff(cast, plain) < 9e-4  # DeepEP's FP8 low-latency tolerance
-    moved = dequantize_per_token(FP8Array(data.reshape(-1, H), scale.reshape(-1, H // 128)))  # the pair as sent
-    np.testing.assert_array_equal(np.asarray(moved.astype(jnp.bfloat16)), cast.reshape(-1, H))
+    moved = dequantize_per_token(FP8Array(data.reshape(-1, hidden), scale.reshape(-1, hidden // 128)))  # the pair as sent
+    np.testing.assert_array_equal(np.asarray(moved.astype(jnp.bfloat16)), cast.reshape(-1, hidden))
     reference = np.einsum("tk,td->td", np.where(idx >= 0, w, 0), np.asarray(x, np.float32))
-    assert calc_diff(combined.reshape(R * T, H), reference) < 9e-4
+    assert calc_diff(combined.reshape(R * T, hidden), reference) < 9e-4
 
 
 def moe_reference(x, idx, w, experts):
