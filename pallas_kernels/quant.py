@@ -38,7 +38,7 @@ def ceil_div(a: int, b: int) -> int:
 def _scale_from_amax(amax: jax.Array, ue8m0: bool) -> jax.Array:
     scale = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
     if ue8m0:
-        scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))
+        scale = jnp.ldexp(jnp.ones_like(scale), jnp.ceil(jnp.log2(scale)).astype(jnp.int32))  # exact powers of two
     return scale.astype(jnp.float32)
 
 

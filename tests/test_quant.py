@@ -50,9 +50,11 @@ def test_amax_floor_keeps_zero_groups_finite():
 
 def test_ue8m0_scales_are_powers_of_two_and_never_overflow():
     x = jax.random.normal(jax.random.key(3), (8, 512)) * 37
+    x = x * jnp.logspace(-9, 0, 8)[:, None]  # small groups too: exp2 is an ulp off there on XLA:CPU
+    x = x.at[0, :128].set(0.0)  # a zero group sits at the amax floor
     q = per_token_cast_to_fp8(x, ue8m0=True)
-    exponents = np.log2(np.asarray(q.scale))
-    np.testing.assert_array_equal(exponents, np.round(exponents))
+    mantissa, _ = np.frexp(np.asarray(q.scale))
+    np.testing.assert_array_equal(mantissa, 0.5)  # exact powers of two: the exponent byte is the whole scale
     assert np.all(np.isfinite(np.asarray(q.data, np.float32)))
     assert (np.abs(np.asarray(x)) / np.repeat(np.asarray(q.scale), 128, 1) <= FP8_MAX).all()
 
