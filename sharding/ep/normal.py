@@ -44,7 +44,7 @@ TRANSPORTS = ("all_to_all", "ragged")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("send_slot", "send_token", "row_source", "row_copies", "send_counts", "recv_counts"),
+                   data_fields=("send_slot", "send_token", "row_source", "send_counts", "recv_counts"),
                    meta_fields=("axis_name", "num_ranks", "capacity", "num_tokens", "transport"))
 @dataclasses.dataclass(frozen=True)
 class DispatchHandle:
@@ -53,7 +53,6 @@ class DispatchHandle:
     send_slot: jax.Array  # [tokens, ranks] int32 send-buffer row of each (token, rank) copy; ranks*capacity = not sent
     send_token: jax.Array  # [ranks * capacity] int32 token in each send row; tokens = empty
     row_source: jax.Array  # [rows] int32 received row behind each output row; ranks*capacity = padding
-    row_copies: jax.Array  # [ranks*capacity, copies] int32 output rows of each received row; rows = none
     send_counts: jax.Array  # [ranks] int32 rows sent to each rank
     recv_counts: jax.Array  # [ranks] int32 rows received from each rank
     axis_name: str
@@ -127,9 +126,9 @@ def _send_and_expand(x: jax.Array, handle: DispatchHandle) -> jax.Array:
 
 
 def _collapse_and_return(rows: jax.Array, handle: DispatchHandle, dtype) -> jax.Array:
-    """[rows, ...] -> [T, ...] float32: summed per received token, sent back as ``dtype``, summed over ranks.
-    Sums are gathers over fixed-width index tables (a scatter-add is several times slower on XLA:CPU)."""
-    per_copy = _pad_row(rows.astype(jnp.float32))[handle.row_copies].sum(axis=1)  # [R*C, ...]
+    """[rows, ...] -> [T, ...] float32: summed per received token, sent back as ``dtype``, summed over ranks."""
+    per_copy = jax.ops.segment_sum(rows.astype(jnp.float32), handle.row_source,
+                                   handle.num_ranks * handle.capacity + 1)[:-1]
     back = _exchange(per_copy.astype(dtype), handle, back=True)
     return _pad_row(back)[handle.send_slot].astype(jnp.float32).sum(axis=1)
 
@@ -235,8 +234,8 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
     recv_counts = (jax.lax.all_to_all(send_counts, axis_name, 0, 0, tiled=True) if transport == "ragged"
                    else jnp.full((num_ranks,), capacity, jnp.int32))  # all_to_all moves every buffer row
     received_rows = jnp.arange(num_ranks * capacity, dtype=jnp.int32)
-    handle = DispatchHandle(send_slot, send_token, received_rows, received_rows[:, None], send_counts, recv_counts,
-                            axis_name, num_ranks, capacity, num_tokens, transport)
+    handle = DispatchHandle(send_slot, send_token, received_rows, send_counts, recv_counts, axis_name, num_ranks,
+                            capacity, num_tokens, transport)
     recv_ids = _exchange(jnp.where(here, ids_rows - row_rank[:, None] * local, -1), handle, fill=-1)  # [R*C, K]
     recv_weights = _exchange(jnp.where(here, _pad_row(topk_weights)[send_token], 0.0), handle)
 
@@ -250,10 +249,7 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
         kept = expert_ids < local
         expert_ids = jnp.where(kept, expert_ids, -1)
         weights = jnp.where(kept, recv_weights.reshape(-1)[order], 0.0)
-        position = jnp.where(kept, jnp.arange(rows, dtype=jnp.int32), rows)  # output row of each kept copy
-        copies = jnp.full(flat.shape, rows, jnp.int32).at[order].set(position).reshape(-1, top_k)  # [R*C, K]
-        handle = dataclasses.replace(handle, row_source=jnp.where(kept, order // top_k, num_ranks * capacity),
-                                     row_copies=copies)
+        handle = dataclasses.replace(handle, row_source=jnp.where(kept, order // top_k, num_ranks * capacity))
         lost_on_receive = (flat < local).sum(dtype=jnp.int32) - kept.sum(dtype=jnp.int32)
     else:
         expert_ids, weights, lost_on_receive = recv_ids, recv_weights, jnp.zeros((), jnp.int32)
