@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def calc_diff(x, y) -> float:
+    """DeepEP's variant of calc_diff: both sides shifted by +1 first (pallas_kernels.numerics has DeepGEMM's)."""
     x, y = np.asarray(x, np.float64) + 1, np.asarray(y, np.float64) + 1
     return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 

@@ -42,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.quant import FP8Array, dequantize_per_token, per_token_cast_to_fp8
+from pallas_kernels.quant import FP8Array
 from sharding.ep.layout import (as_fp8_pair, check_experts_split, check_tokens, check_topk_idx, check_topk_weights,
                                 valid_ids)
 from sharding.ep.normal import expanded_rows
+from sharding.ep.row_moves import row_moves
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -156,45 +157,7 @@ def _reduce_and_return(rows: jax.Array, h: HierarchicalHandle, dtype) -> jax.Arr
     return jax.ops.segment_sum(back.astype(jnp.float32), h.node_send_token, h.num_tokens + 1)[:-1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dispatch_x(x: jax.Array, handle: HierarchicalHandle, use_fp8: bool) -> jax.Array:
-    if use_fp8:
-        q = per_token_cast_to_fp8(x)
-        moved = FP8Array(_send_and_expand(q.data, handle), _send_and_expand(q.scale, handle))
-        return dequantize_per_token(moved).astype(x.dtype)
-    return _send_and_expand(x, handle)
-
-
-def _dispatch_x_fwd(x, handle, use_fp8):
-    return _dispatch_x(x, handle, use_fp8), handle
-
-
-def _dispatch_x_bwd(use_fp8, handle, g):
-    """The gradient of a dispatch is a combine (unweighted), in the gradient's dtype."""
-    del use_fp8
-    return _reduce_and_return(g, handle, g.dtype).astype(g.dtype), None
-
-
-_dispatch_x.defvjp(_dispatch_x_fwd, _dispatch_x_bwd)
-
-
-@jax.custom_vjp
-def _combine_rows(y: jax.Array, weights: jax.Array, handle: HierarchicalHandle) -> jax.Array:
-    return _reduce_and_return(y.astype(jnp.float32) * weights[:, None], handle, y.dtype).astype(y.dtype)
-
-
-def _combine_rows_fwd(y, weights, handle):
-    return _combine_rows(y, weights, handle), (y, weights, handle)
-
-
-def _combine_rows_bwd(residual, g):
-    """The gradient of a combine is a dispatch of the output gradient over the same handle."""
-    y, weights, handle = residual
-    g_rows = _send_and_expand(g, handle).astype(jnp.float32)  # [rows, H]
-    return (g_rows * weights[:, None]).astype(y.dtype), (g_rows * y.astype(jnp.float32)).sum(-1), None
-
-
-_combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+_MOVES = row_moves(_send_and_expand, _reduce_and_return)
 
 
 # --- routing one step ------------------------------------------------------------------------------
@@ -317,9 +280,9 @@ def hierarchical_dispatch(x, topk_idx, topk_weights, *, num_experts: int, node_a
         jnp.where(expert_ids >= 0, expert_ids, per_rank)].add(1)[:per_rank]
 
     if fp8_pair is not None:
-        received = FP8Array(_send_and_expand(fp8_pair.data, handle), _send_and_expand(fp8_pair.scale, handle))
+        received = _MOVES.send_fp8(fp8_pair, handle)
     else:
-        received = _dispatch_x(x, handle, use_fp8)
+        received = _MOVES.dispatch_x(x, handle, use_fp8)
     dropped = step1.lost + step2.lost + lost_on_receive + invalid
     return HierarchicalDispatched(received, expert_ids, weights, tokens_per_expert, dropped, handle,
                                   crossing.sum(dtype=jnp.int32), violations)
@@ -342,4 +305,4 @@ def hierarchical_combine(y: jax.Array, handle: HierarchicalHandle, topk_weights:
     elif tuple(topk_weights.shape) != (handle.num_rows,):
         raise ValueError(f"topk_weights: expected [{handle.num_rows}] (one per row of y), got "
                          f"{tuple(topk_weights.shape)}")
-    return _combine_rows(y, topk_weights.astype(jnp.float32), handle)
+    return _MOVES.combine_rows(y, topk_weights.astype(jnp.float32), handle)

@@ -35,9 +35,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant import FP8Array, dequantize_per_token, per_token_cast_to_fp8
+from pallas_kernels.quant import FP8Array
 from sharding.ep.layout import (as_fp8_pair, check_experts_split, check_tokens, check_topk_idx, check_topk_weights,
                                 is_token_in_rank, valid_ids)
+from sharding.ep.row_moves import row_moves
 
 
 TRANSPORTS = ("all_to_all", "ragged")
@@ -133,53 +134,7 @@ def _collapse_and_return(rows: jax.Array, handle: DispatchHandle, dtype) -> jax.
     return _pad_row(back)[handle.send_slot].astype(jnp.float32).sum(axis=1)
 
 
-def _send_fp8(q: FP8Array, handle: DispatchHandle) -> FP8Array:
-    """The FP8 wire: [T, H] e4m3 + [T, H/128] scales -> received rows as an FP8 pair. The e4m3 bytes move as
-    uint8 (the same bytes; XLA:CPU gathers float8 rows an order of magnitude slower)."""
-    data = jax.lax.bitcast_convert_type(q.data, jnp.uint8)
-    moved = jax.lax.bitcast_convert_type(_send_and_expand(data, handle), q.data.dtype)
-    return FP8Array(moved, _send_and_expand(q.scale, handle))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dispatch_x(x: jax.Array, handle: DispatchHandle, use_fp8: bool) -> jax.Array:
-    if use_fp8:
-        return dequantize_per_token(_send_fp8(per_token_cast_to_fp8(x), handle)).astype(x.dtype)
-    return _send_and_expand(x, handle)
-
-
-def _dispatch_x_fwd(x, handle, use_fp8):
-    return _dispatch_x(x, handle, use_fp8), handle
-
-
-def _dispatch_x_bwd(use_fp8, handle, g):
-    """The gradient of a dispatch is a combine (unweighted), in the gradient's dtype."""
-    del use_fp8
-    return _collapse_and_return(g, handle, g.dtype).astype(g.dtype), None
-
-
-_dispatch_x.defvjp(_dispatch_x_fwd, _dispatch_x_bwd)
-
-
-@jax.custom_vjp
-def _combine_rows(y: jax.Array, weights: jax.Array, handle: DispatchHandle) -> jax.Array:
-    return _collapse_and_return(y.astype(jnp.float32) * weights[:, None], handle, y.dtype).astype(y.dtype)
-
-
-def _combine_rows_fwd(y, weights, handle):
-    return _combine_rows(y, weights, handle), (y, weights, handle)
-
-
-def _combine_rows_bwd(residual, g):
-    """The gradient of a combine is a dispatch of the output gradient over the same handle."""
-    y, weights, handle = residual
-    g_rows = _send_and_expand(g, handle).astype(jnp.float32)  # [rows, H]
-    grad_y = (g_rows * weights[:, None]).astype(y.dtype)
-    grad_w = (g_rows * y.astype(jnp.float32)).sum(-1)
-    return grad_y, grad_w, None
-
-
-_combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+_MOVES = row_moves(_send_and_expand, _collapse_and_return)
 
 
 # --- the public ops --------------------------------------------------------------------------------
@@ -256,9 +211,9 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
     tokens_per_expert = jnp.zeros((local + 1,), jnp.int32).at[jnp.where(expert_ids >= 0, expert_ids, local)].add(1)[:local]
 
     if fp8_pair is not None:
-        received = _send_fp8(fp8_pair, handle)
+        received = _MOVES.send_fp8(fp8_pair, handle)
     else:
-        received = _dispatch_x(x, handle, use_fp8)
+        received = _MOVES.dispatch_x(x, handle, use_fp8)
     return Dispatched(received, expert_ids, weights, tokens_per_expert, lost_on_send + lost_on_receive + invalid, handle)
 
 
@@ -279,4 +234,4 @@ def combine(y: jax.Array, handle: DispatchHandle, topk_weights: jax.Array | None
         topk_weights = jnp.ones((handle.num_rows,), jnp.float32)
     elif tuple(topk_weights.shape) != (handle.num_rows,):
         raise ValueError(f"topk_weights: expected [{handle.num_rows}] (one per row of y), got {tuple(topk_weights.shape)}")
-    return _combine_rows(y, topk_weights.astype(jnp.float32), handle)
+    return _MOVES.combine_rows(y, topk_weights.astype(jnp.float32), handle)
