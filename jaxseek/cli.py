@@ -36,6 +36,13 @@ def _add_train(sub) -> None:
     _add_mesh_arguments(p, default_rules="dp")
     p.add_argument("--remat", choices=("none", "block", "attention"),
                    help="recompute activations in backward: whole blocks, or attention only (default: the preset's)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="several processes (jax.distributed): process 0's address and a free port, the same on every "
+                        "process; 'auto' lets jax detect a SLURM / Open MPI / TPU cluster (env JAXSEEK_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="processes in the run (env JAXSEEK_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process, 0 .. num-processes - 1 (env JAXSEEK_PROCESS_ID)")
+    p.add_argument("--local-devices", type=int,
+                   help="fake CPU devices for this process (CPU only; env JAXSEEK_LOCAL_DEVICES)")
 
 
 def _add_mesh_arguments(p, *, default_rules: str) -> None:
@@ -48,6 +55,13 @@ def _add_mesh_arguments(p, *, default_rules: str) -> None:
 
 def _train(args, console: Console) -> int:
     import pathlib
+
+    from jaxseek.distributed import initialize
+
+    # Before anything asks jax for devices: fake CPU devices and jax.distributed are set up at backend start.
+    processes = initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices)
+    if not processes.is_main:  # every process computes; process 0 alone reports
+        console = Console(quiet=True)
 
     from jaxseek.checkpoint import CONFIG_FILE, load_configs
     from jaxseek.train import train
@@ -79,9 +93,10 @@ def _train(args, console: Console) -> int:
     mesh = make_mesh(dp=args.dp, ep=args.ep)
     console.print(f"[bold]jaxseek train[/] {'run config' if resuming_a_run else 'preset=' + args.preset} fp8={mc.fp8} steps={tc.steps} batch={tc.batch_size}x{tc.seq_len} "
                   f"devices={jax.device_count()} ({jax.devices()[0].platform}) mesh dp={mesh.shape['dp']} "
-                  f"ep={mesh.shape['ep']} rules={args.rules} out={out}")
+                  f"ep={mesh.shape['ep']} rules={args.rules} out={out}"
+                  + (f" processes={processes.process_count}" if processes.process_count > 1 else ""))
     result = train(mc, tc, out, resume=args.resume, stop_after=args.stop_after, mesh=mesh, rules=args.rules,
-                   console=console, show_progress=not args.no_progress)
+                   console=console, show_progress=not args.no_progress and processes.is_main)
     table = Table(title="run summary")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -5,6 +5,11 @@ the mesh's ``dp`` x ``ep`` devices (``sharding.mesh``); the state is laid out by
 (``sharding.rules``: "dp" replicates it, "zero1" splits the optimizer moments over ``dp``, "ep" the expert
 weights and their moments over ``ep``). The step is compiled before the first timed step, so every
 logged tokens/s is a step's own.
+
+Several processes (``jaxseek.distributed``) run this same loop: each computes the same global batch and
+hands jax the rows of its own devices, the step's metrics come back replicated so every process reads
+them, every process takes part in each Orbax save and restore, and process 0 alone writes the configs,
+``metrics.parquet`` and ``training.png``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from jaxseek.checkpoint import Checkpointer
 from jaxseek.config import ModelConfig, TrainConfig
+from jaxseek.distributed import barrier
 from jaxseek.data import ByteCorpus, SequenceBatches, load_stdlib_corpus, unigram_entropy
 from jaxseek.expert_placement import current_placements, placement_balancedness, rebalance
 from jaxseek.metrics import MetricsLog, plot_training
@@ -44,8 +50,15 @@ class TrainResult(NamedTuple):
     compile_s: float  # seconds spent compiling the train step
 
 
+def place_batch(batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """[batch, window] int32, the same global batch on every process -> a global array laid out by ``sharding``.
+
+    Each process fills only its own devices' rows, so this works with one process or many."""
+    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+
+
 def _evaluate(evaluate, state: TrainState, batches: list[np.ndarray], sharding) -> float:
-    return float(np.mean([float(evaluate(state, jax.device_put(b, sharding))) for b in batches]))
+    return float(np.mean([float(evaluate(state, place_batch(b, sharding))) for b in batches]))
 
 
 def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
@@ -60,9 +73,15 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
       corpus: the byte data (default: the standard library's source).
       mesh: devices to train on (default: a data-parallel mesh over all of them).
       rules: the state's layout over the mesh, a ``sharding.rules`` rule set ("dp", "zero1", "ep", "ep+zero1").
+
+    After ``jaxseek.distributed.initialize``, every process calls this with the same arguments and an
+    ``out_dir`` they all see; process 0 prints and writes the files, Orbax coordinates the checkpoints.
     """
     out_dir = pathlib.Path(out_dir)
     console = console or Console()
+    writes_files = jax.process_index() == 0  # one writer for a run directory all processes share
+    if not writes_files:  # and one voice: the other processes compute in silence
+        console, show_progress = Console(quiet=True), False
     mesh = mesh or make_mesh()
     if tc.batch_size % batch_shards(mesh):
         raise ValueError(f"batch_size: {tc.batch_size} must be a multiple of the {batch_shards(mesh)} data shards")
@@ -82,7 +101,8 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
             raise ValueError(f"resume: no checkpoint under {out_dir}")
         if start == 0:  # nothing trained yet (a converted checkpoint): any schedule may start from it
             checkpointer.check_configs(mc, None)
-            checkpointer.write_configs(mc, tc)
+            if writes_files:
+                checkpointer.write_configs(mc, tc)
         else:
             checkpointer.check_configs(mc, tc)
         graphdef = abstract_train_state(mc, tc)[0]
@@ -94,16 +114,18 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
         raise ValueError(f"out: {out_dir} already holds a run (checkpoint at step {checkpointer.latest_step()}); "
                          "pass --resume to continue it or choose another --out")
     else:
-        checkpointer.write_configs(mc, tc)
+        if writes_files:
+            checkpointer.write_configs(mc, tc)
         graphdef, state = init_train_state(mc, tc, mesh, rules)
     shardings = state_shardings(abstract_train_state(mc, tc)[1], mesh, get_rules(rules))
 
-    evaluate = make_eval_step(graphdef)
+    evaluate = make_eval_step(graphdef, mesh=mesh)
     data_sharding = batch_sharding(mesh)
     compile_start = time.perf_counter()
     step_fn = make_train_step(graphdef, mc, tc, mesh=mesh, rules=rules).lower(
-        state, jax.device_put(train_batches.batch(start), data_sharding)).compile()
+        state, place_batch(train_batches.batch(start), data_sharding)).compile()
     compile_s = time.perf_counter() - compile_start
+    barrier(f"jaxseek train {out_dir.absolute()}: step {start} compiled")  # processes compile at their own pace
     eplb_on = bool(mc.moe.num_physical_experts and tc.eplb.every)
     placements = current_placements(graphdef, state.params, state.model_state) if eplb_on else None
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -113,7 +135,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
     with progress:
         task = progress.add_task("train", total=tc.steps, completed=start, status=f"compiled in {compile_s:.1f} s")
         for step in range(start + 1, end + 1):
-            batch = jax.device_put(train_batches.batch(step - 1), data_sharding)
+            batch = place_batch(train_batches.batch(step - 1), data_sharding)
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)
@@ -138,11 +160,12 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
                             f"balance {row['expert_balance_mean']:.2f} {row['tokens_per_s']:,.0f} tok/s")
     checkpointer.wait()
     checkpointer.close()
-    log.write_parquet(out_dir / METRICS_FILE)
-    moe_layer_names = ([f"block {i}" for i in range(mc.first_k_dense, mc.num_layers)]
-                       + ([f"MTP {k}" for k in range(1, mc.mtp_depth + 1)] if mc.num_moe_layers else []))
-    plot_training(log, out_dir / PLOT_FILE, unigram_entropy=entropy, moe_layer_names=moe_layer_names,
-                  title=f"{mc.num_layers}-layer MLA/MoE, {tc.batch_size}x{tc.seq_len} bytes per step")
+    if writes_files:
+        log.write_parquet(out_dir / METRICS_FILE)
+        moe_layer_names = ([f"block {i}" for i in range(mc.first_k_dense, mc.num_layers)]
+                           + ([f"MTP {k}" for k in range(1, mc.mtp_depth + 1)] if mc.num_moe_layers else []))
+        plot_training(log, out_dir / PLOT_FILE, unigram_entropy=entropy, moe_layer_names=moe_layer_names,
+                      title=f"{mc.num_layers}-layer MLA/MoE, {tc.batch_size}x{tc.seq_len} bytes per step")
     tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
     return TrainResult(out_dir, log, state, log.rows[-1]["valid_loss"] if log.rows else float("nan"), entropy,
                        tokens_per_s, compile_s)

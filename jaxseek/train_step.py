@@ -21,7 +21,7 @@ from jaxseek.config import ModelConfig, TrainConfig
 from jaxseek.expert_placement import logical_gradient_norm, sum_replica_gradients
 from jaxseek.model.loss import cross_entropy, language_model_loss
 from jaxseek.train_state import TrainState, abstract_train_state, learning_rate_schedule, make_optimizer, state_shardings
-from sharding.mesh import batch_sharding
+from sharding.mesh import batch_sharding, replicated
 from sharding.rules import activation_sharding, get_rules
 
 
@@ -79,15 +79,17 @@ def make_train_step(graphdef: nnx.GraphDef, mc: ModelConfig, tc: TrainConfig, *,
         return jax.jit(step, donate_argnums=0)
     shardings = state_shardings(abstract_train_state(mc, tc)[1], mesh, sharding_rules)
     return jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, None))
+                   out_shardings=(shardings, replicated(mesh)))  # metrics readable on every process
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, jax.Array], jax.Array]:
-    """A jit-compiled ``eval(state, tokens) -> []`` next-token cross-entropy (no MTP, no update)."""
+def make_eval_step(graphdef: nnx.GraphDef, *, mesh: Mesh | None = None) -> Callable[[TrainState, jax.Array], jax.Array]:
+    """A jit-compiled ``eval(state, tokens) -> []`` next-token cross-entropy (no MTP, no update).
+
+    With a mesh the loss comes back replicated, so every process of a multi-process run can read it."""
 
     def evaluate(state: TrainState, tokens: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state.params, state.model_state)
         seq = tokens.shape[1] - 1 - model.config.mtp_depth
         return cross_entropy(model(tokens[:, :seq], with_mtp=False).logits, tokens[:, 1:seq + 1])
 
-    return jax.jit(evaluate)
+    return jax.jit(evaluate) if mesh is None else jax.jit(evaluate, out_shardings=replicated(mesh))

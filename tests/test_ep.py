@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ep_fixtures import calc_diff, per_rank
+from ep_fixtures import assert_gradients_match, calc_diff, moe_reference, per_rank
 from ep_fixtures import mesh  # noqa: F401 - a pytest fixture
 from sharding.ep import combine, dispatch, get_dispatch_layout
 
@@ -127,13 +127,6 @@ def test_fp8_dispatch_within_deepep_tolerance_and_fp8_pairs_pass_through(mesh):
     assert calc_diff(combined.reshape(R * T, hidden), reference) < 9e-4
 
 
-def moe_reference(x, idx, w, experts):
-    """out[t] = sum_k w[t, k] * x[t] @ experts[idx[t, k]] on one device."""
-    mask = (idx >= 0).astype(x.dtype)
-    per_copy = jnp.einsum("td,tkdh->tkh", x, experts[jnp.maximum(idx, 0)])
-    return jnp.einsum("tk,tkh->th", w * mask, per_copy)
-
-
 @pytest.mark.parametrize("use_fp8", [False, True])
 def test_gradients_match_a_single_device_dense_reference(mesh, use_fp8):
     idx, w = routing(5)
@@ -156,11 +149,7 @@ def test_gradients_match_a_single_device_dense_reference(mesh, use_fp8):
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))
     got = jax.jit(jax.grad(ep_loss, argnums=(0, 1, 2)))(*(put(a) for a in (x, w, experts, idx, cotangent)))
     want = jax.grad(dense_loss, argnums=(0, 1, 2))(x, w, experts, idx, cotangent)
-    for name, g, r in zip(("x", "topk_weights", "experts"), got, want):
-        if use_fp8:  # forward rows are FP8-rounded; gradients travel in float32
-            assert calc_diff(g, r) < 1e-3, name
-        else:
-            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-4, atol=2e-4, err_msg=name)
+    assert_gradients_match(got, want, use_fp8)
 
 
 def test_every_token_to_one_expert_is_dropless_by_default_and_counts_drops_with_a_capacity(mesh):

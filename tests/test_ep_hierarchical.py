@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxseek.model.router import route
+from ep_fixtures import assert_gradients_match, calc_diff, moe_reference, per_rank
 from sharding.ep import combine, dispatch, hierarchical_combine, hierarchical_dispatch, inter_node_bytes, row_bytes
 
 T, H, E, K = 16, 128, 16, 4  # tokens per rank, hidden, experts, top-k
@@ -27,17 +28,6 @@ def mesh(request, devices):
 @pytest.fixture(scope="module")
 def mesh2x4(devices):
     return Mesh(np.asarray(devices).reshape(2, 4), ("node", "local"))
-
-
-def calc_diff(x, y) -> float:
-    x, y = np.asarray(x, np.float64) + 1, np.asarray(y, np.float64) + 1
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
-
-
-def moe_reference(x, idx, w, experts):
-    """out[t] = sum_k w[t, k] * x[t] @ experts[idx[t, k]] on one device."""
-    per_copy = jnp.einsum("td,tkdh->tkh", x, experts[jnp.maximum(idx, 0)])
-    return jnp.einsum("tk,tkh->th", w * (idx >= 0), per_copy)
 
 
 def shape_of(mesh):
@@ -66,13 +56,6 @@ def nodes_per_token(idx, nodes):
     return np.stack([(node == n).any(1) for n in range(nodes)], 1).sum(1)
 
 
-def per_rank(mesh, fn):
-    """Runs fn on each rank's shard of every argument; each output gains a leading [ranks] axis."""
-    mapped = jax.jit(jax.shard_map(lambda *a: jax.tree.map(lambda o: o[None], fn(*a)), mesh=mesh,
-                                   in_specs=SPEC, out_specs=SPEC))
-    return lambda *args: jax.tree.map(np.asarray, mapped(*(jax.device_put(a, NamedSharding(mesh, SPEC)) for a in args)))
-
-
 @functools.lru_cache(maxsize=None)
 def both_paths(mesh):
     """Hierarchical (max_nodes = nodes / 2) and flat dispatch/combine of the same tokens, compiled once per mesh."""
@@ -89,7 +72,7 @@ def both_paths(mesh):
                     v1_y=hierarchical_combine(v1.x, v1.handle),
                     flat_rows=f.x, flat_ids=f.expert_ids, flat_per_expert=f.tokens_per_expert,
                     flat_y=combine(f.x, f.handle, f.weights))
-    return per_rank(mesh, fn)
+    return per_rank(mesh, fn, SPEC)
 
 
 def test_inter_node_bytes_counts_one_row_per_node_or_per_rank():
@@ -197,7 +180,7 @@ def test_fp8_within_deepep_tolerance_and_fp8_pairs_pass_through(mesh2x4):
         return (cast.x, plain.x, pair.x.data, pair.x.scale, hierarchical_combine(cast.x, cast.handle, cast.weights),
                 cast.inter_node_bytes, plain.inter_node_bytes)
 
-    cast, plain, data, scale, combined, fp8_bytes, bf16_bytes = per_rank(mesh2x4, fn)(x, q.data, q.scale, idx, w)
+    cast, plain, data, scale, combined, fp8_bytes, bf16_bytes = per_rank(mesh2x4, fn, SPEC)(x, q.data, q.scale, idx, w)
     assert cast.dtype == jnp.bfloat16 and data.dtype == jnp.float8_e4m3fn
     assert calc_diff(cast, plain) < 9e-4
     moved = dequantize_per_token(FP8Array(data.reshape(-1, H), scale.reshape(-1, H // 128)))
@@ -230,11 +213,7 @@ def test_gradients_match_a_single_device_dense_reference(mesh2x4, use_fp8):
     put = lambda a: jax.device_put(a, NamedSharding(mesh2x4, SPEC))
     got = jax.jit(jax.grad(ep_loss, argnums=(0, 1, 2)))(*(put(a) for a in (x, w, experts, idx, cotangent)))
     want = jax.grad(dense_loss, argnums=(0, 1, 2))(x, w, experts, idx, cotangent)
-    for name, g, r in zip(("x", "topk_weights", "experts"), got, want):
-        if use_fp8:  # forward rows are FP8-rounded; gradients travel in float32
-            assert calc_diff(g, r) < 1e-3, name
-        else:
-            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-4, atol=2e-4, err_msg=name)
+    assert_gradients_match(got, want, use_fp8)
 
 
 def test_one_hot_expert_is_dropless_by_default_and_counts_drops_with_a_capacity(mesh2x4):
@@ -250,7 +229,7 @@ def test_one_hot_expert_is_dropless_by_default_and_counts_drops_with_a_capacity(
             out += [hierarchical_combine(d.x, d.handle, d.weights), d.num_dropped]
         return out
 
-    y, dropped, y_capped, dropped_capped, y_node_capped, dropped_node_capped = per_rank(mesh2x4, fn)(x, idx, w)
+    y, dropped, y_capped, dropped_capped, y_node_capped, dropped_node_capped = per_rank(mesh2x4, fn, SPEC)(x, idx, w)
     np.testing.assert_allclose(y.reshape(-1, H), x, rtol=1e-6)
     assert (dropped == 0).all()
     for got, lost in ((y_capped, dropped_capped), (y_node_capped, dropped_node_capped)):

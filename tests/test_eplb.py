@@ -4,7 +4,6 @@ previous-placement alignment, and the online rebalance inside a live model."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import polars as pl
 import pytest
