@@ -129,6 +129,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--mla-implementation", choices=("xla", "mosaic_gpu", "interpret"), default=None,
                    help="MLA decoding: xla (default), the Mosaic GPU kernel (Hopper, bf16 models), or that "
                         "kernel in the CPU interpreter (slow)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks: experts split over them, DeepEP's normal mode in prefill and its "
+                        "low-latency mode in decode (the other devices form dp)")
     p.add_argument("--kv-cache", choices=("model", "fp8"), default="model",
                    help="cache rows in the model's dtype (default) or FlashMLA's FP8 format (656 bytes a token "
                         "for DeepSeek-V3; needs kv_lora_rank %% 128 == 0)")
@@ -139,12 +142,14 @@ def _generate(args, console: Console) -> int:
     import time
 
     from jaxseek.generate import Generator, SamplingConfig, load_model
+    from sharding.mesh import make_mesh
 
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     model = load_model(args.checkpoint)
     generator = Generator(model, max_blocks_per_seq=-(-(max(len(p.encode()) for p in args.prompt)
                                                         + sampling.max_new_tokens) // 64),
-                          implementation=args.mla_implementation, kv_cache=args.kv_cache)
+                          implementation=args.mla_implementation, kv_cache=args.kv_cache,
+                          mesh=make_mesh(ep=args.ep) if args.ep > 1 else None)
     prompts = [list(p.encode()) for p in args.prompt]
     stream = len(prompts) == 1
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

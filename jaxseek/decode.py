@@ -10,16 +10,19 @@ once per call and shared by every layer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxseek.kv_cache import KVPages, write_rows
 from jaxseek.model.transformer import Transformer
 from pallas_kernels.mla_decode.api import flash_mla_with_kvcache, schedule_sms
 from pallas_kernels.mla_decode.metadata import get_mla_metadata
+from sharding.rules import activation_sharding, get_rules
 
 
 def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_tokens: jax.Array, pages: KVPages,
@@ -67,9 +70,12 @@ def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_t
     return model.logits(h), KVPages(jax.tree.map(lambda *parts: jnp.concatenate(parts), *updated))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "mesh"), donate_argnames=("pages",))
 def paged_forward_jit(graphdef: nnx.GraphDef, state, tokens, start, new_tokens, pages, block_table,
-                      implementation=None):
-    """``paged_forward`` of ``nnx.merge(graphdef, state)``, jit-compiled once per token-block shape."""
-    return paged_forward(nnx.merge(graphdef, state), tokens, start, new_tokens, pages, block_table,
-                         implementation=implementation)
+                      implementation=None, mesh: Mesh | None = None):
+    """``paged_forward`` of ``nnx.merge(graphdef, state)``, jit-compiled once per token-block shape. With a
+    ``mesh`` whose ``ep`` axis is > 1 the MoE layers run expert-parallel over it (DeepEP's normal mode for
+    prefill, its low-latency mode for one-token decode steps)."""
+    with activation_sharding(mesh, get_rules("ep")) if mesh is not None else contextlib.nullcontext():
+        return paged_forward(nnx.merge(graphdef, state), tokens, start, new_tokens, pages, block_table,
+                             implementation=implementation)

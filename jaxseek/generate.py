@@ -22,8 +22,10 @@ from jaxseek.config import ModelConfig
 from jaxseek.decode import paged_forward_jit
 from jaxseek.kv_cache import InMemoryPrefixStore, KVPages, PageAllocator, PrefixStore, empty_pages
 from jaxseek.model.transformer import Transformer
-from jaxseek.train_state import abstract_train_state, sharded_abstract_state
+from jaxseek.train import check_expert_parallel
+from jaxseek.train_state import abstract_train_state, model_shardings, sharded_abstract_state
 from sharding.mesh import make_mesh
+from sharding.rules import get_rules
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
 
 PREFILL_BUCKET = BLOCK_SIZE  # prompts are padded to a multiple of this, so prefill compiles once per bucket
@@ -76,11 +78,17 @@ class Generator:
 
     def __init__(self, model: Transformer, *, num_blocks: int = 256, max_blocks_per_seq: int = 32,
                  prefix_store: PrefixStore | None = None, implementation: str | None = None,
-                 kv_cache: str = "model"):
+                 kv_cache: str = "model", mesh: jax.sharding.Mesh | None = None):
         """``kv_cache``: "model" keeps rows in the model's compute dtype, "fp8" in FlashMLA's FP8 format
-        (e4m3 latent with a power-of-two scale per 128 values, bf16 RoPE; needs kv_lora_rank % 128 == 0)."""
+        (e4m3 latent with a power-of-two scale per 128 values, bf16 RoPE; needs kv_lora_rank % 128 == 0).
+        ``mesh``: with an ``ep`` axis > 1 the experts are split over it (``sharding.rules`` "ep") and the MoE
+        layers dispatch expert-parallel: DeepEP's normal mode in prefill, its low-latency mode in decode."""
         self.config: ModelConfig = model.config
         self.graphdef, self.state = nnx.split(model)
+        self.mesh = mesh if mesh is not None and mesh.shape["ep"] > 1 else None
+        if self.mesh is not None:
+            check_expert_parallel(self.config, self.mesh)
+            self.state = jax.device_put(self.state, model_shardings(self.state, self.mesh, get_rules("ep")))
         if kv_cache not in ("model", "fp8"):
             raise ValueError(f"kv_cache: expected 'model' or 'fp8', got {kv_cache!r}")
         dtype = jnp.bfloat16 if self.config.compute_dtype == "bfloat16" else jnp.float32
@@ -98,7 +106,8 @@ class Generator:
         table = jnp.asarray(self.allocator.block_table(seq_ids))
         logits, self.pages = paged_forward_jit(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32),
                                                jnp.asarray(start, jnp.int32), jnp.asarray(new_tokens, jnp.int32),
-                                               self.pages, table, implementation=self.implementation)
+                                               self.pages, table, implementation=self.implementation,
+                                               mesh=self.mesh)
         return logits
 
     def _layer_rows(self, seq_id: int, length: int) -> np.ndarray:

@@ -61,6 +61,30 @@ def _evaluate(evaluate, state: TrainState, batches: list[np.ndarray], sharding) 
     return float(np.mean([float(evaluate(state, place_batch(b, sharding))) for b in batches]))
 
 
+def check_expert_parallel(mc: ModelConfig, mesh: jax.sharding.Mesh) -> None:
+    """``ValueError`` naming the field when the expert slots cannot live on the mesh's ``ep`` ranks."""
+    ep = mesh.shape["ep"]
+    if ep == 1 or mc.moe.strategy != "ep":
+        return
+    slots = mc.moe.num_physical_experts or mc.moe.num_routed_experts
+    if slots % ep:
+        field = "moe.num_physical_experts" if mc.moe.num_physical_experts else "moe.num_routed_experts"
+        raise ValueError(f"{field}: {slots} expert slots cannot be split over ep={ep} ranks")
+    if mc.moe.num_physical_experts and mc.moe.eplb_gpus != ep:
+        raise ValueError(f"moe.eplb_gpus: EPLB places slots on the ep ranks (slot s on rank s // {slots // ep}), "
+                         f"so it must equal ep={ep}, got {mc.moe.eplb_gpus}")
+
+
+def check_drops(mc: ModelConfig, step: int, dropped: int, last_checkpoint: int | None) -> None:
+    """Applies ``moe.drop_policy`` to a step's dropped (token, expert) copies: "raise" stops the run."""
+    if dropped and mc.moe.drop_policy == "raise":
+        raise RuntimeError(
+            f"step {step}: expert parallelism dropped {dropped} (token, expert) copies over "
+            f"moe.capacity_factor={mc.moe.capacity_factor}; raise it, set it to 0 (dropless), or set "
+            f"moe.drop_policy='drop' to train on with the drops counted (checkpoints up to step {last_checkpoint} "
+            "are kept)")
+
+
 def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
           stop_after: int | None = None, corpus: ByteCorpus | None = None, mesh: jax.sharding.Mesh | None = None,
           rules: str = "dp", console: Console | None = None, show_progress: bool = True) -> TrainResult:
@@ -93,6 +117,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
     entropy = unigram_entropy(corpus.train, mc.vocab_size)
 
     get_rules(rules)  # a bad name fails before any work
+    check_expert_parallel(mc, mesh)
     checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every)
     log, start = MetricsLog(), 0
     if resume:
@@ -142,6 +167,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
             elapsed = time.perf_counter() - t0
             step_times.append(elapsed)
             row = log.append(step, metrics, step_time_s=elapsed, tokens=tokens_per_step)
+            check_drops(mc, step, row["dropped_tokens"], checkpointer.latest_step())
             if eplb_on:
                 row.update(eplb_balancedness=float(placement_balancedness(
                     metrics["expert_load"], placements, mc.moe.num_routed_experts, mc.moe.eplb_gpus).mean()),
@@ -156,7 +182,8 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
                 log.set_valid_loss(_evaluate(evaluate, state, valid_batches, data_sharding))
             checkpointer.save(step, state, force=step == end)
             valid = f" valid {row['valid_loss']:.3f}" if row["valid_loss"] is not None else ""
-            progress.update(task, advance=1, status=f"loss {row['ce_loss']:.3f}{valid} "
+            drops = f" dropped {row['dropped_tokens']}" if row["dropped_tokens"] else ""
+            progress.update(task, advance=1, status=f"loss {row['ce_loss']:.3f}{valid}{drops} "
                             f"balance {row['expert_balance_mean']:.2f} {row['tokens_per_s']:,.0f} tok/s")
     checkpointer.wait()
     checkpointer.close()

@@ -90,9 +90,17 @@ def state_partition_specs(abstract: TrainState, rules: ShardingRules, mesh_shape
                       load_average=PartitionSpec())
 
 
-def state_shardings(abstract: TrainState, mesh: Mesh, rules: ShardingRules) -> TrainState:
-    specs = state_partition_specs(abstract, rules, dict(mesh.shape))
+def _named(specs, mesh: Mesh):
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def state_shardings(abstract: TrainState, mesh: Mesh, rules: ShardingRules) -> TrainState:
+    return _named(state_partition_specs(abstract, rules, dict(mesh.shape)), mesh)
+
+
+def model_shardings(state, mesh: Mesh, rules: ShardingRules):
+    """NamedShardings for a model's ``nnx.State`` (parameters and other variables) by ``rules.params``."""
+    return _named(_specs(state, rules.params, dict(mesh.shape)), mesh)
 
 
 def sharded_abstract_state(mc: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: str = "dp") -> TrainState:

@@ -56,7 +56,7 @@ def make_train_step(graphdef: nnx.GraphDef, mc: ModelConfig, tc: TrainConfig, *,
         with activation_sharding(mesh, sharding_rules) if mesh is not None else contextlib.nullcontext():
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if mc.moe.num_physical_experts:  # replicas of one expert take one summed update
-            grads = sum_replica_gradients(graphdef, grads, state.model_state)
+            grads = sum_replica_gradients(graphdef, grads, state.model_state, mesh)
         grad_norm = logical_gradient_norm(graphdef, grads, state.model_state)
         grads = clip_by_norm(grads, grad_norm, tc.clip_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -68,7 +68,7 @@ def make_train_step(graphdef: nnx.GraphDef, mc: ModelConfig, tc: TrainConfig, *,
             "loss": loss, "ce_loss": aux["ce_loss"], "mtp_loss": aux["mtp_loss"],
             "balance_loss": aux["balance_loss"], "grad_norm": grad_norm,
             "learning_rate": schedule(state.step), "expert_load": aux["expert_load"],
-            "expert_balance": expert_balance(aux["expert_load"]),
+            "expert_balance": expert_balance(aux["expert_load"]), "dropped_tokens": aux["dropped_tokens"],
         }
         load = aux["expert_load"].astype(jnp.float32)
         decay = tc.eplb.load_decay

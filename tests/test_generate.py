@@ -19,6 +19,7 @@ from jaxseek.generate import Generator, SamplingConfig, load_model, sample
 from jaxseek.kv_cache import InMemoryPrefixStore, PageAllocator, empty_pages
 from jaxseek.model.transformer import Transformer
 from jaxseek.train import train
+from sharding.mesh import make_mesh
 
 PROMPTS = [list(b"import os\ndef main(argv):\n    "), list(b"class"),
            list(b"    def __init__(self, name, value=None):\n        self.name = name\n        self.value = v")]
@@ -105,11 +106,23 @@ def test_sampling():
         SamplingConfig(top_p=0.0)
 
 
+def test_expert_parallel_generation_equals_one_device(trained_run, devices):
+    """Experts over ep: DeepEP's normal mode in prefill, its low-latency mode in the one-token decode steps
+    (three requests: the decode batch is padded to the 8 token shards with rows that select no expert)."""
+    model = load_model(trained_run)
+    sampling = SamplingConfig(max_new_tokens=8)
+    one = Generator(model, num_blocks=16, max_blocks_per_seq=4).generate(PROMPTS, sampling)
+    ep = Generator(model, num_blocks=16, max_blocks_per_seq=4, mesh=make_mesh(dp=1, ep=8, devices=devices))
+    assert ep.state["moe_blocks"]["layers"]["ffn"]["w_up"][...].addressable_shards[0].data.shape[1] == 1  # 1 of 8
+    assert ep.generate(PROMPTS, sampling) == one
+
+
 def test_generate_command_streams_text(trained_run):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    """Through the command line, expert-parallel over 8 devices."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run([sys.executable, "-m", "jaxseek", "generate", "--checkpoint", str(trained_run),
-                             "--prompt", "def f(x):", "--max-new-tokens", "8"], env=env, capture_output=True,
-                            text=True, timeout=300)
+                             "--prompt", "def f(x):", "--max-new-tokens", "8", "--ep", "8"], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("def f(x):") and "8 tokens in" in result.stdout
 

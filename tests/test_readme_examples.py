@@ -35,3 +35,15 @@ def test_parallelism_example_runs(devices):
     mc, shard, metrics = namespace["mc"], namespace["shard"], namespace["metrics"]
     assert shard[1] == mc.moe.num_routed_experts // 4  # each device: 1/4 of the experts
     assert float(metrics["loss"]) > 0
+
+
+def test_expert_parallel_example_runs(devices):
+    """The DeepEP example gives the dense weighted sum of each token's experts (FP8 on the wire)."""
+    import numpy as np
+    from pallas_kernels.numerics import calc_diff
+
+    namespace: dict = {}
+    exec(compile(python_block_after("### Expert parallelism (DeepEP)"), "README.md (EP example)", "exec"), namespace)
+    x, idx, weights, w = (np.asarray(namespace[k], np.float64) for k in ("x", "topk_idx", "topk_weights", "w"))
+    dense = np.einsum("tk,tkh->th", weights, np.einsum("td,tkdh->tkh", x, w[idx.astype(int)]))
+    assert calc_diff(np.asarray(namespace["out"]), dense) < 1e-3

@@ -8,10 +8,11 @@ that moves each token's copies to its experts, runs the SwiGLU experts as groupe
 copies back with their gating weights. How rows are laid out in between is the strategy's own business:
 
 - ``"local"``: every expert on this device (sort by expert, grouped matmuls, unsort).
-- ``"ep"``: expert parallelism, DeepEP's normal mode. Under a mesh whose ``ep`` axis is > 1 (the ambient
+- ``"ep"``: expert parallelism. Under a mesh whose ``ep`` axis is > 1 (the ambient
   ``sharding.rules.activation_sharding``), one ``shard_map`` runs dispatch -> the rank's local experts ->
-  combine, tokens split over (``dp``, ``ep``), expert slots over ``ep`` (slot s on rank s // slots_per_rank);
-  anywhere else it is the local strategy. The default.
+  combine, tokens split over (``dp``, ``ep``), expert slots over ``ep`` (slot s on rank s // slots_per_rank):
+  DeepEP's normal mode for training and prefill, its low-latency mode when decoding one token per
+  sequence. Anywhere else it is the local strategy. The default.
 
 ``get_moe_strategy`` and ``get_grouped_matmul`` are the only places that turn a config name into code.
 """
@@ -28,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxseek.model import grouped_matmul as gmm
 from pallas_kernels.fp8_gemm.vjp import fp8_grouped_linear
-from sharding.ep import combine, dispatch
+from pallas_kernels.quant import FP8Array, dequantize_per_token
+from sharding.ep import combine, dispatch, low_latency_combine, low_latency_dispatch
 from sharding.rules import activation_layout
 
 GroupedMatmul = gmm.GroupedMatmul
@@ -86,21 +88,41 @@ def local_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array
     return MoEOutput(y.astype(x.dtype), group_sizes, jnp.zeros((), jnp.int32))
 
 
+def _expert_mesh():
+    """The ambient mesh when its ``ep`` axis is > 1, else None (expert parallelism needs one)."""
+    layout = activation_layout()
+    return layout[0] if layout is not None and layout[0].shape.get("ep", 1) > 1 else None
+
+
+def _on_token_shards(per_rank, mesh, x, expert_ids, gate_weights, experts: ExpertWeights) -> MoEOutput:
+    """Runs ``per_rank(x, ids, weights, w_gate, w_up, w_down) -> (y, [local] loads, [] drops)`` in one shard_map:
+    tokens over (dp, ep), padded to a multiple of the shards with rows that select nothing; slots over ep."""
+    tokens = x.shape[0]
+    pad = -tokens % (mesh.shape["dp"] * mesh.shape["ep"])
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        expert_ids = jnp.pad(expert_ids, ((0, pad), (0, 0)), constant_values=-1)
+        gate_weights = jnp.pad(gate_weights, ((0, pad), (0, 0)))
+    split = P(("dp", "ep"))
+    mapped = jax.shard_map(per_rank, mesh=mesh, in_specs=(split, split, split, P("ep"), P("ep"), P("ep")),
+                           out_specs=(split, P("ep"), P()), check_vma=False)
+    y, load, dropped = mapped(x, expert_ids, gate_weights, *experts)
+    return MoEOutput(y[:tokens], load, dropped)
+
+
 def ep_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array, experts: ExpertWeights,
                  grouped_matmul: GroupedMatmul, *, capacity_factor: float | None = None,
                  fp8_dispatch: bool = False) -> MoEOutput:
-    """Expert parallelism over the ambient mesh's ``ep`` axis (the local strategy without one).
+    """Expert parallelism, DeepEP's normal mode, over the ambient mesh's ``ep`` axis (local without one).
 
     Args/Returns as ``local_moe_apply``; x, expert_ids and gate_weights are the global [tokens, ...] arrays
     of the traced program, split over (dp, ep) inside; the experts' slot axis is split over ep.
     capacity_factor: None = dropless; fp8_dispatch: tokens travel as 1x128 FP8.
     """
-    layout = activation_layout()
-    if layout is None or layout[0].shape.get("ep", 1) == 1:
+    mesh = _expert_mesh()
+    if mesh is None:
         return local_moe_apply(x, expert_ids, gate_weights, experts, grouped_matmul)
-    mesh = layout[0]
     slots = experts.w_gate.shape[0]
-    tokens = P(("dp", "ep"))
 
     def per_rank(x, expert_ids, gate_weights, w_gate, w_up, w_down):
         received = dispatch(x, expert_ids, gate_weights, num_experts=slots, axis_name="ep",
@@ -111,9 +133,34 @@ def ep_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array, e
         return (y, jax.lax.psum(received.tokens_per_expert, "dp"),
                 jax.lax.psum(received.num_dropped, ("dp", "ep")))
 
-    mapped = jax.shard_map(per_rank, mesh=mesh, in_specs=(tokens, tokens, tokens, P("ep"), P("ep"), P("ep")),
-                           out_specs=(tokens, P("ep"), P()), check_vma=False)
-    return MoEOutput(*mapped(x, expert_ids, gate_weights, *experts))
+    return _on_token_shards(per_rank, mesh, x, expert_ids, gate_weights, experts)
+
+
+def ep_low_latency_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array, experts: ExpertWeights,
+                             grouped_matmul: GroupedMatmul, *, fp8_dispatch: bool = False) -> MoEOutput:
+    """Expert parallelism for decoding, DeepEP's low-latency mode: one row per (token, expert) in the masked
+    layout [local_experts, tokens * ranks, hidden], the experts as a masked batched matmul (the layout
+    ``m_grouped_fp8_gemm_nt_masked`` takes), a weighted combine. Local without an ``ep`` mesh."""
+    del grouped_matmul  # the masked layout is already grouped: a batched matmul over the local experts
+    mesh = _expert_mesh()
+    if mesh is None:
+        return local_moe_apply(x, expert_ids, gate_weights, experts, gmm.GROUPED_MATMULS["ragged_dot"])
+    slots = experts.w_gate.shape[0]
+
+    def per_rank(x, expert_ids, gate_weights, w_gate, w_up, w_down):
+        received = low_latency_dispatch(x, expert_ids, x.shape[0], slots, axis_name="ep", use_fp8=fp8_dispatch)
+        rows = received.x  # [local, ranks * tokens, hidden]
+        if fp8_dispatch:
+            flat = FP8Array(rows.data.reshape(-1, rows.data.shape[-1]), rows.scale.reshape(-1, rows.scale.shape[-1]))
+            rows = dequantize_per_token(flat).reshape(rows.data.shape).astype(x.dtype)
+        gate = jnp.einsum("lmd,ldf->lmf", rows, w_gate.astype(x.dtype))
+        up = jnp.einsum("lmd,ldf->lmf", rows, w_up.astype(x.dtype))
+        out = jnp.einsum("lmf,lfd->lmd", jax.nn.silu(gate) * up, w_down.astype(x.dtype))
+        y = low_latency_combine(out, expert_ids, gate_weights, received.handle)
+        return (y.astype(x.dtype), jax.lax.psum(received.count, "dp"),
+                jax.lax.psum(received.num_dropped, ("dp", "ep")))
+
+    return _on_token_shards(per_rank, mesh, x, expert_ids, gate_weights, experts)
 
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -122,10 +169,14 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> ja
     return fp8_grouped_linear(x, jnp.swapaxes(w, 1, 2), group_sizes)
 
 
-def get_moe_strategy(name: str, *, capacity_factor: float | None = None, fp8_dispatch: bool = False) -> MoEStrategy:
-    """The strategy called ``name``; the options apply to expert parallelism."""
+def get_moe_strategy(name: str, *, capacity_factor: float | None = None, fp8_dispatch: bool = False,
+                     decoding: bool = False) -> MoEStrategy:
+    """The strategy called ``name``; the options apply to expert parallelism, where ``decoding`` (one new token
+    per sequence) picks DeepEP's low-latency mode and anything else its normal mode, as SGLang's auto mode."""
     if name == "local":
         return local_moe_apply
+    if name == "ep" and decoding:
+        return functools.partial(ep_low_latency_moe_apply, fp8_dispatch=fp8_dispatch)
     if name == "ep":
         return functools.partial(ep_moe_apply, capacity_factor=capacity_factor, fp8_dispatch=fp8_dispatch)
     raise ValueError(f"moe.strategy: expected one of {MOE_STRATEGIES}, got {name!r}")

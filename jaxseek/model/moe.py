@@ -106,7 +106,8 @@ class MoE(nnx.Module):
         routing = route(logits, self.expert_bias[...], top_k=c.num_experts_per_token, n_group=c.n_group,
                         topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)
         slots = self.physical_slots(routing.expert_ids)  # [T, k] the replica each copy goes to
-        strategy = get_moe_strategy(c.strategy, capacity_factor=c.capacity_factor or None, fp8_dispatch=c.fp8_dispatch)
+        strategy = get_moe_strategy(c.strategy, capacity_factor=c.capacity_factor or None, fp8_dispatch=c.fp8_dispatch,
+                                    decoding=seq == 1)
         y, slot_load, dropped = strategy(tokens.astype(self.dtype), slots, routing.weights, self.expert_weights(),
                                          get_grouped_matmul(c.grouped_matmul))
         y = y.reshape(batch, seq, hidden)
