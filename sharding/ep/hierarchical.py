@@ -44,9 +44,9 @@ import numpy as np
 
 from pallas_kernels.quant import FP8Array
 from sharding.ep.layout import (as_fp8_pair, check_experts_split, check_tokens, check_topk_idx, check_topk_weights,
-                                valid_ids)
+                                pad_row, valid_ids)
 from sharding.ep.normal import expanded_rows
-from sharding.ep.row_moves import row_moves
+from sharding.ep.row_moves import received_layout, row_moves
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -130,10 +130,6 @@ def inter_node_bytes(topk_idx, *, num_experts: int, num_nodes: int, ranks_per_no
 
 # --- the linear maps (a dispatch is expand . forward . send; a combine is their transpose) ------------
 
-def _pad_row(x: jax.Array, value=0) -> jax.Array:
-    return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], value, x.dtype)])
-
-
 def _exchange(rows: jax.Array, axis: str, blocks: int) -> jax.Array:
     """[blocks * C, ...] send rows -> [blocks * C, ...] received rows over ``axis`` (block b from / to b)."""
     return jax.lax.all_to_all(rows.reshape((blocks, -1) + rows.shape[1:]), axis, 0, 0).reshape(rows.shape)
@@ -141,9 +137,9 @@ def _exchange(rows: jax.Array, axis: str, blocks: int) -> jax.Array:
 
 def _send_and_expand(x: jax.Array, h: HierarchicalHandle) -> jax.Array:
     """[T, ...] -> [rows, ...]: across nodes once per node, inside the node once per rank, then expanded."""
-    at_node = _exchange(_pad_row(x)[h.node_send_token], h.node_axis, h.num_nodes)  # [N*C1, ...]
-    at_rank = _exchange(_pad_row(at_node)[h.local_send_row], h.local_axis, h.ranks_per_node)  # [L*C2, ...]
-    return _pad_row(at_rank)[h.row_source]
+    at_node = _exchange(pad_row(x)[h.node_send_token], h.node_axis, h.num_nodes)  # [N*C1, ...]
+    at_rank = _exchange(pad_row(at_node)[h.local_send_row], h.local_axis, h.ranks_per_node)  # [L*C2, ...]
+    return pad_row(at_rank)[h.row_source]
 
 
 def _reduce_and_return(rows: jax.Array, h: HierarchicalHandle, dtype) -> jax.Array:
@@ -182,7 +178,7 @@ def _plan_step(dest: jax.Array, num_dest: int, capacity: int) -> _Step:
     row = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], slot.shape)
     send_row = jnp.full((num_dest * capacity + 1,), rows, jnp.int32).at[slot].set(row)[:-1]
     slot_dest = jnp.arange(num_dest * capacity, dtype=jnp.int32) // capacity  # [D*C]
-    here = _pad_row(dest, num_dest)[send_row] == slot_dest[:, None]
+    here = pad_row(dest, num_dest)[send_row] == slot_dest[:, None]
     fits = jnp.take_along_axis(jnp.pad(sent, ((0, 0), (0, 1))), dest, axis=1)  # [rows, K]
     return _Step(send_row, here, sent, ((dest < num_dest) & ~fits).sum(dtype=jnp.int32))
 
@@ -230,9 +226,7 @@ def hierarchical_dispatch(x, topk_idx, topk_weights, *, num_experts: int, node_a
     if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
         raise ValueError(f"max_nodes: must be a positive int (or None for no limit), got {max_nodes!r}")
     fp8_pair = as_fp8_pair(x)
-    num_tokens, hidden = check_tokens(x)
-    if use_fp8 and fp8_pair is None and hidden % 128:
-        raise ValueError(f"x: FP8 dispatch casts 1x128 groups, so hidden must be a multiple of 128, got {hidden}")
+    num_tokens, hidden = check_tokens(x, use_fp8=use_fp8)
     topk_idx = check_topk_idx(topk_idx, num_experts, num_tokens=num_tokens)
     topk_weights = check_topk_weights(jnp.asarray(topk_weights), topk_idx)
     nodes, ranks_per_node = jax.lax.axis_size(node_axis), jax.lax.axis_size(local_axis)
@@ -248,8 +242,8 @@ def hierarchical_dispatch(x, topk_idx, topk_weights, *, num_experts: int, node_a
     handle = HierarchicalHandle(step1.send_row, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32), node_axis,
                                 local_axis, nodes, ranks_per_node, c1, c2, num_tokens, row_bytes(hidden, wire))
     exchange1 = functools.partial(_exchange, axis=node_axis, blocks=nodes)
-    ids1 = exchange1(jnp.where(step1.here, _pad_row(topk_idx)[step1.send_row], -1))  # [N*C1, K] global ids
-    weights1 = exchange1(jnp.where(step1.here, _pad_row(topk_weights)[step1.send_row], 0.0))
+    ids1 = exchange1(jnp.where(step1.here, pad_row(topk_idx)[step1.send_row], -1))  # [N*C1, K] global ids
+    weights1 = exchange1(jnp.where(step1.here, pad_row(topk_weights)[step1.send_row], 0.0))
     crossing = step1.sent & (jnp.arange(nodes) != jax.lax.axis_index(node_axis))[None]  # [T, N]
     nodes_touched = (node_of[:, :, None] == jnp.arange(nodes)[None, None]).any(axis=1).sum(axis=1)  # [T]
     violations = (jnp.zeros((), jnp.int32) if max_nodes is None
@@ -261,30 +255,20 @@ def hierarchical_dispatch(x, topk_idx, topk_weights, *, num_experts: int, node_a
     handle = dataclasses.replace(handle, local_send_row=step2.send_row,
                                  row_source=jnp.arange(ranks_per_node * c2, dtype=jnp.int32))
     exchange2 = functools.partial(_exchange, axis=local_axis, blocks=ranks_per_node)
-    recv_ids = exchange2(jnp.where(step2.here, _pad_row(ids1)[step2.send_row] % per_rank, -1))  # [L*C2, K] local
-    recv_weights = exchange2(jnp.where(step2.here, _pad_row(weights1)[step2.send_row], 0.0))
+    recv_ids = exchange2(jnp.where(step2.here, pad_row(ids1)[step2.send_row] % per_rank, -1))  # [L*C2, K] local
+    recv_weights = exchange2(jnp.where(step2.here, pad_row(weights1)[step2.send_row], 0.0))
 
     invalid = ((topk_idx != -1) & ~valid).sum(dtype=jnp.int32)
-    if expand:
-        rows = expanded_rows(num_tokens, top_k, ranks_per_node, per_rank, c2, capacity_factor)
-        flat = jnp.where(recv_ids >= 0, recv_ids, per_rank).reshape(-1)  # [L*C2*K], per_rank = nothing
-        order = jnp.argsort(flat, stable=True)[:rows].astype(jnp.int32)
-        kept = flat[order] < per_rank
-        expert_ids = jnp.where(kept, flat[order], -1)
-        weights = jnp.where(kept, recv_weights.reshape(-1)[order], 0.0)
-        handle = dataclasses.replace(handle, row_source=jnp.where(kept, order // top_k, ranks_per_node * c2))
-        lost_on_receive = (flat < per_rank).sum(dtype=jnp.int32) - kept.sum(dtype=jnp.int32)
-    else:
-        expert_ids, weights, lost_on_receive = recv_ids, recv_weights, jnp.zeros((), jnp.int32)
-    tokens_per_expert = jnp.zeros((per_rank + 1,), jnp.int32).at[
-        jnp.where(expert_ids >= 0, expert_ids, per_rank)].add(1)[:per_rank]
+    rows = expanded_rows(num_tokens, top_k, ranks_per_node, per_rank, c2, capacity_factor) if expand else None
+    landed = received_layout(recv_ids, recv_weights, per_rank, rows)
+    handle = dataclasses.replace(handle, row_source=landed.row_source)
 
     if fp8_pair is not None:
         received = _MOVES.send_fp8(fp8_pair, handle)
     else:
         received = _MOVES.dispatch_x(x, handle, use_fp8)
-    dropped = step1.lost + step2.lost + lost_on_receive + invalid
-    return HierarchicalDispatched(received, expert_ids, weights, tokens_per_expert, dropped, handle,
+    dropped = step1.lost + step2.lost + landed.lost + invalid
+    return HierarchicalDispatched(received, landed.expert_ids, landed.weights, landed.tokens_per_expert, dropped, handle,
                                   crossing.sum(dtype=jnp.int32), violations)
 
 
@@ -298,11 +282,4 @@ def hierarchical_combine(y: jax.Array, handle: HierarchicalHandle, topk_weights:
     Returns:
       [tokens, hidden] in y's dtype (accumulated in float32).
     """
-    if y.ndim != 2 or y.shape[0] != handle.num_rows:
-        raise ValueError(f"y: expected [{handle.num_rows}, hidden] (the dispatch's rows), got shape {tuple(y.shape)}")
-    if topk_weights is None:
-        topk_weights = jnp.ones((handle.num_rows,), jnp.float32)
-    elif tuple(topk_weights.shape) != (handle.num_rows,):
-        raise ValueError(f"topk_weights: expected [{handle.num_rows}] (one per row of y), got "
-                         f"{tuple(topk_weights.shape)}")
-    return _MOVES.combine_rows(y, topk_weights.astype(jnp.float32), handle)
+    return _MOVES.combine(y, handle, topk_weights)

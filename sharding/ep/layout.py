@@ -62,9 +62,15 @@ def check_topk_weights(topk_weights, topk_idx: jax.Array) -> jax.Array:
     return topk_weights.astype(jnp.float32)
 
 
-def check_tokens(x) -> tuple[int, int]:
+def pad_row(x: jax.Array, value=0) -> jax.Array:
+    """[n, ...] -> [n + 1, ...] with a last row of ``value``: the row an out-of-range index gathers."""
+    return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], value, x.dtype)])
+
+
+def check_tokens(x, *, use_fp8: bool = False) -> tuple[int, int]:
     """(tokens, hidden) of ``x``: a float [tokens, hidden] array or an FP8 pair (e4m3 [tokens, hidden],
-    float32 scales [tokens, hidden / 128]); ``ValueError`` naming x otherwise."""
+    float32 scales [tokens, hidden / 128]); ``ValueError`` naming x otherwise, or when ``use_fp8`` asks to
+    cast a float x whose hidden size is not a multiple of the 1x128 groups."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise ValueError(f"x: an FP8 input is a pair (e4m3 data, float32 scales), got {len(x)} arrays")
@@ -80,6 +86,8 @@ def check_tokens(x) -> tuple[int, int]:
         raise ValueError(f"x: expected [tokens, hidden], got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float8_e4m3fn:
         raise ValueError(f"x: expected bfloat16/float32 [tokens, hidden] or an FP8 (data, scales) pair, got {x.dtype}")
+    if use_fp8 and x.shape[1] % 128:
+        raise ValueError(f"x: FP8 dispatch casts 1x128 groups, so hidden must be a multiple of 128, got {x.shape[1]}")
     return x.shape
 
 

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quant import FP8_DTYPE, FP8Array, GROUP, per_token_cast_to_fp8
-from sharding.ep.layout import check_experts_split, check_tokens, check_topk_idx, check_topk_weights, valid_ids
+from sharding.ep.layout import (check_experts_split, check_tokens, check_topk_idx, check_topk_weights, pad_row,
+                                valid_ids)
 
 HEADER_BYTES = 16  # DeepEP's int4 header: source token index + 3 reserved int32
 
@@ -135,10 +136,6 @@ def _unpack(messages: jax.Array, layout: list[tuple[object, int]]) -> tuple[jax.
     return src, fields
 
 
-def _pad_row(x: jax.Array, value=0) -> jax.Array:
-    return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], value, x.dtype)])
-
-
 # --- the public ops ------------------------------------------------------------------------------------
 
 def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
@@ -159,15 +156,13 @@ def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank: int, num
     if isinstance(x, (tuple, list)):
         raise ValueError("x: low_latency_dispatch takes bf16/f32 tokens and casts them itself (use_fp8=True), "
                          "not an FP8 pair")
-    num_tokens, hidden = check_tokens(x)
+    num_tokens, hidden = check_tokens(x, use_fp8=use_fp8)
     max_tokens = num_max_dispatch_tokens_per_rank
     if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise ValueError(f"num_max_dispatch_tokens_per_rank: expected a positive int, got {max_tokens!r}")
     if num_tokens > max_tokens:
         raise ValueError(f"num_max_dispatch_tokens_per_rank: x has {num_tokens} tokens, more than the "
                          f"{max_tokens} the buffers hold")
-    if use_fp8 and hidden % GROUP:
-        raise ValueError(f"x: FP8 dispatch casts 1x128 groups, so hidden must be a multiple of 128, got {hidden}")
     if round_scale and not use_fp8:
         raise ValueError("round_scale: power-of-two scales apply only to FP8 dispatch (use_fp8=True)")
     topk_idx = check_topk_idx(topk_idx, num_experts, num_tokens=num_tokens)
@@ -196,7 +191,7 @@ def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank: int, num
         payload = [x]
     layout = _payload_parts(hidden, use_fp8, x.dtype)
     gather = jnp.where(send_token >= 0, send_token, num_tokens)  # [E*M], T = the zero row
-    messages = _pack(send_token, [_pad_row(p)[gather] for p in payload])  # [E*M, B]
+    messages = _pack(send_token, [pad_row(p)[gather] for p in payload])  # [E*M, B]
     received = jax.lax.all_to_all(messages.reshape(num_ranks, local * m, -1), axis_name, 0, 0)  # [R(src), L*M, B]
     received = received.reshape(num_ranks * local * m, -1)  # [R*L*M, B], slot (src, l, position)
 
@@ -212,7 +207,7 @@ def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank: int, num
     empty = num_ranks * local * m
     row_source = jnp.full((local * num_ranks * m + 1,), empty, jnp.int32).at[recv_row].set(
         jnp.arange(empty, dtype=jnp.int32))[:-1]  # [L*R*M] received slot behind each row; R*L*M = padding
-    src, fields = _unpack(_pad_row(received)[row_source], layout)  # zero padding rows, header 0
+    src, fields = _unpack(pad_row(received)[row_source], layout)  # zero padding rows, header 0
     padding = (row_source == empty).reshape(local, num_ranks * m)
     src_info = jnp.where(padding, -1, src.reshape(local, num_ranks * m))  # [L, R*M]
     fields = [f.reshape(local, num_ranks * m, -1) for f in fields]
@@ -246,8 +241,8 @@ def low_latency_combine(y: jax.Array, topk_idx, topk_weights, handle: LowLatency
         raise ValueError(f"topk_idx: expected [{num_tokens}, {top_k}] (the dispatch's), got {tuple(topk_idx.shape)}")
     topk_weights = check_topk_weights(jnp.asarray(topk_weights), topk_idx)
 
-    rows = _pad_row(y.reshape(local * r * m, -1))[handle.recv_row]  # [R*L*M, H]: received slot order, padding 0
+    rows = pad_row(y.reshape(local * r * m, -1))[handle.recv_row]  # [R*L*M, H]: received slot order, padding 0
     back = jax.lax.all_to_all(rows.reshape(r, local * m, -1), handle.axis_name, 0, 0)  # [R(dest), L*M, H]
-    per_pair = _pad_row(back.reshape(r * local * m, -1))[handle.send_slot]  # [T, K, H]; unsent pairs 0
+    per_pair = pad_row(back.reshape(r * local * m, -1))[handle.send_slot]  # [T, K, H]; unsent pairs 0
     weights = jnp.where(valid_ids(topk_idx, handle.num_experts), topk_weights, 0.0)  # [T, K]
     return (weights[:, :, None] * per_pair.astype(jnp.float32)).sum(1).astype(y.dtype)  # f32, no TF32 matmul

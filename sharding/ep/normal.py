@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.quant import FP8Array
 from sharding.ep.layout import (as_fp8_pair, check_experts_split, check_tokens, check_topk_idx, check_topk_weights,
-                                is_token_in_rank, valid_ids)
-from sharding.ep.row_moves import row_moves
+                                is_token_in_rank, pad_row, valid_ids)
+from sharding.ep.row_moves import received_layout, row_moves
 
 
 TRANSPORTS = ("all_to_all", "ragged")
@@ -99,10 +99,6 @@ def expanded_rows(num_tokens: int, top_k: int, num_ranks: int, local_experts: in
 
 # --- the linear maps (a dispatch is expand . exchange . send; a combine is their transpose) -----------
 
-def _pad_row(x: jax.Array) -> jax.Array:
-    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-
-
 def _exchange(rows: jax.Array, handle: DispatchHandle, *, back: bool = False, fill=0) -> jax.Array:
     """[R*C, ...] send rows -> [R*C, ...] received rows (block r from / back to rank r).
 
@@ -122,8 +118,8 @@ def _exchange(rows: jax.Array, handle: DispatchHandle, *, back: bool = False, fi
 
 def _send_and_expand(x: jax.Array, handle: DispatchHandle) -> jax.Array:
     """[T, ...] -> [rows, ...]: each token to its ranks, then one row per received (token, local expert)."""
-    received = _exchange(_pad_row(x)[handle.send_token], handle)
-    return _pad_row(received)[handle.row_source]
+    received = _exchange(pad_row(x)[handle.send_token], handle)
+    return pad_row(received)[handle.row_source]
 
 
 def _collapse_and_return(rows: jax.Array, handle: DispatchHandle, dtype) -> jax.Array:
@@ -131,7 +127,7 @@ def _collapse_and_return(rows: jax.Array, handle: DispatchHandle, dtype) -> jax.
     per_copy = jax.ops.segment_sum(rows.astype(jnp.float32), handle.row_source,
                                    handle.num_ranks * handle.capacity + 1)[:-1]
     back = _exchange(per_copy.astype(dtype), handle, back=True)
-    return _pad_row(back)[handle.send_slot].astype(jnp.float32).sum(axis=1)
+    return pad_row(back)[handle.send_slot].astype(jnp.float32).sum(axis=1)
 
 
 _MOVES = row_moves(_send_and_expand, _collapse_and_return)
@@ -160,9 +156,7 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
       ``Dispatched`` (see its fields); ``combine(y, result.handle, result.weights)`` returns the weighted sum.
     """
     fp8_pair = as_fp8_pair(x)
-    num_tokens, hidden = check_tokens(x)
-    if use_fp8 and fp8_pair is None and hidden % 128:
-        raise ValueError(f"x: FP8 dispatch casts 1x128 groups, so hidden must be a multiple of 128, got {hidden}")
+    num_tokens, hidden = check_tokens(x, use_fp8=use_fp8)
     topk_idx = check_topk_idx(topk_idx, num_experts, num_tokens=num_tokens)
     topk_weights = check_topk_weights(jnp.asarray(topk_weights), topk_idx)
     if transport not in TRANSPORTS:
@@ -183,8 +177,8 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
 
     # Routing metadata per send row: the [top_k] ids local to the destination rank (-1 elsewhere), and weights.
     row_rank = jnp.arange(num_ranks * capacity, dtype=jnp.int32) // capacity  # [R*C]
-    ids_rows = _pad_row(topk_idx)[send_token]  # [R*C, K]; padding rows hold zeros
-    here = (_pad_row(rank_of)[send_token] == row_rank[:, None]) & (send_token < num_tokens)[:, None]
+    ids_rows = pad_row(topk_idx)[send_token]  # [R*C, K]; padding rows hold zeros
+    here = (pad_row(rank_of)[send_token] == row_rank[:, None]) & (send_token < num_tokens)[:, None]
     send_counts = sent.sum(axis=0, dtype=jnp.int32)  # [R]
     recv_counts = (jax.lax.all_to_all(send_counts, axis_name, 0, 0, tiled=True) if transport == "ragged"
                    else jnp.full((num_ranks,), capacity, jnp.int32))  # all_to_all moves every buffer row
@@ -192,29 +186,20 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str = "e
     handle = DispatchHandle(send_slot, send_token, received_rows, send_counts, recv_counts, axis_name, num_ranks,
                             capacity, num_tokens, transport)
     recv_ids = _exchange(jnp.where(here, ids_rows - row_rank[:, None] * local, -1), handle, fill=-1)  # [R*C, K]
-    recv_weights = _exchange(jnp.where(here, _pad_row(topk_weights)[send_token], 0.0), handle)
+    recv_weights = _exchange(jnp.where(here, pad_row(topk_weights)[send_token], 0.0), handle)
 
-    lost_on_send = (valid & ~jnp.take_along_axis(_pad_row(sent.T).T, rank_of, axis=1)).sum(dtype=jnp.int32)
+    lost_on_send = (valid & ~jnp.take_along_axis(pad_row(sent.T).T, rank_of, axis=1)).sum(dtype=jnp.int32)
     invalid = ((topk_idx != -1) & ~valid).sum(dtype=jnp.int32)
-    if expand:
-        rows = expanded_rows(num_tokens, top_k, num_ranks, local, capacity, capacity_factor)
-        flat = jnp.where(recv_ids >= 0, recv_ids, local).reshape(-1)  # [R*C*K], local = nothing
-        order = jnp.argsort(flat, stable=True)[:rows].astype(jnp.int32)
-        expert_ids = flat[order]
-        kept = expert_ids < local
-        expert_ids = jnp.where(kept, expert_ids, -1)
-        weights = jnp.where(kept, recv_weights.reshape(-1)[order], 0.0)
-        handle = dataclasses.replace(handle, row_source=jnp.where(kept, order // top_k, num_ranks * capacity))
-        lost_on_receive = (flat < local).sum(dtype=jnp.int32) - kept.sum(dtype=jnp.int32)
-    else:
-        expert_ids, weights, lost_on_receive = recv_ids, recv_weights, jnp.zeros((), jnp.int32)
-    tokens_per_expert = jnp.zeros((local + 1,), jnp.int32).at[jnp.where(expert_ids >= 0, expert_ids, local)].add(1)[:local]
+    rows = expanded_rows(num_tokens, top_k, num_ranks, local, capacity, capacity_factor) if expand else None
+    landed = received_layout(recv_ids, recv_weights, local, rows)
+    handle = dataclasses.replace(handle, row_source=landed.row_source)
 
     if fp8_pair is not None:
         received = _MOVES.send_fp8(fp8_pair, handle)
     else:
         received = _MOVES.dispatch_x(x, handle, use_fp8)
-    return Dispatched(received, expert_ids, weights, tokens_per_expert, lost_on_send + lost_on_receive + invalid, handle)
+    return Dispatched(received, landed.expert_ids, landed.weights, landed.tokens_per_expert,
+                      lost_on_send + landed.lost + invalid, handle)
 
 
 def combine(y: jax.Array, handle: DispatchHandle, topk_weights: jax.Array | None = None) -> jax.Array:
@@ -228,10 +213,4 @@ def combine(y: jax.Array, handle: DispatchHandle, topk_weights: jax.Array | None
     Returns:
       [tokens, hidden] in y's dtype (accumulated in float32).
     """
-    if y.ndim != 2 or y.shape[0] != handle.num_rows:
-        raise ValueError(f"y: expected [{handle.num_rows}, hidden] (the dispatch's rows), got shape {tuple(y.shape)}")
-    if topk_weights is None:
-        topk_weights = jnp.ones((handle.num_rows,), jnp.float32)
-    elif tuple(topk_weights.shape) != (handle.num_rows,):
-        raise ValueError(f"topk_weights: expected [{handle.num_rows}] (one per row of y), got {tuple(topk_weights.shape)}")
-    return _MOVES.combine_rows(y, topk_weights.astype(jnp.float32), handle)
+    return _MOVES.combine(y, handle, topk_weights)

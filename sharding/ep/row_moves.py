@@ -19,10 +19,55 @@ import jax.numpy as jnp
 from pallas_kernels.quant import FP8Array, dequantize_per_token, per_token_cast_to_fp8
 
 
+class ReceivedLayout(NamedTuple):
+    expert_ids: jax.Array  # [rows] int32 local expert of each output row, sorted, -1 = padding (last); or the
+    #                        received [received, top_k] ids unexpanded
+    weights: jax.Array  # expert_ids' shape, float32, 0 where expert_ids is -1
+    row_source: jax.Array  # [rows] int32 received row behind each output row; received rows = padding
+    tokens_per_expert: jax.Array  # [local_experts] int32 (token, expert) pairs kept
+    lost: jax.Array  # [] int32 (token, expert) pairs received but beyond the rows
+
+
+def received_layout(recv_ids: jax.Array, recv_weights: jax.Array, local_experts: int,
+                    rows: int | None) -> ReceivedLayout:
+    """Received copies -> the output layout: with ``rows``, one row per (copy, local expert) sorted by expert
+    (the contiguous grouped layout, ``rows`` static); None keeps one row per received copy (DeepEP V1).
+
+    recv_ids: [received, top_k] int32 local expert ids, -1 where the expert is elsewhere or the row empty;
+    recv_weights: [received, top_k] float32.
+    """
+    received, top_k = recv_ids.shape
+    flat = jnp.where(recv_ids >= 0, recv_ids, local_experts).reshape(-1)  # local_experts = nothing
+    if rows is None:
+        expert_ids, weights = recv_ids, recv_weights
+        row_source, lost = jnp.arange(received, dtype=jnp.int32), jnp.zeros((), jnp.int32)
+    else:
+        order = jnp.argsort(flat, stable=True)[:rows].astype(jnp.int32)
+        kept = flat[order] < local_experts
+        expert_ids = jnp.where(kept, flat[order], -1)
+        weights = jnp.where(kept, recv_weights.reshape(-1)[order], 0.0)
+        row_source = jnp.where(kept, order // top_k, received)
+        lost = (flat < local_experts).sum(dtype=jnp.int32) - kept.sum(dtype=jnp.int32)
+    ids = jnp.where(expert_ids >= 0, expert_ids, local_experts).reshape(-1)
+    per_expert = jnp.zeros((local_experts + 1,), jnp.int32).at[ids].add(1)[:local_experts]
+    return ReceivedLayout(expert_ids, weights, row_source, per_expert, lost)
+
+
 class RowMoves(NamedTuple):
     dispatch_x: Callable  # (x [T, H] float, handle, use_fp8: bool) -> [rows, H] in x's dtype, differentiable in x
     combine_rows: Callable  # (y [rows, H], weights [rows] f32, handle) -> [T, H] in y's dtype, differentiable
     send_fp8: Callable  # (FP8Array [T, H], handle) -> FP8Array [rows, H], no gradient
+
+    def combine(self, y: jax.Array, handle, topk_weights: jax.Array | None = None) -> jax.Array:
+        """The public combine: checks y [handle.num_rows, hidden] and topk_weights [num_rows] (None = 1)."""
+        rows = handle.num_rows
+        if y.ndim != 2 or y.shape[0] != rows:
+            raise ValueError(f"y: expected [{rows}, hidden] (the dispatch's rows), got shape {tuple(y.shape)}")
+        if topk_weights is None:
+            topk_weights = jnp.ones((rows,), jnp.float32)
+        elif tuple(topk_weights.shape) != (rows,):
+            raise ValueError(f"topk_weights: expected [{rows}] (one per row of y), got {tuple(topk_weights.shape)}")
+        return self.combine_rows(y, topk_weights.astype(jnp.float32), handle)
 
 
 def row_moves(send_and_expand: Callable, collapse_and_return: Callable) -> RowMoves:
