@@ -21,8 +21,8 @@ from jaxseek.checkpoint import Checkpointer, load_configs
 from jaxseek.config import ModelConfig
 from jaxseek.decode import paged_forward_jit
 from jaxseek.kv_cache import InMemoryPrefixStore, KVPages, PageAllocator, PrefixStore, empty_pages
+from jaxseek.model.experts import check_expert_parallel
 from jaxseek.model.transformer import Transformer
-from jaxseek.train import check_expert_parallel
 from jaxseek.train_state import abstract_train_state, model_shardings, sharded_abstract_state
 from sharding.mesh import make_mesh
 from sharding.rules import get_rules
@@ -87,7 +87,7 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         self.mesh = mesh if mesh is not None and mesh.shape["ep"] > 1 else None
         if self.mesh is not None:
-            check_expert_parallel(self.config, self.mesh)
+            check_expert_parallel(self.config.moe, self.mesh)
             self.state = jax.device_put(self.state, model_shardings(self.state, self.mesh, get_rules("ep")))
         if kv_cache not in ("model", "fp8"):
             raise ValueError(f"kv_cache: expected 'model' or 'fp8', got {kv_cache!r}")

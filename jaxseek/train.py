@@ -30,6 +30,7 @@ from jaxseek.distributed import barrier
 from jaxseek.data import ByteCorpus, SequenceBatches, load_stdlib_corpus, unigram_entropy
 from jaxseek.expert_placement import current_placements, placement_balancedness, rebalance
 from jaxseek.metrics import MetricsLog, plot_training
+from jaxseek.model.experts import check_expert_parallel
 from jaxseek.train_state import (TrainState, abstract_train_state, init_train_state, sharded_abstract_state,
                                   state_shardings)
 from jaxseek.train_step import make_eval_step, make_train_step
@@ -59,20 +60,6 @@ def place_batch(batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array
 
 def _evaluate(evaluate, state: TrainState, batches: list[np.ndarray], sharding) -> float:
     return float(np.mean([float(evaluate(state, place_batch(b, sharding))) for b in batches]))
-
-
-def check_expert_parallel(mc: ModelConfig, mesh: jax.sharding.Mesh) -> None:
-    """``ValueError`` naming the field when the expert slots cannot live on the mesh's ``ep`` ranks."""
-    ep = mesh.shape["ep"]
-    if ep == 1 or mc.moe.strategy != "ep":
-        return
-    slots = mc.moe.num_physical_experts or mc.moe.num_routed_experts
-    if slots % ep:
-        field = "moe.num_physical_experts" if mc.moe.num_physical_experts else "moe.num_routed_experts"
-        raise ValueError(f"{field}: {slots} expert slots cannot be split over ep={ep} ranks")
-    if mc.moe.num_physical_experts and mc.moe.eplb_gpus != ep:
-        raise ValueError(f"moe.eplb_gpus: EPLB places slots on the ep ranks (slot s on rank s // {slots // ep}), "
-                         f"so it must equal ep={ep}, got {mc.moe.eplb_gpus}")
 
 
 def check_drops(mc: ModelConfig, step: int, dropped: int, last_checkpoint: int | None) -> None:
@@ -117,7 +104,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
     entropy = unigram_entropy(corpus.train, mc.vocab_size)
 
     get_rules(rules)  # a bad name fails before any work
-    check_expert_parallel(mc, mesh)
+    check_expert_parallel(mc.moe, mesh)
     checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every)
     log, start = MetricsLog(), 0
     if resume:

@@ -12,7 +12,8 @@ from rich.console import Console
 from jaxseek.config import EPLBConfig, TrainConfig
 from jaxseek.data import load_stdlib_corpus
 from jaxseek.expert_placement import _replica_sums, _replica_sums_over_ep
-from jaxseek.train import check_drops, check_expert_parallel, train
+from jaxseek.model.experts import check_expert_parallel
+from jaxseek.train import check_drops, train
 from sharding.mesh import make_mesh
 
 TC = TrainConfig(steps=3, batch_size=8, seq_len=16, warmup_steps=1, checkpoint_every=3, eval_every=3)
@@ -62,12 +63,12 @@ def test_replica_gradients_are_summed_over_ep_by_exchanging_only_the_redundant_r
 def test_expert_slots_must_fit_the_ep_ranks(micro_config, devices):
     mesh = make_mesh(dp=2, ep=4, devices=devices)
     with pytest.raises(ValueError, match="moe.eplb_gpus"):
-        check_expert_parallel(_with_replicas(micro_config, 12, 2), mesh)
+        check_expert_parallel(_with_replicas(micro_config, 12, 2).moe, mesh)
     with pytest.raises(ValueError, match="moe.num_physical_experts"):
-        check_expert_parallel(_with_replicas(micro_config, 10, 2), mesh)
+        check_expert_parallel(_with_replicas(micro_config, 10, 2).moe, mesh)
     with pytest.raises(ValueError, match="moe.num_routed_experts"):
-        check_expert_parallel(micro_config, make_mesh(dp=1, ep=6, devices=devices[:6]))  # 8 experts, 6 ranks
-    check_expert_parallel(_with_replicas(micro_config, 12, 4), mesh)
+        check_expert_parallel(micro_config.moe, make_mesh(dp=1, ep=6, devices=devices[:6]))  # 8 experts, 6 ranks
+    check_expert_parallel(_with_replicas(micro_config, 12, 4).moe, mesh)
 
 
 @pytest.mark.slow

@@ -66,6 +66,26 @@ def test_expert_parallel_region_matches_the_per_token_loop_on_a_dp_by_ep_mesh(de
     np.testing.assert_allclose(np.asarray(y_local), _expert_loop(x, ids, weights, params), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("decoding", [False, True], ids=["normal", "low_latency"])
+def test_expert_parallel_region_with_fp8_dispatch_stays_within_deepgemm_tolerance(devices, decoding):
+    """moe.fp8_dispatch: tokens travel as 1x128 e4m3 in both DeepEP modes (the decode step's low-latency one
+    too); the result moves off the exact one by FP8 rounding only."""
+    from pallas_kernels.numerics import calc_diff
+
+    rng = np.random.default_rng(2)
+    tokens, hidden, inter, experts, top_k = 16, 128, 8, 8, 2
+    x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)]), jnp.int32)
+    weights = jnp.asarray(rng.uniform(size=(tokens, top_k)), jnp.float32)
+    params = ExpertWeights(*(jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in
+                             ((experts, hidden, inter), (experts, hidden, inter), (experts, inter, hidden))))
+    exact = _expert_loop(x, ids, weights, params)
+    with activation_sharding(make_mesh(dp=1, ep=8, devices=devices), get_rules("ep")):
+        y = jax.jit(get_moe_strategy("ep", fp8_dispatch=True, decoding=decoding), static_argnums=4)(
+            x, ids, weights, params, get_grouped_matmul("tiled")).y
+    assert 1e-6 < calc_diff(np.asarray(y), exact) < 1e-3  # float32 reordering alone stays near 1e-12
+
+
 def test_the_region_is_one_strategy_by_name():
     assert get_moe_strategy("local") is local_moe_apply
     with pytest.raises(ValueError, match="moe.strategy"):

@@ -25,7 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxseek.model import grouped_matmul as gmm
 from pallas_kernels.fp8_gemm.vjp import fp8_grouped_linear
@@ -167,6 +167,21 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> ja
     """The grouped-matmul contract in FP8 (DeepGEMM's m-grouped contiguous GEMM forward and dgrad,
     k-grouped wgrad); ``w`` is [groups, in, out] as for every grouped matmul."""
     return fp8_grouped_linear(x, jnp.swapaxes(w, 1, 2), group_sizes)
+
+
+def check_expert_parallel(moe, mesh: Mesh) -> None:
+    """``ValueError`` naming the field when a ``MoEConfig``'s expert slots cannot live on the mesh's ``ep``
+    ranks (slot s on rank s // slots_per_rank, as ``ep_moe_apply`` splits them)."""
+    ep = mesh.shape["ep"]
+    if ep == 1 or moe.strategy != "ep":
+        return
+    slots = moe.num_physical_experts or moe.num_routed_experts
+    if slots % ep:
+        field = "moe.num_physical_experts" if moe.num_physical_experts else "moe.num_routed_experts"
+        raise ValueError(f"{field}: {slots} expert slots cannot be split over ep={ep} ranks")
+    if moe.num_physical_experts and moe.eplb_gpus != ep:
+        raise ValueError(f"moe.eplb_gpus: EPLB places slots on the ep ranks (slot s on rank s // {slots // ep}), "
+                         f"so it must equal ep={ep}, got {moe.eplb_gpus}")
 
 
 def get_moe_strategy(name: str, *, capacity_factor: float | None = None, fp8_dispatch: bool = False,
