@@ -152,20 +152,24 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
             """The input gradient (``inputs``) and/or the weight gradients (``weights``) of one stage."""
             phase, mb = row["b_phase"], row["b_micro_batch"]
             dy = jnp.where(is_last[phase], jnp.zeros_like(dy), dy)
-            theta = theta_of(phase)
+            leaves, treedef = jax.tree.flatten(theta_of(phase))
+            trainable = [jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in leaves]  # integer state rides along
+
+            def f(weights_, x):
+                it = iter(weights_)
+                theta = treedef.unflatten([next(it) if t else leaf for leaf, t in zip(leaves, trainable)])
+                return objective(theta, x, mb, phase)[:2]
+            own = [leaf for leaf, t in zip(leaves, trainable) if t]
+            cotangent = (dy, jnp.asarray(scale, loss_dtype))
             if weights and inputs:
-                def f(theta, x): return objective(theta, x, mb, phase)[:2]
-                (_, _), vjp = jax.vjp(f, theta, x_in)
-                d_theta, dx = vjp((dy, jnp.asarray(scale, loss_dtype)))
+                d_own, dx = jax.vjp(f, own, x_in)[1](cotangent)
             elif inputs:
-                def f(x): return objective(theta, x, mb, phase)[:2]
-                (_, _), vjp = jax.vjp(f, x_in)
-                (dx,), d_theta = vjp((dy, jnp.asarray(scale, loss_dtype))), None
+                (dx,), d_own = jax.vjp(lambda x: f(own, x), x_in)[1](cotangent), None
             else:
-                def f(theta): return objective(theta, x_in, mb, phase)[:2]
-                (_, _), vjp = jax.vjp(f, theta)
-                (d_theta,), dx = vjp((dy, jnp.asarray(scale, loss_dtype))), None
-            if d_theta is not None:
+                (d_own,), dx = jax.vjp(lambda w: f(w, x_in), own)[1](cotangent), None
+            if d_own is not None:
+                it = iter(d_own)
+                d_theta = treedef.unflatten([next(it) if t else jnp.zeros_like(leaf) for leaf, t in zip(leaves, trainable)])
                 carry = dict(carry)
                 d_stage, d_pre, d_post = d_theta
                 carry["d_stages"] = jax.tree.map(lambda a, g: a.at[phase].add(g), carry["d_stages"], d_stage)
