@@ -1,5 +1,6 @@
 """``jaxseek`` command line: ``train`` (the main job), ``generate`` (text from a trained run), ``eplb``
-(expert placement from recorded loads) and ``info`` (sizes and FLOPs of a preset)."""
+(expert placement from recorded loads), ``schedule`` (a pipeline schedule drawn and accounted) and
+``info`` (sizes and FLOPs of a preset)."""
 
 from __future__ import annotations
 
@@ -227,6 +228,58 @@ def _convert(args, console: Console) -> int:
     return 0
 
 
+def _add_schedule(sub) -> None:
+    from sharding.dualpipe import KINDS
+
+    p = sub.add_parser("schedule", help="a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV) drawn as a figure, "
+                                        "with its bubble and memory against the DualPipe README's table")
+    p.add_argument("--kind", default="dualpipe", help=f"one of {', '.join(KINDS)}")
+    p.add_argument("--ranks", type=int, default=8, help="pipeline ranks (DualPipeV: 2 stages per rank)")
+    p.add_argument("--chunks", type=int, default=20, help="micro-batches (DualPipe: both directions together)")
+    p.add_argument("--costs", default=None, metavar="F=1,B=2,W=1,F&B=3",
+                   help="time of a forward, a whole backward, its weight part and an overlapped F&B "
+                        "(default: the README's setting F=1,B=2,W=1,F&B=3)")
+    p.add_argument("--out", default="schedule.png", help="the PNG figure to write")
+
+
+def _parse_costs(text: str | None) -> dict | None:
+    """``"F=1,B=2,W=1,F&B=3"`` -> {"F": 1.0, ...}; ValueError naming ``costs`` on a malformed entry."""
+    if text is None:
+        return None
+    costs = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        key, sep, value = entry.partition("=")
+        try:
+            number = float(value) if sep else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise ValueError(f"costs: expected KEY=NUMBER entries like F=1,B=2,W=1,F&B=3, got {entry!r}")
+        costs[key.strip()] = number
+    return costs
+
+
+def _schedule(args, console: Console) -> int:
+    from sharding.dualpipe import account, build_schedule, published_bubble
+    from sharding.schedule_plot import plot_schedule
+
+    costs = _parse_costs(args.costs)
+    schedule = build_schedule(args.kind, args.ranks, args.chunks)
+    timeline = plot_schedule(schedule, args.out, costs)
+    row = account(schedule, costs)
+    table = Table(title=f"{row.kind}: {row.num_ranks} ranks, {row.num_stages} stages (PP), "
+                        f"{schedule.num_chunks} micro-batches")
+    for column in ("bubble (simulated)", "published bubble", "peak activations per rank", "parameters per rank",
+                   "copies per stage", "makespan"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{row.bubble:g}", f"{published_bubble(row.kind, row.num_stages, costs):g}",
+                  str(row.peak_activations), f"{row.parameters_per_rank}x", str(row.copies_per_stage),
+                  f"{timeline.makespan:g}")
+    console.print(table)
+    console.print(f"wrote {args.out}")
+    return 0
+
+
 def _info(args, console: Console) -> int:
     from jaxseek.model.accounting import count_parameters, flops_per_token, parameter_shapes
     from jaxseek.train_state import abstract_train_state, bytes_per_device
@@ -271,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_eplb(sub)
     _add_convert(sub)
+    _add_schedule(sub)
     info = sub.add_parser("info", help="parameter counts, per-layer shapes and FLOPs of a preset (abstract)")
     info.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESET_BUILDERS))
     _add_mesh_arguments(info, default_rules="ep+zero1")
     args = parser.parse_args(argv)
     console = Console()
     try:
-        commands = {"train": _train, "generate": _generate, "eplb": _eplb, "convert": _convert, "info": _info}
+        commands = {"train": _train, "generate": _generate, "eplb": _eplb, "convert": _convert,
+                    "schedule": _schedule, "info": _info}
         return commands[args.command](args, console)
     except ValueError as error:
         console.print(f"[bold red]error:[/] {error}")
