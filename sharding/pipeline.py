@@ -98,6 +98,9 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
     tables = ticks.compile_ticks(run)
     num_chunks, stage_of_phase = schedule.num_chunks, tables.stage_of_phase
     num_ranks, num_phases = stage_of_phase.shape
+    present = sorted(set(tables.kind.flat) | {ticks.IDLE})
+    branch_of_kind = np.zeros(len(ticks.KIND_NAMES), np.int32)
+    branch_of_kind[present] = np.arange(len(present))
     batch_0 = _micro_batch(batch, 0, num_chunks)
     x_struct = jax.eval_shape(fns.pre, params.pre, batch_0)
     one_stage = jax.tree.map(lambda leaf: leaf[0], params.stages)
@@ -193,9 +196,7 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
                 return carry, y, dx
             return run
 
-        branches = [branch(kind) for kind in range(len(ticks.KIND_NAMES))]
-        if not train:
-            branches = [branches[ticks.IDLE], branches[ticks.FORWARD]]
+        branches = [branch(kind) for kind in present]  # only the slot kinds this schedule uses are compiled
 
         def deliver(buffer, sent, receive):
             """Files what arrived from (next, previous, self) into ``buffer`` [phases, depth, ...]."""
@@ -217,7 +218,7 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
             x_f = carry["inputs"][f_phase, f_slot]
             x_b = carry["inputs"][b_phase, b_slot]
             dy = carry["grads"][b_phase, b_slot]
-            kind = row["kind"] if train else jnp.minimum(row["kind"], ticks.FORWARD)
+            kind = jnp.asarray(branch_of_kind)[row["kind"]]
             state = {k: v for k, v in carry.items() if k not in ("inputs", "grads")}
             state, y, dx = jax.lax.switch(kind, branches, state, row, x_f, x_b, dy)
 
