@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxseek.config import EPLBConfig, MLAConfig, ModelConfig, MoEConfig, TrainConfig
+from jaxseek.config import EPLBConfig, MLAConfig, ModelConfig, MoEConfig, PipelineConfig, TrainConfig
 
 CONFIG_FILE = "config.json"
 
@@ -31,6 +31,7 @@ def configs_from_json(text: str) -> tuple[ModelConfig, TrainConfig]:
     model["mla"], model["moe"] = MLAConfig(**model["mla"]), MoEConfig(**model["moe"])
     train = dict(raw["train"])
     train["eplb"] = EPLBConfig(**train.get("eplb", {}))
+    train["pipeline"] = PipelineConfig(**train.get("pipeline", {}))
     return ModelConfig(**model), TrainConfig(**train)
 
 

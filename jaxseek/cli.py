@@ -35,6 +35,12 @@ def _add_train(sub) -> None:
     p.add_argument("--eplb-gpus", type=int, default=1, help="EPLB: expert-parallel ranks the slots are placed on")
     p.add_argument("--eplb-every", type=int, default=50, help="EPLB: rebalance every N steps")
     _add_mesh_arguments(p, default_rules="dp")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel mesh axis size (ranks of the schedule)")
+    p.add_argument("--schedule", help="pipeline schedule with --pp > 1: 1f1b, zb1p, dualpipe or dualpipev "
+                                      "(default: the run's, 1f1b)")
+    p.add_argument("--micro-batches", type=int, help="micro-batches per step with --pp > 1 (default 2 x pp)")
+    p.add_argument("--layers", type=int, help="total transformer layers (default: the preset's); the MoE layers "
+                                              "must split evenly into the schedule's stages")
     p.add_argument("--remat", choices=("none", "block", "attention"),
                    help="recompute activations in backward: whole blocks, or attention only (default: the preset's)")
     p.add_argument("--coordinator", metavar="HOST:PORT",
@@ -77,6 +83,12 @@ def _train(args, console: Console) -> int:
     if "steps" in overrides:
         overrides.setdefault("warmup_steps", min(tc.warmup_steps, max(overrides["steps"] // 10, 0)))
     tc = tc.replace(**overrides)
+    if args.schedule is not None or args.micro_batches is not None:
+        tc = tc.replace(pipeline=dataclasses.replace(
+            tc.pipeline, **{name: value for name, value in (("schedule", args.schedule),
+                                                            ("micro_batches", args.micro_batches)) if value is not None}))
+    if args.layers is not None:
+        mc = mc.replace(num_layers=args.layers)
     if args.bf16:
         mc = mc.replace(compute_dtype="bfloat16")
     if args.remat:
@@ -91,10 +103,12 @@ def _train(args, console: Console) -> int:
 
     from sharding.mesh import make_mesh
 
-    mesh = make_mesh(dp=args.dp, ep=args.ep)
+    mesh = make_mesh(dp=args.dp, ep=args.ep, pp=args.pp)
+    pipeline = (f" pp={args.pp} schedule={tc.pipeline.schedule} micro_batches={tc.pipeline.chunks(args.pp)}"
+                if args.pp > 1 else "")
     console.print(f"[bold]jaxseek train[/] {'run config' if resuming_a_run else 'preset=' + args.preset} fp8={mc.fp8} steps={tc.steps} batch={tc.batch_size}x{tc.seq_len} "
                   f"devices={jax.device_count()} ({jax.devices()[0].platform}) mesh dp={mesh.shape['dp']} "
-                  f"ep={mesh.shape['ep']} rules={args.rules} out={out}"
+                  f"ep={mesh.shape['ep']}{pipeline} rules={args.rules} out={out}"
                   + (f" processes={processes.process_count}" if processes.process_count > 1 else ""))
     result = train(mc, tc, out, resume=args.resume, stop_after=args.stop_after, mesh=mesh, rules=args.rules,
                    console=console, show_progress=not args.no_progress and processes.is_main)

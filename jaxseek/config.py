@@ -219,6 +219,27 @@ class EPLBConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline parallelism, used when the mesh's ``pp`` axis is > 1 (``sharding.dualpipe``).
+
+    schedule: "1f1b" | "zb1p" | "dualpipe" | "dualpipev"; micro_batches: how many micro-batches a step's batch
+    is cut into (0 = 2 x the pp ranks, the fewest DualPipe accepts).
+    """
+
+    schedule: str = "1f1b"
+    micro_batches: int = 0
+
+    def __post_init__(self):
+        kinds = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+        _require(self.schedule in kinds, "pipeline.schedule", f"must be one of {kinds}, got {self.schedule!r}")
+        _require(self.micro_batches >= 0, "pipeline.micro_batches",
+                 f"must be >= 0 (0 = 2 x pp), got {self.micro_batches}")
+
+    def chunks(self, pp: int) -> int:
+        return self.micro_batches or 2 * pp
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop: batch, optimiser (AdamW, warmup + cosine), clipping, checkpoints, evaluation."""
 
@@ -237,6 +258,7 @@ class TrainConfig:
     eval_batches: int = 4
     seed: int = 0
     eplb: EPLBConfig = EPLBConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "eval_every", "eval_batches"):

@@ -19,12 +19,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxseek.config import ModelConfig
+from jaxseek.config import ModelConfig, TrainConfig
 from jaxseek.model.loss import head_loss
 from jaxseek.model.transformer import Transformer
-from sharding.dualpipe import Schedule
+from sharding.dualpipe import Schedule, build_schedule
 from sharding.pipeline import PipelineFns, PipelineParams, pipeline_step
 from sharding.rules import ShardingRules, activation_sharding
+
+
+def pipeline_schedule(mc: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh) -> Schedule:
+    """``tc.pipeline``'s schedule over ``mesh``'s ``pp`` ranks; ``ValueError`` naming the setting that does not fit
+    (the schedule's preconditions, the model's layers, the batch)."""
+    pp = mesh.shape["pp"]
+    chunks = tc.pipeline.chunks(pp)
+    schedule = build_schedule(tc.pipeline.schedule, pp, chunks)
+    check_pipeline(mc, schedule)
+    shards = mesh.shape.get("dp", 1) * mesh.shape.get("ep", 1)
+    if tc.batch_size % (chunks * shards):
+        raise ValueError(f"batch_size: {tc.batch_size} must be a multiple of micro_batches x data shards = "
+                         f"{chunks} x {shards}")
+    return schedule
 
 
 def check_pipeline(mc: ModelConfig, schedule: Schedule) -> None:

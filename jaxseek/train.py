@@ -31,6 +31,7 @@ from jaxseek.data import ByteCorpus, SequenceBatches, load_stdlib_corpus, unigra
 from jaxseek.expert_placement import current_placements, placement_balancedness, rebalance
 from jaxseek.metrics import MetricsLog, plot_training
 from jaxseek.model.experts import check_expert_parallel
+from jaxseek.pipeline_model import pipeline_schedule
 from jaxseek.train_state import (TrainState, abstract_train_state, init_train_state, sharded_abstract_state,
                                   state_shardings)
 from jaxseek.train_step import make_eval_step, make_train_step
@@ -105,6 +106,8 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
 
     get_rules(rules)  # a bad name fails before any work
     check_expert_parallel(mc.moe, mesh)
+    if mesh.shape.get("pp", 1) > 1:
+        pipeline_schedule(mc, tc, mesh)  # the schedule, layers and batch fit, before any work
     checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every)
     log, start = MetricsLog(), 0
     if resume:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxseek.config import ModelConfig, TrainConfig
 from jaxseek.expert_placement import logical_gradient_norm, sum_replica_gradients
 from jaxseek.model.loss import cross_entropy, language_model_loss
+from jaxseek.pipeline_model import pipeline_schedule, pipelined_loss_and_grads
 from jaxseek.train_state import TrainState, abstract_train_state, learning_rate_schedule, make_optimizer, state_shardings
 from sharding.mesh import batch_sharding, replicated
 from sharding.rules import activation_sharding, get_rules
@@ -41,20 +42,27 @@ def make_train_step(graphdef: nnx.GraphDef, mc: ModelConfig, tc: TrainConfig, *,
                     rules: str = "dp") -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """A jit-compiled ``step(state, tokens [batch, seq + 1 + mtp_depth] int32) -> (state, metrics)``.
 
+    With a mesh whose ``pp`` axis is > 1, the loss and gradients come from ``tc.pipeline``'s schedule over it
+    (``jaxseek.pipeline_model``): the same values as the plain step, computed micro-batch by micro-batch.
     The input state is donated. Gradients of replicas of one expert are summed (EPLB), the global norm
     counts each logical expert once, and clipping scales by it. After the update, every MoE layer's
     balancing bias moves by the auxiliary-loss-free rule using the loads this step observed.
     """
     tx = make_optimizer(tc)
-    schedule = learning_rate_schedule(tc)
+    lr_schedule = learning_rate_schedule(tc)
     sharding_rules = get_rules(rules)
+    schedule = pipeline_schedule(mc, tc, mesh) if mesh is not None and mesh.shape.get("pp", 1) > 1 else None
 
     def step(state: TrainState, tokens: jax.Array):
         def loss_fn(params):
             return language_model_loss(nnx.merge(graphdef, params, state.model_state, copy=True), tokens)
 
         with activation_sharding(mesh, sharding_rules) if mesh is not None else contextlib.nullcontext():
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            if schedule is None:
+                (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            else:
+                loss, aux, grads = pipelined_loss_and_grads(graphdef, state.params, state.model_state, tokens,
+                                                            schedule=schedule, mesh=mesh, rules=sharding_rules)
         if mc.moe.num_physical_experts:  # replicas of one expert take one summed update
             grads = sum_replica_gradients(graphdef, grads, state.model_state, mesh)
         grad_norm = logical_gradient_norm(graphdef, grads, state.model_state)
@@ -67,7 +75,7 @@ def make_train_step(graphdef: nnx.GraphDef, mc: ModelConfig, tc: TrainConfig, *,
         metrics = {
             "loss": loss, "ce_loss": aux["ce_loss"], "mtp_loss": aux["mtp_loss"],
             "balance_loss": aux["balance_loss"], "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step), "expert_load": aux["expert_load"],
+            "learning_rate": lr_schedule(state.step), "expert_load": aux["expert_load"],
             "expert_balance": expert_balance(aux["expert_load"]), "dropped_tokens": aux["dropped_tokens"],
         }
         load = aux["expert_load"].astype(jnp.float32)

@@ -77,12 +77,9 @@ def _check(schedule: Schedule, mesh: Mesh, axis: str, params: PipelineParams, ba
                              f"num_chunks={schedule.num_chunks} micro-batches")
 
 
-def _micro_batch(batch, index, num_chunks: int):
-    """Micro-batch ``index`` (traced) of every leaf's leading axis."""
-    def take(leaf):
-        size = leaf.shape[0] // num_chunks
-        return jax.lax.dynamic_slice_in_dim(leaf, index * size, size, axis=0)
-    return jax.tree.map(take, batch)
+def _micro_batch(chunks, index):
+    """Micro-batch ``index`` (maybe traced) of a batch reshaped to [num_chunks, micro, ...] leaves."""
+    return jax.tree.map(lambda leaf: leaf[index], chunks)
 
 
 def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, batch, *, mesh: Mesh,
@@ -101,7 +98,8 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
     present = sorted(set(tables.kind.flat) | {ticks.IDLE})
     branch_of_kind = np.zeros(len(ticks.KIND_NAMES), np.int32)
     branch_of_kind[present] = np.arange(len(present))
-    batch_0 = _micro_batch(batch, 0, num_chunks)
+    batch = jax.tree.map(lambda leaf: leaf.reshape((num_chunks, -1) + leaf.shape[1:]), batch)
+    batch_0 = _micro_batch(batch, 0)
     x_struct = jax.eval_shape(fns.pre, params.pre, batch_0)
     one_stage = jax.tree.map(lambda leaf: leaf[0], params.stages)
     y_struct, _, stage_stats_struct = jax.eval_shape(fns.stage, one_stage, x_struct)
@@ -126,7 +124,7 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
         def objective(theta, x_in, mb, phase):
             """(y, objective contribution, stage stats, head stats) of one stage of micro-batch ``mb``."""
             stage_params, pre_p, post_p = theta
-            data = _micro_batch(batch, mb, num_chunks)
+            data = _micro_batch(batch, mb)
             x = jax.lax.cond(is_first[phase], lambda: fns.pre(pre_p, data).astype(x_in.dtype), lambda: x_in)
             y, extra, stats = fns.stage(stage_params, x)
 
