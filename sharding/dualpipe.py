@@ -223,10 +223,11 @@ def dependencies(op: Op, num_stages: int) -> list[tuple[str, int, int, int]]:
 
 def simulate(schedule: Schedule, costs: dict | None = None, *, latency: float = 0.0) -> Timeline:
     """Runs every rank's slots in order, each as soon as the slots it depends on (on any rank) are done
-    and their results have travelled ``latency``; ``ValueError`` naming the ranks when the schedule
+    and results from other ranks have travelled ``latency``; ``ValueError`` naming the ranks when the schedule
     deadlocks. ``costs`` overrides ``DEFAULT_COSTS``."""
     costs = {**DEFAULT_COSTS, **(costs or {})}
     done: dict[tuple, float] = {}
+    done_on: dict[tuple, int] = {}  # the rank that did it
     start, finish = {}, {}
     clock = [0.0] * schedule.num_ranks
     position = [0] * schedule.num_ranks
@@ -241,12 +242,13 @@ def simulate(schedule: Schedule, costs: dict | None = None, *, latency: float = 
                 needs = [key for op in slot for key in dependencies(op, schedule.num_stages)]
                 if any(key not in done for key in needs):
                     break
-                begin = max([clock[r]] + [done[key] + latency for key in needs])
+                begin = max([clock[r]] + [done[key] + (latency if done_on[key] != r else 0.0) for key in needs])
                 end = begin + slot_cost(slot, costs)
                 start[r, position[r]], finish[r, position[r]] = begin, end
                 for op in slot:
                     family = {"F": "F", "W": "W"}.get(op.kind, "B")
                     done[family, op.micro_batch, op.direction, op.stage] = end
+                    done_on[family, op.micro_batch, op.direction, op.stage] = r
                     held[r] += {"F": 1, "B": -1, "BW": -1}.get(op.kind, 0)
                 peak[r] = max(peak[r], held[r])
                 clock[r] = end

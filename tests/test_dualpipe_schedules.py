@@ -293,3 +293,12 @@ def test_cli_schedule_bad_arguments_are_clean_errors(tmp_path, capsys, argv, mes
     text = capsys.readouterr().out
     assert "error:" in text and message in text and "Traceback" not in text
     assert not out.exists()
+
+
+def test_latency_is_charged_only_between_ranks():
+    """A one-rank DualPipeV keeps every dependency on its rank: latency changes nothing. One micro-batch through
+    4 ranks of 1F1B crosses 2 (PP - 1) = 6 rank boundaries, each paying it once."""
+    single = build_schedule("dualpipev", 1, 2)
+    assert simulate(single, latency=5.0).makespan == simulate(single).makespan
+    schedule = build_schedule("1f1b", 4, 1)
+    assert simulate(schedule, latency=0.5).makespan == simulate(schedule).makespan + 0.5 * 6
