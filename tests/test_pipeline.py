@@ -300,12 +300,13 @@ def test_tick_tables_run_every_op_once_with_rings_as_deep_as_needed(kind, ranks,
 
 
 def test_overlapped_forward_and_backward_share_one_named_region():
-    """In the lowered DualPipe step, the switch over slot kinds has six branches; only branch 5 (F&B) holds
-    both the pipeline_forward and the pipeline_backward scopes, F only the first, B and BW only the second,
-    W only pipeline_weight_grad."""
+    """In the lowered DualPipe step the switch over slot kinds (DualPipe on 2 ranks uses all six) has one branch
+    per kind; only the F&B branch holds both the pipeline_forward and the pipeline_backward scopes, F only the
+    first, B and BW only the second, W only pipeline_weight_grad."""
+    schedule = build_schedule("dualpipe", 2, 4)
+    assert sorted(set(ticks.compile_ticks(schedule).kind.flat) | {ticks.IDLE}) == list(range(len(ticks.KIND_NAMES)))
     params, batch = make_inputs(2, 4, seed=1)
-    lowered = jax.jit(lambda p, b: pipeline_step(build_schedule("dualpipe", 2, 4), FNS, p, b, mesh=pp_mesh(2))
-                      ).lower(params, batch)
+    lowered = jax.jit(lambda p, b: pipeline_step(schedule, FNS, p, b, mesh=pp_mesh(2))).lower(params, batch)
     text = lowered.as_text(debug_info=True)
     assert "pipeline_forward" in text and "pipeline_backward" in text
     module = lowered.compiler_ir("stablehlo")
@@ -323,9 +324,9 @@ def test_overlapped_forward_and_backward_share_one_named_region():
                          for op in walk(inner.operation, []))
         return tuple(s for s in ("pipeline_forward", "pipeline_backward", "pipeline_weight_grad") if s in names)
     with module.context:
-        switches = [op for op in walk(module.operation, []) if op.name == "stablehlo.case" and len(op.regions) == 6]
+        switches = [op for op in walk(module.operation, []) if op.name == "stablehlo.case"
+                    and len(op.regions) == len(ticks.KIND_NAMES)]
         assert len(switches) == 1
-        assert [scopes(region) for region in switches[0].regions] == [
-            (), ("pipeline_forward",), ("pipeline_backward",), ("pipeline_weight_grad",), ("pipeline_backward",),
-            ("pipeline_forward", "pipeline_backward")]
-    assert ticks.KIND_NAMES[ticks.FORWARD_AND_BACKWARD] == "F&B"
+        assert dict(zip(ticks.KIND_NAMES, map(scopes, switches[0].regions))) == {
+            "idle": (), "F": ("pipeline_forward",), "B": ("pipeline_backward",), "W": ("pipeline_weight_grad",),
+            "BW": ("pipeline_backward",), "F&B": ("pipeline_forward", "pipeline_backward")}
