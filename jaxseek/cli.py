@@ -35,7 +35,6 @@ def _add_train(sub) -> None:
     p.add_argument("--eplb-gpus", type=int, default=1, help="EPLB: expert-parallel ranks the slots are placed on")
     p.add_argument("--eplb-every", type=int, default=50, help="EPLB: rebalance every N steps")
     _add_mesh_arguments(p, default_rules="dp")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel mesh axis size (ranks of the schedule)")
     p.add_argument("--schedule", help="pipeline schedule with --pp > 1: 1f1b, zb1p, dualpipe or dualpipev "
                                       "(default: the run's, 1f1b)")
     p.add_argument("--micro-batches", type=int, help="micro-batches per step with --pp > 1 (default 2 x pp)")
@@ -55,6 +54,8 @@ def _add_train(sub) -> None:
 def _add_mesh_arguments(p, *, default_rules: str) -> None:
     from sharding.rules import RULE_SETS
     p.add_argument("--ep", type=int, default=1, help="expert-parallel mesh axis size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel mesh axis size (ranks of the schedule); "
+                                                     "layer stacks are split over it")
     p.add_argument("--dp", type=int, default=None, help="data-parallel mesh axis size (default: the devices left)")
     p.add_argument("--rules", choices=sorted(RULE_SETS), default=default_rules,
                    help="how parameters and optimizer moments are laid out over the mesh (sharding/rules.py)")
@@ -312,11 +313,11 @@ def _info(args, console: Console) -> int:
                     f"{counts.mtp_total:,} / {counts.mtp_activated:,}")
     summary.add_row(f"forward FLOPs per token (context {tc.seq_len})", f"{flops.forward:.3e}")
     summary.add_row("training FLOPs per token (3x forward)", f"{flops.training:.3e}")
-    if args.ep < 1 or (args.dp or 1) < 1:
-        raise ValueError(f"ep, dp: mesh axes must be >= 1, got ep={args.ep} dp={args.dp}")
-    mesh_shape = {"pp": 1, "dp": args.dp or 1, "ep": args.ep}
+    if args.ep < 1 or (args.dp or 1) < 1 or args.pp < 1:
+        raise ValueError(f"ep, dp, pp: mesh axes must be >= 1, got ep={args.ep} dp={args.dp} pp={args.pp}")
+    mesh_shape = {"pp": args.pp, "dp": args.dp or 1, "ep": args.ep}
     held = bytes_per_device(abstract_train_state(mc, tc)[1], get_rules(args.rules), mesh_shape)
-    where = f"per device (dp={mesh_shape['dp']}, ep={args.ep}, rules {args.rules})"
+    where = f"per device (pp={args.pp}, dp={mesh_shape['dp']}, ep={args.ep}, rules {args.rules})"
     summary.add_row(f"parameter bytes {where}", f"{held.params / 2**30:,.2f} GiB of {held.params_total / 2**30:,.2f}")
     summary.add_row(f"optimizer bytes {where}",
                     f"{held.optimizer / 2**30:,.2f} GiB of {held.optimizer_total / 2**30:,.2f}")

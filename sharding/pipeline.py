@@ -108,8 +108,10 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
                          f"got {y_struct.shape} {y_struct.dtype}")
     loss_struct, head_stats_struct = jax.eval_shape(fns.head, params.post, y_struct, batch_0)
     loss_dtype = jnp.promote_types(loss_struct.dtype, jnp.float32)
-    # [ranks, phases, ...]: each rank's copies of its stages, sharded over the pipeline axis
-    local_stages = jax.tree.map(lambda leaf: leaf[stage_of_phase], params.stages)
+    # [ranks, phases, ...]: each rank's copies of its stages, sharded over the pipeline axis. Stage r on rank r
+    # (1F1B, ZB1P) is a reshape, so stages laid out over pp stay where they are.
+    in_order = num_phases == 1 and (stage_of_phase[:, 0] == np.arange(num_ranks)).all()
+    local_stages = jax.tree.map(lambda leaf: leaf[:, None] if in_order else leaf[stage_of_phase], params.stages)
 
     def zeros(struct, lead=()):
         return jax.tree.map(lambda s: jnp.zeros(lead + s.shape, s.dtype), struct)
@@ -275,6 +277,8 @@ def pipeline_step(schedule: Schedule, fns: PipelineFns, params: PipelineParams, 
     real = np.array([[p < len(s) for p in range(num_phases)] for s in schedule.placement()]).reshape(-1)
 
     def to_stages(leaf):  # [ranks, phases, ...] -> [num_stages, ...], copies summed
+        if in_order:
+            return leaf[:, 0]
         leaf = leaf.reshape((-1,) + leaf.shape[2:])
         mask = jnp.asarray(real).reshape((-1,) + (1,) * (leaf.ndim - 1))
         return jnp.zeros((schedule.num_stages,) + leaf.shape[1:], leaf.dtype).at[flat].add(

@@ -37,6 +37,9 @@ ZERO1_MOMENTS = types.MappingProxyType({name: "dp" for name in (
     "norm")})
 BATCH_OVER_DATA = types.MappingProxyType({"batch": ("dp", "ep")})
 EXPERTS_OVER_EP = types.MappingProxyType({"experts": "ep"})
+# Stacked layers over pipeline ranks: each pp rank keeps the slice of a layer stack its stages compute (a
+# stack whose layer count pp does not divide, e.g. one dense block, stays whole).
+LAYERS_OVER_PP = types.MappingProxyType({"layers": "pp"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +53,12 @@ class ShardingRules:
 
 
 RULE_SETS = types.MappingProxyType({
-    "dp": ShardingRules("dp", {}, {}, BATCH_OVER_DATA),
-    "zero1": ShardingRules("zero1", {}, ZERO1_MOMENTS, BATCH_OVER_DATA),
-    "ep": ShardingRules("ep", EXPERTS_OVER_EP, EXPERTS_OVER_EP, {**BATCH_OVER_DATA, **EXPERTS_OVER_EP}),
-    "ep+zero1": ShardingRules("ep+zero1", EXPERTS_OVER_EP, {**EXPERTS_OVER_EP, **ZERO1_MOMENTS},
+    "dp": ShardingRules("dp", LAYERS_OVER_PP, LAYERS_OVER_PP, BATCH_OVER_DATA),
+    "zero1": ShardingRules("zero1", LAYERS_OVER_PP, {**LAYERS_OVER_PP, **ZERO1_MOMENTS}, BATCH_OVER_DATA),
+    "ep": ShardingRules("ep", {**LAYERS_OVER_PP, **EXPERTS_OVER_EP}, {**LAYERS_OVER_PP, **EXPERTS_OVER_EP},
+                        {**BATCH_OVER_DATA, **EXPERTS_OVER_EP}),
+    "ep+zero1": ShardingRules("ep+zero1", {**LAYERS_OVER_PP, **EXPERTS_OVER_EP},
+                              {**LAYERS_OVER_PP, **EXPERTS_OVER_EP, **ZERO1_MOMENTS},
                               {**BATCH_OVER_DATA, **EXPERTS_OVER_EP}),
 })
 

@@ -98,3 +98,11 @@ def test_pipelined_training_resumes_and_matches_the_plain_run(config, tmp_path, 
     losses = [row["loss"] for row in resumed.log.rows]
     np.testing.assert_allclose(losses, [row["loss"] for row in plain.log.rows], rtol=2e-5)
     assert '"schedule": "1f1b"' in (tmp_path / "pp" / "config.json").read_text()
+    # each pp rank keeps its stages' slice of the MoE stack (parameters and moments); one dense block stays whole
+    for tree in (resumed.state.params, resumed.state.opt_state):
+        specs = {jax.tree_util.keystr(path): leaf.sharding.spec
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if leaf.ndim}
+        moe = [spec for path, spec in specs.items() if "moe_blocks" in path]
+        dense = [spec for path, spec in specs.items() if "dense_blocks" in path]
+        assert moe and all(spec[0] == "pp" for spec in moe), moe
+        assert dense and all("pp" not in spec for spec in dense), dense

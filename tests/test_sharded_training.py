@@ -34,6 +34,11 @@ def test_rules_split_only_what_divides_and_use_each_mesh_axis_once():
         PartitionSpec(None, None, None, None)  # 6 experts do not split 4 ways: replicated, not an error
     assert partition_spec(("batch", "length", "embed"), (8, 5, 32), ep.activations, mesh) == \
         PartitionSpec(("dp", "ep"), None, None)
+    pipelined = {**mesh, "pp": 2}  # stacked layers split over pipeline ranks where pp divides their count
+    assert partition_spec(("layers", "experts", "embed", "expert_mlp"), (4, 8, 32, 16), ep.params, pipelined) == \
+        PartitionSpec("pp", "ep", None, None)
+    assert partition_spec(("layers", "embed", "mlp"), (3, 32, 16), get_rules("dp").params, pipelined) == \
+        PartitionSpec(None, None, None)
     with pytest.raises(ValueError, match="logical_axes"):
         partition_spec(("embed",), (3, 4), ep.params, mesh)
     with pytest.raises(ValueError, match="rules"):
