@@ -46,7 +46,8 @@ def check_pipeline(mc: ModelConfig, schedule: Schedule) -> None:
     layers, stages = mc.num_moe_layers, schedule.num_stages
     if layers == 0 or layers % stages:
         raise ValueError(f"num_layers: the {layers} MoE layers (num_layers - first_k_dense) must split evenly into "
-                         f"the {schedule.kind} schedule's {stages} stages on {schedule.num_ranks} pp ranks")
+                         f"the {schedule.kind} schedule's {stages} stages on {schedule.num_ranks} pp ranks, e.g. "
+                         f"num_layers={mc.first_k_dense + stages} (jaxseek train --layers)")
 
 
 def _in_layout(rules: ShardingRules | None, fn: Callable) -> Callable:
