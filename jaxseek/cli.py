@@ -317,7 +317,8 @@ def _info(args, console: Console) -> int:
         raise ValueError(f"ep, dp, pp: mesh axes must be >= 1, got ep={args.ep} dp={args.dp} pp={args.pp}")
     mesh_shape = {"pp": args.pp, "dp": args.dp or 1, "ep": args.ep}
     held = bytes_per_device(abstract_train_state(mc, tc)[1], get_rules(args.rules), mesh_shape)
-    where = f"per device (pp={args.pp}, dp={mesh_shape['dp']}, ep={args.ep}, rules {args.rules})"
+    pipeline = f"pp={args.pp}, " if args.pp > 1 else ""
+    where = f"per device ({pipeline}dp={mesh_shape['dp']}, ep={args.ep}, rules {args.rules})"
     summary.add_row(f"parameter bytes {where}", f"{held.params / 2**30:,.2f} GiB of {held.params_total / 2**30:,.2f}")
     summary.add_row(f"optimizer bytes {where}",
                     f"{held.optimizer / 2**30:,.2f} GiB of {held.optimizer_total / 2**30:,.2f}")

@@ -79,7 +79,7 @@ def test_sharded_runs_give_the_replicated_losses_and_resume_sharded(micro_config
 def test_info_prints_bytes_per_device(capsys):
     assert main(["info", "--preset", "tiny", "--ep", "4", "--dp", "2", "--rules", "ep+zero1"]) == 0
     out = capsys.readouterr().out
-    assert "parameter bytes per device (pp=1, dp=2, ep=4, rules ep+zero1)" in out and "optimizer bytes" in out
+    assert "parameter bytes per device (dp=2, ep=4, rules ep+zero1)" in out and "optimizer bytes" in out
 
 
 def test_named_activations_follow_the_rules_inside_the_block_only(devices):
