@@ -28,6 +28,7 @@ def _relative(a, b):
     return float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-12))
 
 
+@pytest.mark.slow
 def test_dualpipe_with_expert_parallelism_matches_the_plain_model(config):
     """pp 2 x ep 2 x dp 2, DualPipe (both directions, two copies of each stage, overlapped F&B): loss, every aux
     entry and every gradient match language_model_loss on the whole batch."""
@@ -85,6 +86,7 @@ def compilation_cache(tmp_path):
         jax.config.update(name, value)
 
 
+@pytest.mark.slow
 def test_pipelined_training_resumes_and_matches_the_plain_run(config, tmp_path, compilation_cache):
     """1F1B over pp=2 (dp=4): stopped after one step and resumed, its losses equal an uninterrupted
     run on a mesh without pp; the run's config records the schedule."""
