@@ -46,8 +46,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster  # noqa: E402
-from storage.threefs.processes import ProcessCluster  # noqa: E402
-from storage.threefs.usrbio import IoRing, IoVec  # noqa: E402
+from storage.threefs.cluster.processes import ProcessCluster  # noqa: E402
+from storage.threefs.client.usrbio import IoRing, IoVec  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the sibling modules below
 from storage_backends import MIB, SMALL, Plain, ThreeFS, aligned_offsets, timed  # noqa: E402

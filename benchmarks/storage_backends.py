@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from storage.threefs.mount import MountClient
+from storage.threefs.client.mount import MountClient
 
 MIB = 1 << 20
 SMALL = 4096

@@ -27,4 +27,4 @@ def test_fsspec_finds_the_3fs_protocol_through_the_installed_entry_point():
     import sys
     code = "import fsspec; cls = fsspec.get_filesystem_class('3fs'); print(cls.__module__ + '.' + cls.__name__)"
     result = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True)
-    assert result.stdout.strip() == "storage.threefs.fsspec_fs.ThreeFSFileSystem"
+    assert result.stdout.strip() == "storage.threefs.client.fsspec_fs.ThreeFSFileSystem"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.threefs.block_checksums import BLOCK_SIZE
-from storage.threefs.chunk_store import ChunkId, ChunkStore, ChunkStoreFormatError, PendingVersionExists
+from storage.threefs.storage.block_checksums import BLOCK_SIZE
+from storage.threefs.storage.chunk_store import ChunkId, ChunkStore, ChunkStoreFormatError, PendingVersionExists
 from storage.threefs.errors import ChecksumError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_chunk_store_refuses_another_metadata_format(tmp_path):
 
 _CRASH_WRITER = """
 import sys
-from storage.threefs.chunk_store import ChunkId, ChunkStore
+from storage.threefs.storage.chunk_store import ChunkId, ChunkStore
 store = ChunkStore(sys.argv[1])
 cid = ChunkId(1, 0)
 version = store.meta(cid).committed_version if store.meta(cid) else 0

@@ -15,13 +15,13 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from storage.threefs.chunk_id import ChunkId
-from storage.threefs.client import Client
+from storage.threefs.storage.chunk_id import ChunkId
+from storage.threefs.client.client import Client
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster
-from storage.threefs.fsspec_fs import ThreeFSFileSystem
+from storage.threefs.client.fsspec_fs import ThreeFSFileSystem
 from storage.threefs.connect import EMBEDDED, connect
-from storage.threefs.mount import MountClient
-from storage.threefs.routing import TargetState
+from storage.threefs.client.mount import MountClient
+from storage.threefs.mgmtd.routing import TargetState
 
 from threefs_client_fixtures import (CHUNK, SHAPE, assert_chains_consistent, chunk_files_on_disk,
                                      expected_chunks, patched, random_bytes, read_all, replica_contents,

@@ -10,8 +10,8 @@ import io
 import numpy as np
 import pytest
 
-from storage.threefs.chunk_id import ChunkId
-from storage.threefs.usrbio import IoRing, IoVec
+from storage.threefs.storage.chunk_id import ChunkId
+from storage.threefs.client.usrbio import IoRing, IoVec
 
 from threefs_client_fixtures import (CHUNK, SHAPE, STRIPE, assert_chains_consistent, chunk_files_on_disk,
                                      expected_chunks, random_bytes, read_all, replica_contents, write_file)

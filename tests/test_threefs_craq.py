@@ -11,10 +11,10 @@ import zlib
 
 import pytest
 
-from storage.threefs.chunk_store import ChunkId, ChunkStore
+from storage.threefs.storage.chunk_store import ChunkId, ChunkStore
 from storage.threefs.errors import ChainVersionMismatch, ChunkDiverged, NodeUnavailable, TargetNotServing
-from storage.threefs.routing import TargetState
-from storage.threefs.storage_service import StorageService
+from storage.threefs.mgmtd.routing import TargetState
+from storage.threefs.storage.service import StorageService
 
 from threefs_storage_fixtures import Cluster, apply_model, assert_replicas_identical
 from threefs_storage_fixtures import cluster  # noqa: F401 - a pytest fixture

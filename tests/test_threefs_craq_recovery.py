@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from storage.threefs.chunk_store import ChunkId, ChunkMeta
+from storage.threefs.storage.chunk_store import ChunkId, ChunkMeta
 from storage.threefs.errors import ChecksumError, TargetNotServing
-from storage.threefs.resync import REMOVE, SKIP, TRANSFER, chunk_action
-from storage.threefs.routing import LocalState, TargetState
+from storage.threefs.storage.resync import REMOVE, SKIP, TRANSFER, chunk_action
+from storage.threefs.mgmtd.routing import LocalState, TargetState
 
 from threefs_storage_fixtures import apply_model, assert_replicas_identical
 from threefs_storage_fixtures import cluster  # noqa: F401 - a pytest fixture

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.threefs.chunk_id import ChunkId
+from storage.threefs.storage.chunk_id import ChunkId
 from storage.threefs.cluster import ClusterShape, target_dir
-from storage.threefs.processes import ProcessCluster
-from storage.threefs.routing import TargetState
+from storage.threefs.cluster.processes import ProcessCluster
+from storage.threefs.mgmtd.routing import TargetState
 
 
 CHUNK = 4096

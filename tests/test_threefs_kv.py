@@ -324,7 +324,7 @@ def test_open_kv_urls(tmp_path):
 
 
 def test_foundationdb_is_used_only_when_available():
-    from storage.threefs.fdb_kv import FoundationDBKV
+    from storage.threefs.kv.fdb import FoundationDBKV
 
     try:
         kv = FoundationDBKV()

@@ -1,4 +1,4 @@
-"""storage.threefs.meta, layout and meta_schema: 3FS's namespace as KV transactions.
+"""storage.threefs.meta.service, layout and meta_schema: 3FS's namespace as KV transactions.
 
 Every operation and POSIX error on MemoryKV and SqliteKV; layouts; file lengths through sessions; deferred
 garbage; namespace consistency under concurrency is in test_threefs_meta_concurrency.py.
@@ -11,13 +11,13 @@ import random
 
 import pytest
 
-from storage.threefs import meta as meta_module
-from storage.threefs.layout import ChunkSpan, Layout, LayoutPolicy
-from storage.threefs.meta import MetaService
-from storage.threefs.meta_schema import (
+from storage.threefs.meta import service as meta_module
+from storage.threefs.meta.layout import ChunkSpan, Layout, LayoutPolicy
+from storage.threefs.meta.service import MetaService
+from storage.threefs.meta.schema import (
     ROOT_INODE_ID, DirEntry, FileSession, Inode, InodeType, dentry_key, inode_key, session_key,
 )
-from storage.threefs.routing import ChainTable
+from storage.threefs.mgmtd.routing import ChainTable
 
 from threefs_meta_fixtures import CHAIN_IDS, TABLE, reachable_files
 from threefs_meta_fixtures import kv, meta  # noqa: F401 - pytest fixtures

@@ -1,4 +1,4 @@
-"""storage.threefs.meta under concurrency: creates and renames from interleaving threads and from real
+"""storage.threefs.meta.service under concurrency: creates and renames from interleaving threads and from real
 processes sharing one SQLite file keep the namespace consistent (check_consistency() == [], every file
 reachable exactly once), and racing directory moves cannot make a cycle."""
 
@@ -11,8 +11,8 @@ import threading
 import time
 
 from storage.threefs.kv import MemoryKV, SqliteKV
-from storage.threefs.layout import LayoutPolicy
-from storage.threefs.meta import MetaService
+from storage.threefs.meta.layout import LayoutPolicy
+from storage.threefs.meta.service import MetaService
 
 from threefs_meta_fixtures import REPO, TABLE, reachable_files
 from threefs_meta_fixtures import kv  # noqa: F401 - a pytest fixture
@@ -180,8 +180,8 @@ def test_racing_directory_moves_cannot_make_a_cycle():
 _CHILD = textwrap.dedent("""
     import sys
     from storage.threefs.kv import SqliteKV
-    from storage.threefs.meta import MetaService
-    from storage.threefs.routing import Chain, ChainTable
+    from storage.threefs.meta.service import MetaService
+    from storage.threefs.mgmtd.routing import Chain, ChainTable
 
     path, me = sys.argv[1], int(sys.argv[2])
     table = ChainTable(1, 3, {c: Chain(c, 1, (c,)) for c in (101, 102, 103)})

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from storage.threefs.mgmtd import Manager, next_public_state, place_chains
-from storage.threefs.routing import LocalState, TargetState
+from storage.threefs.mgmtd.manager import Manager, next_public_state, place_chains
+from storage.threefs.mgmtd.routing import LocalState, TargetState
 
 from threefs_storage_fixtures import FakeClock
 

@@ -1,4 +1,4 @@
-"""storage.threefs.mount / usrbio / fsspec_fs over a real directory (tmp_path stands in for a 3FS mount)."""
+"""storage.threefs.client.mount / usrbio / fsspec_fs over a real directory (tmp_path stands in for a 3FS mount)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from storage.threefs.file_api import File, FileClient, OpenMode, parse_mode
-from storage.threefs.fsspec_fs import ThreeFSFileSystem
-from storage.threefs.mount import MountClient, native_usrbio
-from storage.threefs.usrbio import IoCompletion, IoRing, IoVec, deregister_fd, register_fd
+from storage.threefs.client.file_api import File, FileClient, OpenMode, parse_mode
+from storage.threefs.client.fsspec_fs import ThreeFSFileSystem
+from storage.threefs.client.mount import MountClient, native_usrbio
+from storage.threefs.client.usrbio import IoCompletion, IoRing, IoVec, deregister_fd, register_fd
 
 
 @pytest.fixture

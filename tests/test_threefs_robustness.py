@@ -12,9 +12,9 @@ import time
 import pytest
 
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster
-from storage.threefs.fsspec_fs import ThreeFSFileSystem
-from storage.threefs.routing import TargetState
-from storage.threefs.sqlite_kv import SqliteKV
+from storage.threefs.client.fsspec_fs import ThreeFSFileSystem
+from storage.threefs.mgmtd.routing import TargetState
+from storage.threefs.kv.sqlite import SqliteKV
 
 SHAPE = ClusterShape(nodes=3, targets_per_node=1, replicas=3, chunk_size=4096, stripe=1)
 

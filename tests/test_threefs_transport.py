@@ -1,4 +1,4 @@
-"""storage.threefs.transport: method calls over real loopback sockets, failures as NodeUnavailable."""
+"""storage.threefs.net.transport: method calls over real loopback sockets, failures as NodeUnavailable."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from storage.threefs.errors import NodeUnavailable
-from storage.threefs.transport import RpcClient, RpcServer
+from storage.threefs.net.transport import RpcClient, RpcServer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -213,7 +213,7 @@ def test_idle_connection_to_a_restarted_server_is_replaced():
 
 _SERVER_SCRIPT = """
 import time
-from storage.threefs.transport import RpcServer
+from storage.threefs.net.transport import RpcServer
 
 class Chunks:
     def __init__(self):

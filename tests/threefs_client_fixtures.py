@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.threefs.chunk_id import ChunkId
+from storage.threefs.storage.chunk_id import ChunkId
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster
 
 

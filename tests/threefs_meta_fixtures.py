@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from storage.threefs.kv import MemoryKV, SqliteKV
-from storage.threefs.layout import LayoutPolicy
-from storage.threefs.meta import MetaService
-from storage.threefs.meta_schema import InodeType
-from storage.threefs.routing import Chain, ChainTable
+from storage.threefs.meta.layout import LayoutPolicy
+from storage.threefs.meta.service import MetaService
+from storage.threefs.meta.schema import InodeType
+from storage.threefs.mgmtd.routing import Chain, ChainTable
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_IDS = (101, 102, 103, 104, 105, 106)

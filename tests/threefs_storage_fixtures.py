@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from storage.threefs.chunk_store import ChunkId, ChunkStore
+from storage.threefs.storage.chunk_store import ChunkId, ChunkStore
 from storage.threefs.errors import ChainVersionMismatch, NodeUnavailable
-from storage.threefs.mgmtd import Manager
-from storage.threefs.storage_service import StorageService
+from storage.threefs.mgmtd.manager import Manager
+from storage.threefs.storage.service import StorageService
 
 
 class FakeClock:

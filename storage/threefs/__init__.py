@@ -4,10 +4,10 @@
 ``ProcessCluster`` as server processes on loopback; ``IoVec`` / ``IoRing`` are USRBIO-style batched IO.
 """
 
-from storage.threefs.client import Client
+from storage.threefs.client.client import Client
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster
 from storage.threefs.connect import connect
-from storage.threefs.file_api import FileStat
-from storage.threefs.usrbio import IoRing, IoVec
+from storage.threefs.client.file_api import FileStat
+from storage.threefs.client.usrbio import IoRing, IoVec
 
 __all__ = ["Client", "ClusterShape", "EmbeddedCluster", "FileStat", "IoRing", "IoVec", "connect"]

@@ -17,10 +17,10 @@ import os
 import threading
 from pathlib import Path
 
-from storage.threefs.client import Client
+from storage.threefs.client.client import Client
 from storage.threefs.cluster import EmbeddedCluster
-from storage.threefs.file_api import FileClient
-from storage.threefs.mount import MountClient
+from storage.threefs.client.file_api import FileClient
+from storage.threefs.client.mount import MountClient
 
 
 def default_embedded_root() -> Path:
@@ -69,7 +69,7 @@ def connect(url: str = "3fs+embedded://", **client_kwargs) -> FileClient:
     if scheme == "3fs+embedded":
         return EMBEDDED.client(Path(path) if path not in ("", "/") else default_embedded_root(), **client_kwargs)
     if scheme == "3fs+tcp":
-        from storage.threefs.processes import connect_processes
+        from storage.threefs.cluster.processes import connect_processes
         if not path.startswith("/"):
             raise ValueError(f"url: 3fs+tcp needs the cluster's absolute root directory, got {url!r}")
         return connect_processes(Path(path), **client_kwargs)

@@ -1,0 +1,175 @@
+"""The client's data path: byte ranges of a file -> chunk requests on the chains of its layout.
+
+As in 3FS, the metadata service is off the data path: with a file's layout (chunk size, stripe, shuffled
+chain ids) the client computes each chunk's id (inode, index) and chain itself. Writes go to the head of
+the chain's write path (CRAQ: head to tail, acknowledged once the tail committed); reads go to any
+serving replica, rotating over them and moving to the next on failure. Requests of one call run in
+parallel on the client's IO threads. Routing comes from mgmtd through a short-lived cache that is
+dropped whenever a request meets a stale chain version, a target that stopped serving or a dead node.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from storage.threefs.storage.chunk_store import ChunkId
+from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.meta.layout import ChunkSpan, Layout
+from storage.threefs.mgmtd.routing import RoutingInfo
+
+RETRYABLE = (ChainVersionMismatch, TargetNotServing, NodeUnavailable, ChecksumError)
+
+
+class RoutingCache:
+    """mgmtd's routing, fetched at most every `ttl` seconds unless a request found it stale."""
+
+    def __init__(self, fetch: Callable[[], RoutingInfo], ttl: float = 0.5) -> None:
+        self._fetch = fetch
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._routing: RoutingInfo | None = None
+        self._fetched_at = 0.0
+
+    def get(self) -> RoutingInfo:
+        with self._lock:
+            if self._routing is None or time.monotonic() - self._fetched_at > self._ttl:
+                self._routing = self._fetch()
+                self._fetched_at = time.monotonic()
+            return self._routing
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._routing = None
+
+
+class ChunkIO:
+    """Chunk requests for the client.
+
+    Args:
+      routing: the routing cache (mgmtd's chain table, target states, node of each target).
+      storage: node id -> that node's StorageService (in-process) or RPC proxy.
+      pool: the client's IO threads.
+      retry_timeout: seconds one chunk request keeps retrying while the cluster reconfigures.
+    """
+
+    def __init__(self, routing: RoutingCache, storage: Callable[[int], Any], pool: ThreadPoolExecutor,
+                 retry_timeout: float = 20.0) -> None:
+        self._routing = routing
+        self._storage = storage
+        self._pool = pool
+        self._retry_timeout = retry_timeout
+        self._rotation = itertools.count()
+
+    def _retrying(self, what: str, attempt: Callable[[RoutingInfo], Any], timeout: float | None = None) -> Any:
+        timeout = self._retry_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                return attempt(self._routing.get())
+            except RETRYABLE as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what}: no replica answered within {timeout:.0f} s "
+                                       f"(last error: {type(exc).__name__}: {exc})") from exc
+                self._routing.invalidate()
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+
+    def _parallel(self, fn: Callable[[ChunkSpan], None], spans: list[ChunkSpan]) -> None:
+        if len(spans) == 1:
+            fn(spans[0])
+            return
+        for future in [self._pool.submit(fn, span) for span in spans]:
+            future.result()
+
+    # ----------------------------------------------------------------------------- reads
+
+    def read_chunk(self, chain_id: int, chunk_id: ChunkId, offset: int, length: int) -> bytes:
+        """Committed bytes of one chunk from a serving replica (short where the chunk is)."""
+        def attempt(routing: RoutingInfo) -> bytes:
+            targets = routing.readable_targets(chain_id)
+            if not targets:
+                raise TargetNotServing(f"chain {chain_id} has no serving target")
+            first = next(self._rotation) % len(targets)
+            error: Exception | None = None
+            for target in targets[first:] + targets[:first]:
+                try:
+                    node = self._storage(routing.target_node[target])
+                    return node.read(chain_id, target, chunk_id, offset, length)
+                except RETRYABLE as exc:
+                    error = exc
+            assert error is not None
+            raise error
+
+        return self._retrying(f"read of chunk {tuple(chunk_id)} on chain {chain_id}", attempt)
+
+    def read(self, layout: Layout, inode_id: int, offset: int, buffer: memoryview) -> None:
+        """Fills `buffer` ([n] bytes) with the file's bytes [offset, offset + n); holes read as zeros."""
+        def one(span: ChunkSpan) -> None:
+            data = self.read_chunk(span.chain_id, ChunkId(inode_id, span.chunk_index), span.offset_in_chunk,
+                                   span.length)
+            target = buffer[span.buffer_offset:span.buffer_offset + span.length]
+            target[:len(data)] = data
+            if len(data) < span.length:
+                target[len(data):] = bytes(span.length - len(data))
+
+        self._parallel(one, layout.chunk_spans(offset, len(buffer)))
+
+    # ----------------------------------------------------------------------------- writes
+
+    def write_chunk(self, chain_id: int, chunk_id: ChunkId, offset: int, data: bytes,
+                    full_replace: bool = False) -> int:
+        """Writes through the chain's head; returns the committed chunk version."""
+        def attempt(routing: RoutingInfo) -> int:
+            path = routing.write_path(chain_id)
+            if not path:
+                raise TargetNotServing(f"chain {chain_id} has no writable target")
+            head = self._storage(routing.target_node[path[0]])
+            return head.write(chain_id, routing.chain(chain_id).version, chunk_id, offset, data, full_replace)
+
+        return self._retrying(f"write of chunk {tuple(chunk_id)} on chain {chain_id}", attempt)
+
+    def write(self, layout: Layout, inode_id: int, offset: int, data: memoryview) -> None:
+        """Writes [n] bytes at file offset `offset`, one request per chunk touched, in parallel."""
+        def one(span: ChunkSpan) -> None:
+            piece = bytes(data[span.buffer_offset:span.buffer_offset + span.length])
+            self.write_chunk(span.chain_id, ChunkId(inode_id, span.chunk_index), span.offset_in_chunk, piece)
+
+        self._parallel(one, layout.chunk_spans(offset, len(data)))
+
+    def cut(self, layout: Layout, inode_id: int, new_length: int, old_length: int) -> None:
+        """Drops the file's bytes past `new_length` (truncate): whole chunks become empty, the chunk
+        holding the new end keeps only its prefix, so a later write past the end reads zeros between."""
+        size = layout.chunk_size
+        first_whole = -(-new_length // size)
+        last = -(-old_length // size)
+        work: list[tuple[int, bytes]] = [(index, b"") for index in range(first_whole, last)]
+        if new_length % size and new_length < old_length:
+            index = new_length // size
+            prefix = self.read_chunk(layout.chain_of_chunk(index), ChunkId(inode_id, index), 0, new_length % size)
+            work.append((index, prefix))
+
+        def one(item: tuple[int, bytes]) -> None:
+            index, content = item
+            self.write_chunk(layout.chain_of_chunk(index), ChunkId(inode_id, index), 0, content, full_replace=True)
+
+        for future in [self._pool.submit(one, item) for item in work]:
+            future.result()
+
+    def remove_file(self, layout: Layout, inode_id: int, timeout: float | None = None) -> None:
+        """Deletes every chunk of a file: one removal per chain of its layout, forwarded along the chain
+        (each retried for `timeout` seconds, default the client's retry timeout)."""
+        def one(chain_id: int) -> None:
+            def attempt(routing: RoutingInfo) -> None:
+                path = routing.write_path(chain_id)
+                if path:
+                    self._storage(routing.target_node[path[0]]).remove_chunks(chain_id, inode_id, path[0])
+            self._retrying(f"removal of file {inode_id}'s chunks on chain {chain_id}", attempt, timeout)
+
+        for future in [self._pool.submit(one, chain) for chain in sorted(set(layout.chains))]:
+            future.result()

@@ -1,0 +1,215 @@
+"""``Client``: the 3FS file API (``file_api.FileClient``) over meta, mgmtd and storage services.
+
+Namespace operations are single calls to a (stateless) metadata service; data moves between the client
+and the storage services directly (``chunk_io.py``), striped by each file's layout. The services may be
+in-process objects (``EmbeddedCluster``) or RPC proxies to server processes (``ProcessCluster``,
+``python -m storage.threefs serve``): the client cannot tell.
+
+Removing a file takes it out of the namespace at once; its chunks are deleted by garbage collection
+(``collect_garbage``), which the client runs after each removal and which any client may run. Chunks of
+a target that was offline at the time are cleaned up by that target's resync.
+
+Example::
+
+    client = storage.threefs.connect("3fs+embedded:///tmp/my-cluster")
+    with client.open("/data/part-0.bin", "wb") as f:
+        f.write(payload)
+    client.stat("/data/part-0.bin").size
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from storage.threefs.client.chunk_io import ChunkIO, RoutingCache
+from storage.threefs.client.file import ThreeFSFile
+from storage.threefs.client.file_api import FileStat, parse_mode
+from storage.threefs.meta.schema import Inode, InodeType
+from storage.threefs.mgmtd.routing import RoutingInfo
+from storage.threefs.client.usrbio import IoRing, IoVec
+
+GC_RETRY_SECONDS = 2.0  # garbage collection is best effort: a chain that stays down is retried next time
+
+
+class Client:
+    """A 3FS client.
+
+    Args:
+      meta: a MetaService (or RPC proxy to one).
+      routing: returns mgmtd's current RoutingInfo (``Manager.routing`` or its proxy).
+      storage: node id -> that node's StorageService or RPC proxy.
+      client_id: names this client's write sessions (default: a fresh UUID).
+      io_threads: chunk requests in flight at once.
+      retry_timeout: seconds a chunk request keeps retrying while the cluster reconfigures.
+      on_close: called once by ``close`` (a cluster releases what it opened for this client).
+      session_renew_interval: seconds between renewals of this client's write-session leases (shorter than
+        the cluster's lease; None: never, as a dead client would).
+    """
+
+    def __init__(self, meta: Any, routing: Callable[[], RoutingInfo], storage: Callable[[int], Any], *,
+                 client_id: str | None = None, io_threads: int = 8, retry_timeout: float = 20.0,
+                 on_close: Callable[[], None] | None = None, session_renew_interval: float | None = 10.0) -> None:
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+        self.meta = meta
+        self.client_id = client_id or f"client-{uuid.uuid4()}"
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="3fs-io")
+        self.routing = RoutingCache(routing)
+        self.chunk_io = ChunkIO(self.routing, storage, self._pool, retry_timeout)
+        self._on_close = on_close
+        self._closed = False
+        self._lock = threading.Lock()
+        self._open_files: set[ThreeFSFile] = set()  # closed with the client (their write sessions too)
+        self._stopping = threading.Event()
+        self._renewer = None
+        if session_renew_interval is not None:
+            self._renewer = threading.Thread(target=self._renew_sessions, args=(session_renew_interval,),
+                                             name="3fs-session-leases", daemon=True)
+            self._renewer.start()
+
+    def __repr__(self) -> str:
+        return f"Client({self.client_id!r})"
+
+    # ----------------------------------------------------------------------------- files
+
+    def open(self, path: str, mode: str = "rb") -> ThreeFSFile:
+        """Opens a file in a binary mode: rb, r+b, wb, w+b, ab, a+b or xb."""
+        open_mode = parse_mode(mode)
+        if not open_mode.create:
+            inode, session = self.meta.open(path, self.client_id, write=open_mode.write)
+        else:
+            previous = self._stat_or_none(path) if open_mode.truncate else None
+            if previous is not None and previous.type is InodeType.FILE:
+                # "wb" over an existing file: its chunks go before its length, so stale bytes can never
+                # reappear past a new end (if this fails, open raises; the old content is partly gone)
+                self.chunk_io.remove_file(previous.layout, previous.inode_id)
+            inode, session = self.meta.create(path, self.client_id, exclusive=open_mode.exclusive,
+                                              truncate=open_mode.truncate)
+        try:
+            if inode.type is not InodeType.FILE:
+                raise IsADirectoryError(21, "Is a directory", path)
+            file = ThreeFSFile(self.meta, self.chunk_io, path, mode, open_mode, inode, session, self.forget)
+        except BaseException:
+            if session is not None:
+                self.meta.close(inode.inode_id, session, None)
+            raise
+        with self._lock:
+            self._open_files.add(file)
+        return file
+
+    def _renew_sessions(self, interval: float) -> None:
+        """Keeps this client's write sessions alive (the cluster ends the sessions of dead clients)."""
+        while not self._stopping.wait(interval):
+            with self._lock:
+                writing = any(f.writable() for f in self._open_files)
+            if writing:
+                try:
+                    self.meta.renew_sessions(self.client_id)
+                except (OSError, RuntimeError) as error:  # a meta server that is down: retried next interval
+                    logging.getLogger(__name__).warning("3FS session renewal failed: %s", error)
+
+    def forget(self, file: ThreeFSFile) -> None:
+        """Called by a file as it closes."""
+        with self._lock:
+            self._open_files.discard(file)
+
+    def _stat_or_none(self, path: str) -> Inode | None:
+        try:
+            return self.meta.stat(path)
+        except FileNotFoundError:
+            return None
+
+    def iovec(self, size: int, block_size: int = 0) -> IoVec:
+        """A shared-memory buffer for batched IO (USRBIO's Iov)."""
+        return IoVec(size, block_size)
+
+    def ioring(self, entries: int, for_read: bool = True, io_depth: int = 0) -> IoRing:
+        """A batch of reads or writes over this client's files (USRBIO's Ior)."""
+        return IoRing(entries, for_read=for_read, io_depth=io_depth)
+
+    # ----------------------------------------------------------------------------- namespace
+
+    def stat(self, path: str) -> FileStat:
+        inode = self.meta.stat(path)
+        return FileStat(path=path, size=inode.length if inode.type is InodeType.FILE else 0,
+                        type=inode.type.value, mtime=inode.mtime, inode_id=inode.inode_id)
+
+    def listdir(self, path: str) -> list[str]:
+        return [entry.name for entry in self.meta.listdir(path)]
+
+    def makedirs(self, path: str, exist_ok: bool = True) -> None:
+        self.meta.mkdir(path, parents=True, exist_ok=exist_ok)
+
+    def mkdir(self, path: str) -> None:
+        self.meta.mkdir(path)
+
+    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        """Atomic: one metadata transaction; replaces a file or an empty directory at `dst` (replace=False:
+        FileExistsError instead)."""
+        self.meta.rename(src, dst, replace)
+        self.collect_garbage()  # a replaced file's chunks
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Removes a file or symlink; a directory when empty, or with everything in it when `recursive`."""
+        inode = self.meta.stat(path, follow_symlinks=False)
+        if inode.type is not InodeType.DIRECTORY:
+            self.meta.unlink(path)
+        elif recursive:
+            self.meta.remove_tree(path)
+        else:
+            self.meta.rmdir(path)
+        self.collect_garbage()
+
+    def exists(self, path: str) -> bool:
+        return self._stat_or_none(path) is not None
+
+    def symlink(self, target: str, path: str) -> None:
+        self.meta.symlink(target, path)
+
+    def readlink(self, path: str) -> str:
+        return self.meta.readlink(path)
+
+    def collect_garbage(self, limit: int = 1024) -> int:
+        """Deletes the chunks of files removed from the namespace (no longer open for writing) and then
+        forgets them; returns how many files were collected. Best effort: a file whose chunks could not
+        all be deleted (a chain without a writable target, a collector that died) stays listed for the
+        next collection, and deleting twice is harmless."""
+        collected = []
+        for inode in self.meta.garbage(limit):
+            try:
+                if inode.layout is not None:
+                    self.chunk_io.remove_file(inode.layout, inode.inode_id, timeout=GC_RETRY_SECONDS)
+                collected.append(inode.inode_id)
+            except (TimeoutError, OSError) as error:
+                logging.getLogger(__name__).warning("3FS garbage collection: file %d kept for later: %s",
+                                                    inode.inode_id, error)
+        if collected:
+            self.meta.release_garbage(collected)
+        return len(collected)
+
+    def close(self) -> None:
+        """Closes the files still open through this client (ending their write sessions), then the client."""
+        if self._closed:
+            return
+        with self._lock:
+            files = list(self._open_files)
+        for file in files:
+            file.close()
+        self._stopping.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

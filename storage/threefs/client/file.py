@@ -1,0 +1,119 @@
+"""An open 3FS file: a position, the layout the client stripes by, and the write session.
+
+Read-only opens are not tracked by the metadata service (training jobs open many files); a write open
+holds a file session. The file's length in metadata is only as exact as the last report: the client
+reports the end of its writes on ``fsync`` and ``close`` (3FS's precise-length query on close), and
+the service keeps the larger of the stored and reported lengths. Writes are synchronous (acknowledged
+by every replica of the chain before ``pwrite`` returns), so ``flush`` has nothing to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from storage.threefs.client.chunk_io import ChunkIO
+from storage.threefs.client.file_api import OpenMode
+from storage.threefs.client.stream_file import StreamFile
+from storage.threefs.meta.schema import Inode
+
+
+class ThreeFSFile(StreamFile):
+    """A binary, seekable file of a 3FS client (the ``File`` protocol of ``file_api``).
+
+    Args:
+      meta: the metadata service (or its RPC proxy); chunk_io: the client's data path.
+      inode, session_id: what ``meta.open`` / ``meta.create`` returned (session None for a read open).
+      on_close: called with this file once, as it closes (the client forgets it).
+    """
+
+    def __init__(self, meta: Any, chunk_io: ChunkIO, path: str, mode: str, open_mode: OpenMode, inode: Inode,
+                 session_id: str | None, on_close: Callable[[ThreeFSFile], None]) -> None:
+        assert inode.layout is not None, "files always carry a layout"
+        self._meta = meta
+        self._chunk_io = chunk_io
+        self._on_close = on_close
+        self.path = path
+        self.mode = mode
+        self._open_mode = open_mode
+        self._inode_id = inode.inode_id
+        self._layout = inode.layout
+        self._session_id = session_id
+        self._length = inode.length  # what this handle knows: metadata's length, then its own writes
+        self._written_end = 0  # end of this handle's writes, reported on fsync/close
+        self._position = inode.length if open_mode.append else 0
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"ThreeFSFile({self.path!r}, mode={self.mode!r}, inode={self._inode_id})"
+
+    @property
+    def inode_id(self) -> int:
+        return self._inode_id
+
+    def _known_length(self, wanted_end: int) -> int:
+        """The file length, asking metadata again when a read reaches past what this handle knows
+        (another client may have appended since the open)."""
+        if wanted_end > self._length:
+            self._length = max(self._length, self._meta.stat_inode(self._inode_id).length)
+        return self._length
+
+    # ----------------------------------------------------------------------------- positional IO
+
+    def pread_into(self, buffer, offset: int) -> int:
+        """Reads up to len(buffer) bytes at `offset` into `buffer` (a writable bytes-like); returns the
+        count, short only at the end of the file."""
+        self._check_io(writing=False)
+        self._check_offset(offset)
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), self._known_length(offset + len(view)) - offset))
+        if count:
+            self._chunk_io.read(self._layout, self._inode_id, offset, view[:count])
+        return count
+
+    def pwrite(self, data, offset: int) -> int:
+        """Writes all of `data` (bytes-like) at `offset`; returns its length once every replica has it."""
+        self._check_io(writing=True)
+        self._check_offset(offset)
+        view = memoryview(data).cast("B")
+        if len(view):
+            self._chunk_io.write(self._layout, self._inode_id, offset, view)
+            self._written_end = max(self._written_end, offset + len(view))
+            self._length = max(self._length, offset + len(view))
+        return len(view)
+
+    def _end(self) -> int:
+        """The file's current length (metadata's, which other writers' fsyncs update, or this handle's)."""
+        return self._known_length(self._length + 1)
+
+    def truncate(self, size: int | None = None) -> int:
+        """Sets the length to `size` (default: the position); bytes past it are dropped from storage."""
+        self._check_io(writing=True)
+        size = self._position if size is None else size
+        self._check_offset(size, "size")
+        old = max(self._length, self._meta.stat_inode(self._inode_id).length)
+        if size < old:
+            self._chunk_io.cut(self._layout, self._inode_id, size, old)
+        self._meta.truncate_inode(self._inode_id, size)
+        self._length = size
+        self._written_end = min(self._written_end, size)
+        return size
+
+    def fsync(self) -> None:
+        """Makes metadata's length exact (stat sees every byte written through this handle)."""
+        self._check_io(writing=True)
+        self._meta.sync(self._inode_id, self._written_end)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._on_close(self)
+        if self._session_id is not None:
+            try:
+                self._meta.close(self._inode_id, self._session_id, self._written_end)
+            except (ValueError, FileNotFoundError):  # the session's lease ran out (this client was paused)
+                try:
+                    self._meta.sync(self._inode_id, self._written_end)  # the length still counts
+                except FileNotFoundError:
+                    pass  # removed meanwhile, and collected once the lease ended

@@ -1,0 +1,172 @@
+"""``EmbeddedCluster``: mgmtd, a metadata service and the storage nodes of a 3FS in one process.
+
+The default: zero set-up, everything under one directory, surviving a restart::
+
+    root/cluster.json          the cluster's shape (nodes, targets, replicas, chunk size, stripe)
+    root/mgmtd.json            mgmtd's chain table, target states and node addresses
+    root/meta.sqlite           the metadata KV store (3FS uses FoundationDB)
+    root/node-N/target-T/      one storage target's chunks and chunk metadata
+
+A background thread plays the heartbeats: every storage node reports its targets' local states and
+resyncs the syncing targets that follow its own, and mgmtd marks silent nodes offline. ``stop_node`` /
+``start_node`` simulate a storage server dying and coming back (its peers get ``NodeUnavailable``);
+for real process kills use ``ProcessCluster``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from storage.threefs.client.client import Client
+from storage.threefs.cluster.shape import ClusterShape, lock_directory, target_dir
+from storage.threefs.errors import NodeUnavailable
+from storage.threefs.kv import open_kv
+from storage.threefs.meta.layout import LayoutPolicy
+from storage.threefs.meta.service import MetaService
+from storage.threefs.mgmtd.manager import Manager
+from storage.threefs.mgmtd.routing import TargetState
+from storage.threefs.storage.chunk_store import ChunkStore
+from storage.threefs.storage.service import StorageService
+
+
+class EmbeddedCluster:
+    """A whole 3FS in this process.
+
+    Args:
+      root: the cluster's directory (created if missing; an existing cluster is reopened).
+      shape: nodes, targets, replicas, chunk size, stripe (default ``ClusterShape()``; must match an
+        existing cluster's).
+      heartbeat_interval: seconds between heartbeats of the background thread (None: no thread; call
+        ``tick`` yourself).
+      heartbeat_timeout: seconds of silence before mgmtd marks a node's targets offline.
+      session_lease: seconds a client's write session lives without renewal (its clients renew every
+        third of that); the heartbeats end expired sessions, as 3FS's meta does for dead clients.
+    """
+
+    def __init__(self, root: str | Path, shape: ClusterShape | None = None, *,
+                 heartbeat_interval: float | None = 0.2, heartbeat_timeout: float = 2.0,
+                 session_lease: float = 30.0) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self._locks = [lock_directory(self.root, "EmbeddedCluster")]
+        self.shape = ClusterShape.load_or_create(self.root, shape)
+        self.session_lease = session_lease
+        self._locks += [lock_directory(self.root / f"node-{node}", "EmbeddedCluster")
+                        for node in self.shape.targets()]
+        self.manager = Manager(self.root / "mgmtd.json", heartbeat_timeout=heartbeat_timeout)
+        if not self.manager.routing().chain_table.chains:
+            self.manager.create_chains(self.shape.targets(), self.shape.replicas)
+        self._kv = open_kv(f"sqlite:///{self.root / 'meta.sqlite'}")
+        self.meta = MetaService(self._kv, lambda: self.manager.routing().chain_table,
+                                LayoutPolicy(self.shape.chunk_size, self.shape.stripe))
+        self.services: dict[int, StorageService] = {}
+        self._stores: dict[int, list[ChunkStore]] = {}
+        self._stopped: set[int] = set()
+        self._lock = threading.RLock()
+        for node in self.shape.targets():
+            self.start_node(node)
+        self._closing = threading.Event()
+        self._heartbeats = None
+        if heartbeat_interval is not None:
+            self._heartbeats = threading.Thread(target=self._beat, args=(heartbeat_interval,),
+                                                name="3fs-heartbeats", daemon=True)
+            self._heartbeats.start()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedCluster({str(self.root)!r}, {self.shape})"
+
+    # ----------------------------------------------------------------------------- nodes
+
+    def storage(self, node: int) -> StorageService:
+        """The storage service of a running node; NodeUnavailable for a stopped one (as over RPC)."""
+        with self._lock:
+            if node in self._stopped or node not in self.services:
+                raise NodeUnavailable(f"storage node {node} of the embedded cluster at {self.root} is down")
+            return self.services[node]
+
+    def start_node(self, node: int) -> None:
+        """(Re)starts a storage node on its directories, as a restarted server process would."""
+        with self._lock:
+            old = self.services.get(node)
+            if old is not None and node not in self._stopped:
+                return
+            for store in self._stores.pop(node, []):
+                store.close()
+            targets = {t: ChunkStore(target_dir(self.root, node, t)) for t in self.shape.targets()[node]}
+            self._stores[node] = list(targets.values())
+            self.services[node] = StorageService(node, targets, self.manager.routing, self.storage,
+                                                 on_successor_failure=self.manager.mark_offline)
+            self.manager.register_node(node, f"embedded://{self.root}/node-{node}")
+            self._stopped.discard(node)
+
+    def stop_node(self, node: int) -> None:
+        """Simulates a dead storage server: no heartbeats, every request to it fails."""
+        with self._lock:
+            if node not in self.services:
+                raise ValueError(f"node: expected one of {sorted(self.services)}, got {node}")
+            self._stopped.add(node)
+
+    # ----------------------------------------------------------------------------- heartbeats
+
+    def tick(self) -> None:
+        """One heartbeat round: every running node heartbeats (and resyncs its syncing successors),
+        then mgmtd marks nodes that stayed silent offline."""
+        with self._lock:
+            running = [s for n, s in self.services.items() if n not in self._stopped]
+        for service in running:
+            try:
+                service.tick(self.manager)
+            except NodeUnavailable:
+                pass  # a peer died mid-resync: the next round retries
+        self.manager.check()
+        self.meta.prune_sessions(self.session_lease)
+
+    def _beat(self, interval: float) -> None:
+        while not self._closing.wait(interval):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep beating; a failing round is retried next interval
+                if self._closing.is_set():
+                    return
+
+    def wait_until_serving(self, timeout: float = 30.0) -> None:
+        """Blocks until every target is serving (after a restart or a resync); TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.manager.routing().target_states
+            if all(state is TargetState.SERVING for state in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"targets not serving after {timeout} s: "
+                                   f"{ {t: s.value for t, s in states.items() if s is not TargetState.SERVING} }")
+            if self._heartbeats is None:
+                self.tick()
+            time.sleep(0.05)
+
+    # ----------------------------------------------------------------------------- clients
+
+    def client(self, **kwargs: Any) -> Client:
+        """A client of this cluster (keyword arguments go to ``Client``)."""
+        kwargs.setdefault("session_renew_interval", self.session_lease / 3)
+        return Client(self.meta, self.manager.routing, self.storage, **kwargs)
+
+    def close(self) -> None:
+        """Stops the heartbeats and closes every store; the data stays under `root`."""
+        self._closing.set()
+        if self._heartbeats is not None:
+            self._heartbeats.join()
+        with self._lock:
+            for stores in self._stores.values():
+                for store in stores:
+                    store.close()
+        self._kv.close()
+        for lock in self._locks:
+            lock.close()
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""A cluster's shape (nodes, targets, replicas, default layout), where its targets live, and directory locks.
+
+The shape is stored as `root/cluster.json` when the cluster is created; reopening checks a request against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+from pathlib import Path
+from typing import IO
+
+from storage.threefs.meta.layout import LayoutPolicy
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterShape:
+    """How many storage nodes and targets, how chunks replicate, and the default file layout."""
+
+    nodes: int = 3
+    targets_per_node: int = 4
+    replicas: int = 3
+    chunk_size: int = 1 << 20
+    stripe: int = 4
+
+    def __post_init__(self) -> None:
+        for field in ("nodes", "targets_per_node", "replicas", "stripe"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.replicas > self.nodes:
+            raise ValueError(f"replicas ({self.replicas}) must be <= nodes ({self.nodes}): the replicas of a "
+                             f"chain live on different nodes")
+        LayoutPolicy(self.chunk_size, self.stripe)  # validates chunk_size
+
+    def targets(self) -> dict[int, list[int]]:
+        """node id -> its target ids (3FS style: node 1 holds targets 101, 102, ...)."""
+        return {node: [node * 100 + i for i in range(1, self.targets_per_node + 1)]
+                for node in range(1, self.nodes + 1)}
+
+    @staticmethod
+    def load_or_create(root: Path, requested: ClusterShape | None) -> ClusterShape:
+        """The shape stored under `root`; a different explicit request for an existing cluster is an error."""
+        path = root / "cluster.json"
+        if path.exists():
+            stored = ClusterShape(**json.loads(path.read_text()))
+            if requested is not None and requested != stored:
+                raise ValueError(f"shape: the cluster at {root} was created as {stored}, not {requested}")
+            return stored
+        shape = requested or ClusterShape()
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(shape)))
+        return shape
+
+
+def target_dir(root: Path, node: int, target: int) -> Path:
+    return root / f"node-{node}" / f"target-{target}"
+
+
+def lock_directory(directory: Path, owner: str) -> IO[bytes]:
+    """Takes `directory`'s exclusive lock (released when the returned file closes or the process dies);
+    a second cluster or server on the same directory would corrupt it, so it gets a clear error instead."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = open(directory / "LOCK", "ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"{directory} is in use by another 3FS cluster or server (its LOCK is held); "
+                           f"share one cluster between processes with ProcessCluster and 3fs+tcp:// instead of "
+                           f"opening it twice ({owner})") from None
+    return lock

@@ -1,0 +1,15 @@
+"""storage: the storage service (3FS's storage nodes): chunk stores on disk and CRAQ over chains.
+
+Roles: `chunk_id.py` (the 16-byte chunk id that sorts by inode), `block_checksums.py` (a CRC32 per 4 KiB
+block), `chunk_store.py` (`ChunkStore`: one target's chunks, committed + pending versions, crash safe),
+`reads.py` (CRAQ reads, the tail version query, checksum repair), `service.py` (`StorageService`: CRAQ
+writes head to tail and the heartbeat), `resync.py` (a predecessor brings a returning target up to date).
+Contract: a write is acknowledged only once every replica on the chain's write path committed it; a
+read returns committed bytes only.
+"""
+
+from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta
+from storage.threefs.storage.chunk_store import ChunkStore
+from storage.threefs.storage.service import StorageService
+
+__all__ = ["ChunkId", "ChunkMeta", "ChunkStore", "StorageService"]

@@ -1,0 +1,407 @@
+"""The storage service: CRAQ writes and reads for the targets of one storage node.
+
+Writes (3FS's version of CRAQ). A client sends a write to the chain's head. Each target on the write
+path takes its per-chunk lock (so writes to one chunk are serialized at the head), checks the request's
+chain version, applies the update as the chunk's pending version and forwards it to its successor; the
+tail commits first and the acknowledgements flow back, each target committing its pending version as the
+ack passes. A syncing successor gets the whole new chunk (a full-chunk replace) since it may have missed
+earlier versions. When a successor does not answer, the target reports it (`on_successor_failure`, wired
+to mgmtd, which moves it to the chain's end) and forwards to the new successor, or commits as the new
+tail.
+
+Every forwarded update carries the CRC32 of the whole new version, so no two replicas ever commit the
+same version number with different bytes. A successor that already committed that version answers
+success only for the same checksum (a re-forward); otherwise, or when it committed a later one, it takes
+nothing and raises ChunkDiverged: the head's copy is stale (a write whose outcome it lost track of), so
+the head replaces it with the tail's (full-chunk replace) and applies the client's write again on top, as
+the next version. A successor that missed a version, or builds other bytes, gets the whole chunk instead.
+A forward that fails with an unknown outcome (a lost reply) keeps its pending version unless the tail
+says what became of it; the next write or heartbeat settles it (`settle_pending` in reads.py).
+
+Reads (CRAQ's apportioned queries, with the tail version query and checksum repair) are `CraqReads`
+in `reads.py`; `StorageService` serves them (`read`, `committed_state`, `read_chunk`, ...).
+
+`tick(manager)` is the heartbeat: report local states, take the routing, and resync every syncing target
+whose predecessor lives here (see `resync.py`). Every method takes and returns plain picklable values,
+so a peer may be this object or an RPC proxy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id
+from storage.threefs.storage.chunk_store import ChunkStore
+from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
+                                    TargetNotServing)
+from storage.threefs.storage.resync import ResyncReport, resync_target
+from storage.threefs.mgmtd.routing import LocalState, RoutingInfo, TargetState
+from storage.threefs.storage.reads import _READABLE, _WHOLE, CraqReads
+
+_REWRITES = 3  # times a write adopts the tail's copy and applies again when the successors are past it
+
+
+class ChunkLocks:
+    """Per-(target, chunk) mutexes, created on first use and dropped when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[tuple[int, ChunkId], list[Any]] = {}  # key -> [lock, holders + waiters]
+
+    @contextlib.contextmanager
+    def hold(self, target_id: int, chunk_id: ChunkId) -> Iterator[None]:
+        key = (target_id, chunk_id)
+        with self._mutex:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._mutex:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+
+class StorageService:
+    """CRAQ for the targets of storage node `node_id`.
+
+    Args:
+      node_id: this node's id in the chain table.
+      targets: target id -> its ChunkStore, for the targets placed on this node.
+      routing: returns the latest RoutingInfo (mgmtd's, or this node's cached copy).
+      peer: node id -> the StorageService (or RPC proxy) of that node; raises NodeUnavailable when dead.
+      on_successor_failure: called with a successor target that did not answer (the cluster wires
+        Manager.mark_offline); None makes such a write fail instead.
+      retry_timeout: seconds a write keeps re-forwarding while routing settles after a failure.
+    """
+
+    def __init__(self, node_id: int, targets: dict[int, ChunkStore], routing: Callable[[], RoutingInfo],
+                 peer: Callable[[int], Any], on_successor_failure: Callable[[int], Any] | None = None,
+                 retry_timeout: float = 10.0) -> None:
+        self.node_id = node_id
+        self._targets = dict(targets)
+        self._routing_source = routing
+        self._peer = peer
+        self._on_successor_failure = on_successor_failure
+        self._retry_timeout = retry_timeout
+        self._locks = ChunkLocks()
+        self._recovering = {t: False for t in self._targets}  # saw itself out of the chain: needs a resync
+        self._unsettled: set[tuple[int, int, ChunkId]] = set()  # (chain, target, chunk) left pending by a failure
+        self._state_lock = threading.Lock()
+        self._reads = CraqReads(self)
+
+    def close_stores(self) -> None:
+        """Closes this node's chunk stores (the service is unusable afterwards)."""
+        for store in self._targets.values():
+            store.close()
+
+    def __repr__(self) -> str:
+        return f"StorageService(node_id={self.node_id}, targets={sorted(self._targets)})"
+
+    # ----------------------------------------------------------------------------- local plumbing
+
+    def routing_info(self) -> RoutingInfo:
+        """The latest routing; notes any of this node's targets that left the chain (they must resync)."""
+        routing = self._routing_source()
+        self._observe(routing)
+        return routing
+
+    def store(self, target_id: int) -> ChunkStore:
+        """The ChunkStore of a target on this node."""
+        try:
+            return self._targets[target_id]
+        except KeyError:
+            raise TargetNotServing(f"target {target_id} is not on storage node {self.node_id} "
+                                   f"(it holds {sorted(self._targets)})") from None
+
+    def chunk_lock(self, target_id: int, chunk_id: ChunkId) -> contextlib.AbstractContextManager[None]:
+        """The per-chunk lock of a local target (writes, resync transfers and repairs hold it)."""
+        return self._locks.hold(target_id, as_chunk_id(chunk_id))
+
+    def service_of(self, routing: RoutingInfo, target_id: int) -> Any:
+        """The StorageService (self, or a peer) that holds `target_id`."""
+        node = routing.target_node[target_id]
+        return self if node == self.node_id else self._peer(node)
+
+    def require_state(self, routing: RoutingInfo, target_id: int, allowed: tuple[TargetState, ...],
+                       what: str) -> ChunkStore:
+        store = self.store(target_id)
+        state = routing.target_states.get(target_id)
+        if state not in allowed:
+            raise TargetNotServing(f"target {target_id} on node {self.node_id} is "
+                                   f"{state.value if state else 'unknown'}; it cannot {what}")
+        return store
+
+    # ----------------------------------------------------------------------------- reads (reads.py)
+
+    def read(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, length: int) -> bytes:
+        """Committed bytes [offset, offset + length) of a chunk from a serving target (``CraqReads.read``)."""
+        return self._reads.read(chain_id, target_id, chunk_id, offset, length)
+
+    def committed_version(self, target_id: int, chunk_id: ChunkId) -> int:
+        """The committed version of a chunk on a local target (0 when it holds none)."""
+        return self._reads.committed_version(target_id, chunk_id)
+
+    def committed_state(self, target_id: int, chunk_id: ChunkId) -> tuple[int, int]:
+        """(committed version, CRC32 of its whole content) of a chunk on a local target ((0, 0): none)."""
+        return self._reads.committed_state(target_id, chunk_id)
+
+    def read_chunk(self, target_id: int, chunk_id: ChunkId) -> tuple[bytes, int, int]:
+        """(content, committed version, chain version) of a whole chunk on a serving local target."""
+        return self._reads.read_chunk(target_id, chunk_id)
+
+    def repair_locked(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId) -> None:
+        """With the chunk lock held: replaces a damaged local committed copy with an intact replica's."""
+        self._reads.repair_locked(routing, chain_id, target_id, chunk_id)
+
+    def dump_chunkmeta(self, target_id: int) -> list[ChunkMeta]:
+        """Metadata of every chunk on a local target (what a predecessor diffs against in a resync)."""
+        return self._reads.dump_chunkmeta(target_id)
+
+    # ----------------------------------------------------------------------------- writes
+
+    def write(self, chain_id: int, chain_version: int, chunk_id: ChunkId, offset: int, data: bytes,
+              full_replace: bool = False) -> int:
+        """A client write at the chain's head; returns the version committed along the chain."""
+        chunk_id = as_chunk_id(chunk_id)
+        routing = self.routing_info()
+        chain = routing.chain(chain_id)
+        if chain_version != chain.version:
+            raise ChainVersionMismatch(f"chain {chain_id} is at version {chain.version}, the write carries "
+                                       f"{chain_version}: refresh routing and retry")
+        path = routing.write_path(chain_id)
+        if not path or routing.target_node[path[0]] != self.node_id:
+            raise TargetNotServing(f"node {self.node_id} does not hold the head of chain {chain_id} "
+                                   f"(write path {path})")
+        head = path[0]
+        store = self.store(head)
+        with self._locks.hold(head, chunk_id):
+            self._reads.settle_pending(routing, chain_id, head, chunk_id)  # under the lock, a pending version is left over
+            for _ in range(_REWRITES + 1):
+                version = self._apply(routing, chain_id, head, chunk_id,
+                                      lambda: store.apply_write(chunk_id, offset, data, chain.version, full_replace))
+                try:
+                    self._forward_and_commit(chain_id, head, chunk_id, offset, data, full_replace, version,
+                                             store.pending_state(chunk_id)[1])
+                    return version
+                except ChunkDiverged as exc:  # the successors are past this copy: build on the tail's instead
+                    diverged = exc
+                    self._reads.adopt_tail_copy(self.routing_info(), chain_id, head, chunk_id)
+            raise diverged
+
+    def update(self, chain_id: int, chain_version: int, target_id: int, chunk_id: ChunkId, offset: int,
+               data: bytes, full_replace: bool, version: int, checksum: int | None = None) -> int:
+        """A write forwarded by `target_id`'s predecessor, carrying the head's `version` and the CRC32 of
+        that version's whole content (`checksum`; None skips the content checks); returns the version
+        once committed here (after everything downstream committed). Raises ChunkDiverged, taking
+        nothing, when the update does not fit this copy (see the module docstring)."""
+        chunk_id = as_chunk_id(chunk_id)
+        routing = self.routing_info()
+        chain = routing.chain(chain_id)
+        if chain_version != chain.version:
+            raise ChainVersionMismatch(f"chain {chain_id} is at version {chain.version} on node {self.node_id}, "
+                                       f"the forwarded write carries {chain_version}")
+        if target_id not in routing.write_path(chain_id):
+            raise TargetNotServing(f"target {target_id} is not on the write path of chain {chain_id}")
+        store = self.store(target_id)
+        with self._locks.hold(target_id, chunk_id):
+            if routing.target_states[target_id] is TargetState.SYNCING:
+                if not full_replace:
+                    raise TargetNotServing(f"target {target_id} is syncing and takes full-chunk replaces only")
+                store.replace(chunk_id, data, version, chain.version)  # recovery: committed at once
+                self._forward_and_commit(chain_id, target_id, chunk_id, 0, data, True, version, checksum)
+                return version
+            meta = store.meta(chunk_id)
+            committed = meta.committed_version if meta else 0
+            if meta is not None and committed >= version:
+                if committed == version and checksum in (None, meta.checksum):
+                    return version  # a re-forward of this very write, committed here already
+                raise ChunkDiverged(f"target {target_id} has committed version {committed} of chunk {chunk_id}"
+                                    f"{' with other content' if committed == version else ''}: the forwarded "
+                                    f"version {version} builds on a stale copy", committed)
+            store.abort_pending(chunk_id)  # a leftover: the predecessor's pending version supersedes it
+            if not full_replace and committed != version - 1:
+                raise ChunkDiverged(f"target {target_id} holds version {committed} of chunk {chunk_id}, not the "
+                                    f"base of the forwarded version {version}: send the whole chunk", committed)
+            self._apply(routing, chain_id, target_id, chunk_id, lambda: store.apply_write(
+                chunk_id, offset, data, chain.version, full_replace, version=version))
+            if checksum is not None and store.pending_state(chunk_id) != (version, checksum):
+                store.abort_pending(chunk_id)
+                raise ChunkDiverged(f"version {version} of chunk {chunk_id} built on target {target_id} differs "
+                                    f"from its predecessor's (their versions {committed} differ): send the "
+                                    f"whole chunk", committed)
+            self._forward_and_commit(chain_id, target_id, chunk_id, offset, data, full_replace, version, checksum)
+            return version
+
+    def _apply(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId,
+               apply: Callable[[], int]) -> int:
+        """Runs an apply_write; if the committed base it builds on is damaged, repairs it and retries."""
+        try:
+            return apply()
+        except ChecksumError:
+            self._reads.repair_locked(routing, chain_id, target_id, chunk_id)
+            return apply()
+
+    def _forward_and_commit(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
+                            full_replace: bool, version: int, checksum: int) -> None:
+        """Forwards the pending `version` (whole-content CRC32 `checksum`) to the successor until one acks
+        (or this target is the tail), then commits it here. A pending version whose fate stays unknown
+        after a failure is kept, and noted for the next heartbeat to settle."""
+        store = self.store(target_id)
+        try:
+            chain_version = self._forward(chain_id, target_id, chunk_id, offset, data, full_replace, version,
+                                          checksum)
+            store.commit(chunk_id, version, chain_version)
+        except BaseException:
+            if store.pending_state(chunk_id)[0] == version:
+                with self._state_lock:
+                    self._unsettled.add((chain_id, target_id, chunk_id))
+            raise
+
+    def _forward(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
+                 full_replace: bool, version: int, checksum: int) -> int:
+        """The forwarding of `_forward_and_commit`; returns the chain version to commit under."""
+        store = self.store(target_id)
+        deadline = time.monotonic() + self._retry_timeout
+        forwarded = whole = False
+        try:
+            while True:
+                routing = self.routing_info()
+                chain_version = routing.chain(chain_id).version
+                path = routing.write_path(chain_id)
+                if target_id not in path:
+                    raise TargetNotServing(f"target {target_id} left the write path of chain {chain_id} during "
+                                           f"a write of chunk {chunk_id}")
+                successor = routing.successor(chain_id, target_id)
+                if successor is None:
+                    return chain_version  # the tail: commit first
+                full = full_replace or whole or routing.target_states[successor] is TargetState.SYNCING
+                payload = store.read_version(chunk_id, version, 0, _WHOLE) if full and not full_replace else data
+                if payload is None:
+                    raise TargetNotServing(f"version {version} of chunk {chunk_id} vanished from target {target_id}")
+                forwarded = True
+                try:
+                    self.service_of(routing, successor).update(chain_id, chain_version, successor, chunk_id,
+                                                               0 if full else offset, payload, full, version,
+                                                               checksum)
+                    return chain_version
+                except ChunkDiverged as exc:
+                    if full or exc.committed_version >= version:
+                        raise
+                    whole = True  # the successor missed a version or holds other bytes: send the whole chunk
+                except NodeUnavailable:
+                    if self._on_successor_failure is None or time.monotonic() > deadline:
+                        raise
+                    self._on_successor_failure(successor)
+                except (ChainVersionMismatch, TargetNotServing):
+                    if time.monotonic() > deadline:  # the successor's routing is behind or ahead of ours
+                        raise
+                    time.sleep(0.01)
+        except ChunkDiverged:
+            store.abort_pending(chunk_id)  # nothing downstream took this version
+            raise
+        except Exception as exc:
+            routing = self._reads.settle_failed_forward(chain_id, target_id, chunk_id, version, checksum, forwarded, exc)
+            if routing is None:
+                raise
+            return routing.chain(chain_id).version
+
+    def full_chunk_replace(self, target_id: int, chunk_id: ChunkId, content: bytes, version: int,
+                           chain_version: int) -> None:
+        """Installs a whole chunk as committed `version` (resync's transfer)."""
+        chunk_id = as_chunk_id(chunk_id)
+        store = self.require_state(self.routing_info(), target_id,
+                                    (TargetState.SYNCING, *_READABLE), "take a full-chunk replace")
+        with self._locks.hold(target_id, chunk_id):
+            store.replace(chunk_id, content, version, chain_version)
+
+    def remove_chunk(self, target_id: int, chunk_id: ChunkId) -> bool:
+        """Deletes one chunk from a local target (resync removes chunks the predecessor lacks)."""
+        chunk_id = as_chunk_id(chunk_id)
+        store = self.store(target_id)
+        with self._locks.hold(target_id, chunk_id):
+            return store.remove(chunk_id)
+
+    def remove_chunks(self, chain_id: int, inode_id: int, target_id: int | None = None) -> int:
+        """Deletes file `inode_id`'s chunks from this node's target of the chain (or `target_id`) and
+        forwards the removal down the write path; returns how many chunks this target held."""
+        routing = self.routing_info()
+        target = routing.local_target(chain_id, self.node_id) if target_id is None else target_id
+        if target is None:
+            raise TargetNotServing(f"node {self.node_id} holds no target of chain {chain_id}")
+        store = self.store(target)
+        removed = 0
+        for meta in store.list_meta():
+            if meta.chunk_id.inode_id == inode_id:
+                with self._locks.hold(target, meta.chunk_id):
+                    removed += store.remove(meta.chunk_id)
+        deadline = time.monotonic() + self._retry_timeout
+        while True:
+            routing = self.routing_info()
+            if target not in routing.write_path(chain_id):
+                return removed  # an offline target is cleaned by its resync
+            successor = routing.successor(chain_id, target)
+            if successor is None:
+                return removed
+            try:
+                self.service_of(routing, successor).remove_chunks(chain_id, inode_id, successor)
+                return removed
+            except NodeUnavailable:
+                if self._on_successor_failure is None or time.monotonic() > deadline:
+                    raise
+                self._on_successor_failure(successor)
+
+    # ----------------------------------------------------------------------------- membership
+
+    def local_states(self) -> dict[int, LocalState]:
+        """Each local target's local state: online while it has to resync, else up-to-date."""
+        with self._state_lock:
+            return {t: LocalState.ONLINE if r else LocalState.UPTODATE for t, r in self._recovering.items()}
+
+    def tick(self, manager: Any) -> list[ResyncReport]:
+        """One heartbeat: take the routing (noting targets that left their chains), send local states,
+        then resync every syncing target whose predecessor is on this node. Returns the resync reports."""
+        self._observe(manager.routing())
+        routing = manager.heartbeat(self.node_id, self.local_states())
+        self._observe(routing)
+        self._settle_leftovers(routing)
+        reports = []
+        for chain_id in routing.chain_table.chain_ids:
+            path = routing.write_path(chain_id)
+            for previous, target in zip(path, path[1:]):
+                if (routing.target_states[target] is TargetState.SYNCING
+                        and routing.target_node[previous] == self.node_id):
+                    try:
+                        reports.append(resync_target(self, chain_id, target, manager))
+                    except (NodeUnavailable, TargetNotServing, ChainVersionMismatch) as exc:
+                        reports.append(ResyncReport(chain_id, target, 0, 0, 0, f"{type(exc).__name__}: {exc}"))
+        return reports
+
+    def _settle_leftovers(self, routing: RoutingInfo) -> None:
+        """Settles the pending versions that failed writes left behind (kept when the tail does not answer)."""
+        with self._state_lock:
+            leftovers, self._unsettled = self._unsettled, set()
+        for chain_id, target_id, chunk_id in leftovers:
+            try:
+                with self._locks.hold(target_id, chunk_id):
+                    self._reads.settle_pending(routing, chain_id, target_id, chunk_id)
+            except Exception:  # noqa: BLE001 - the next heartbeat tries again
+                with self._state_lock:
+                    self._unsettled.add((chain_id, target_id, chunk_id))
+
+    def _observe(self, routing: RoutingInfo) -> None:
+        """A target that routing shows offline, waiting or syncing must resync before it reports
+        up-to-date again (3FS's returning service); serving again clears that."""
+        with self._state_lock:
+            for target in self._targets:
+                state = routing.target_states.get(target)
+                if state in (TargetState.OFFLINE, TargetState.WAITING, TargetState.SYNCING):
+                    self._recovering[target] = True
+                elif state is TargetState.SERVING:
+                    self._recovering[target] = False
