@@ -163,6 +163,7 @@ def frame(header: bytes, segments: bytes = b"") -> bytes:
     (frame(b"[1,"), "JSON"),
     (frame(b"\xff"), "JSON"),
     (frame(b"{}"), "tag string"),
+    (frame(b'["l",{"0":1}]'), "tag string"),
     (frame(b'["zz",1]'), "unknown"),
     (frame(b'["b",0,5]', b"abc"), "outside"),
     (frame(b'["b",-1,1]', b"abc"), "outside"),
@@ -215,9 +216,12 @@ def test_fuzzed_frames_decode_or_raise_wire_format_error_only():
             for _ in range(rng.randrange(1, 4)):
                 flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
             cases.append(bytes(flipped))
-        for _ in range(300):  # printable substitutions keep the JSON parseable more often than bit flips
-            changed = bytearray(data)
-            changed[rng.randrange(8, len(changed))] = rng.choice(b'[]{},:"0123456789-lbtsfdioex')
+        for _ in range(300):  # JSON-ish edits keep the header parseable more often than bit flips do
+            changed, at = bytearray(data), rng.randrange(8, len(data))
+            if rng.random() < 0.5:
+                changed[at] = rng.choice(b'[]{},:"0123456789-lbtsfdioex')
+            else:
+                changed[at:at] = rng.choice([b'["l",', b"]", b",", b'"x"', b"null", b'{"a":1},', b"1e999,", b"-0,"])
             cases.append(bytes(changed))
     assert len(cases) > 4000
     decoded = 0

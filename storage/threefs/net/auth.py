@@ -73,7 +73,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> byte
     """n bytes from ``sock`` before ``deadline`` (monotonic); AuthenticationError on EOF or lateness."""
     data = bytearray()
     while len(data) < n:
-        remaining = 0.2
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise AuthenticationError(f"handshake: timed out waiting for the {what}")
         sock.settimeout(remaining)
