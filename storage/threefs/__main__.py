@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from storage.threefs.cluster.processes import serve
+from storage.threefs.cluster.servers import serve
 
 
 def main(argv: list[str] | None = None) -> None:

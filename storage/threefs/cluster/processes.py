@@ -1,180 +1,28 @@
-"""3FS as separate server processes on loopback TCP, so faults are real (``kill -9`` a storage server).
+"""3FS as separate server processes on loopback TCP, so faults are real (``kill -9`` a server, SIGSTOP one).
 
-``python -m storage.threefs serve --root DIR --role mgmtd|meta|storage [--node N]`` runs one server. The
-root directory is the cluster's rendezvous: ``cluster.json`` (its shape), ``mgmtd.json`` (mgmtd's state),
-``meta.sqlite`` (the metadata KV, shared by any number of meta servers) and ``addresses/<role>.addr``,
-where each server publishes its ``host:port`` once it listens. Storage servers heartbeat to mgmtd, resync
-their syncing successors, and register their address with mgmtd (a restarted server gets a new port;
-peers and clients find it through routing). ``ProcessCluster`` starts, kills and restarts them;
-``connect("3fs+tcp:///DIR")`` gives a client of such a cluster.
+``ProcessCluster`` starts mgmtd, a meta server and the storage servers (``servers.py``) as child
+processes and kills, pauses, resumes and restarts any of them by name; ``connect_processes(root)`` (what
+``connect("3fs+tcp:///DIR")`` calls) is a client of such a cluster.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 from storage.threefs.client.chunk_io import RoutingCache
 from storage.threefs.client.client import Client
-from storage.threefs.cluster.shape import ClusterShape, lock_directory, target_dir
-from storage.threefs.net.transport import RpcClient, RpcServer
-
-HEARTBEAT_INTERVAL = 0.2  # seconds
-HEARTBEAT_TIMEOUT = 2.0
-SESSION_LEASE = 30.0  # seconds; clients renew their write sessions every third of it
-
-
-def address_file(root: Path, name: str) -> Path:
-    return root / "addresses" / f"{name}.addr"
-
-
-def publish_address(root: Path, name: str, address: str) -> None:
-    path = address_file(root, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(address)
-    os.replace(tmp, path)
-
-
-def read_address(root: Path, name: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> str:
-    """The published address of server `name`, waiting up to `timeout` seconds for it to appear (and
-    failing at once if its `process` exits first)."""
-    path, deadline = address_file(root, name), time.monotonic() + timeout
-    while not path.exists():
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the {name} server exited with code {process.returncode} before listening; "
-                               f"see {root / 'logs' / (name + '.log')}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {name} server published its address under {root} within {timeout} s")
-        time.sleep(0.02)
-    return path.read_text().strip()
-
-
-class Proxies:
-    """One RPC client per address, made on first use."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._clients: dict[str, RpcClient] = {}
-
-    def get(self, address: str) -> RpcClient:
-        with self._lock:
-            if address not in self._clients:
-                self._clients[address] = RpcClient(address)
-            return self._clients[address]
-
-    def close(self) -> None:
-        with self._lock:
-            for client in self._clients.values():
-                client.disconnect()
-            self._clients.clear()
-
-
-def storage_of(routing: RoutingCache, proxies: Proxies):
-    """node id -> the RPC proxy of that storage node, by its address in mgmtd's routing."""
-    return lambda node: proxies.get(routing.get().node_addresses[node])
-
-
-# ----------------------------------------------------------------------------- the servers
-
-
-def _serve_mgmtd(root: Path, shape: ClusterShape) -> tuple[Any, list[threading.Thread]]:
-    from storage.threefs.mgmtd.manager import Manager
-    manager = Manager(root / "mgmtd.json", heartbeat_timeout=HEARTBEAT_TIMEOUT)
-    if not manager.routing().chain_table.chains:
-        manager.create_chains(shape.targets(), shape.replicas)
-    return manager, [_every(HEARTBEAT_INTERVAL, manager.check)]
-
-
-def _serve_meta(root: Path, shape: ClusterShape, mgmtd: RpcClient) -> tuple[Any, list[threading.Thread]]:
-    from storage.threefs.kv import open_kv
-    from storage.threefs.meta.layout import LayoutPolicy
-    from storage.threefs.meta.service import MetaService
-    routing = RoutingCache(mgmtd.routing)
-    meta = MetaService(open_kv(f"sqlite:///{root / 'meta.sqlite'}"), lambda: routing.get().chain_table,
-                       LayoutPolicy(shape.chunk_size, shape.stripe))
-    return meta, [_every(1.0, lambda: meta.prune_sessions(SESSION_LEASE))]
-
-
-def _serve_storage(root: Path, shape: ClusterShape, node: int, mgmtd: RpcClient) -> tuple[Any, list]:
-    from storage.threefs.storage.chunk_store import ChunkStore
-    from storage.threefs.storage.service import StorageService
-    if node not in shape.targets():
-        raise ValueError(f"--node: expected one of {sorted(shape.targets())}, got {node}")
-    routing, proxies = RoutingCache(mgmtd.routing, ttl=0.05), Proxies()
-    targets = {t: ChunkStore(target_dir(root, node, t)) for t in shape.targets()[node]}
-
-    def successor_failed(target: int) -> None:
-        mgmtd.mark_offline(target)
-        routing.invalidate()
-
-    service = StorageService(node, targets, routing.get, storage_of(routing, proxies),
-                             on_successor_failure=successor_failed)
-
-    def heartbeat() -> None:
-        service.tick(mgmtd)
-        routing.invalidate()
-
-    return service, [_every(HEARTBEAT_INTERVAL, heartbeat)]
-
-
-def _every(interval: float, fn) -> threading.Thread:
-    def loop() -> None:
-        while True:
-            time.sleep(interval)
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - a server keeps beating through transient failures
-                print(f"heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    return threading.Thread(target=loop, daemon=True)
-
-
-def serve(root: Path, role: str, node: int | None = None) -> None:
-    """Runs one server in this process until SIGTERM/SIGINT (the `serve` command)."""
-    root = root.resolve()
-    shape = ClusterShape.load_or_create(root, None)
-    threads: list[threading.Thread] = []
-    held = None
-    if role == "mgmtd":
-        obj, threads = _serve_mgmtd(root, shape)
-        name = "mgmtd"
-    elif role == "meta":
-        (obj, threads), name = _serve_meta(root, shape, RpcClient(read_address(root, "mgmtd"))), "meta"
-    elif role == "storage":
-        if node is None:
-            raise ValueError("--node: a storage server needs its node id")
-        held = lock_directory(root / f"node-{node}", f"storage server {node}")  # for the server's lifetime
-        mgmtd = RpcClient(read_address(root, "mgmtd"))
-        obj, threads = _serve_storage(root, shape, node, mgmtd)
-        name = f"storage-{node}"
-    else:
-        raise ValueError(f"--role: expected mgmtd, meta or storage, got {role!r}")
-    server = RpcServer(obj).serve_in_thread()
-    if role == "storage":
-        mgmtd.register_node(node, server.address)
-    for thread in threads:
-        thread.start()
-    publish_address(root, name, server.address)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    server.shutdown()
-    if held is not None:
-        held.close()
-
-
-# ----------------------------------------------------------------------------- clients and launcher
+from storage.threefs.cluster.servers import Proxies, address_file, read_address, storage_of
+from storage.threefs.cluster.shape import ClusterShape, ServerTimings
+from storage.threefs.net.transport import RpcClient
 
 
 def connect_processes(root: Path, **client_kwargs) -> Client:
     """A client of the server processes rooted at `root`."""
+    root = Path(root)
+    timings = ServerTimings.load(root)
     mgmtd = RpcClient(read_address(root, "mgmtd"))
     meta = RpcClient(read_address(root, "meta"))
     routing, proxies = RoutingCache(mgmtd.routing), Proxies()
@@ -184,33 +32,58 @@ def connect_processes(root: Path, **client_kwargs) -> Client:
         mgmtd.disconnect()
         meta.disconnect()
 
-    client_kwargs.setdefault("session_renew_interval", SESSION_LEASE / 3)
+    client_kwargs.setdefault("session_renew_interval", timings.session_lease / 3)
     return Client(meta, mgmtd.routing, storage_of(routing, proxies), on_close=close, **client_kwargs)
 
 
 class ProcessCluster:
     """Starts mgmtd, one meta server and the storage servers of `shape` as child processes.
 
-    ``kill(node)`` sends SIGKILL to a storage server (no clean-up, like a crash); ``start(node)``
-    restarts it on its directories. ``close`` terminates everything; the data stays under `root`.
+    Servers are named "mgmtd", "meta" and "storage-N" (N the node id; an int N means "storage-N").
+    ``kill(name)`` sends SIGKILL (no clean-up, like a crash) and waits for the process to die; ``pause`` /
+    ``resume`` send SIGSTOP / SIGCONT (a hung server); ``start(name)`` (re)starts a server on its
+    directories (it listens on a new port). ``close`` terminates everything; the data stays under `root`.
+
+    Args:
+      root: the cluster's directory (created if missing; an existing cluster is reopened).
+      shape: as for ``EmbeddedCluster`` (must match an existing cluster's).
+      timings: heartbeat and lease settings for every server (default ``ServerTimings()``), stored in
+        ``root/timings.json`` for the servers and clients to read.
     """
 
-    def __init__(self, root: str | Path, shape: ClusterShape | None = None) -> None:
+    def __init__(self, root: str | Path, shape: ClusterShape | None = None,
+                 timings: ServerTimings | None = None) -> None:
         self.root = Path(root).resolve()
         self.shape = ClusterShape.load_or_create(self.root, shape)
+        self.timings = timings or ServerTimings()
+        self.timings.save(self.root)
         self._log_dir = self.root / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}
         try:
-            self._spawn("mgmtd")
+            self.start("mgmtd")
             for node in self.shape.targets():
-                self._spawn(f"storage-{node}")
-            self._spawn("meta")
+                self.start(node)
+            self.start("meta")
         except BaseException:
             self.close()
             raise
 
-    def _spawn(self, name: str) -> None:
+    def _name(self, server: str | int) -> str:
+        name = f"storage-{server}" if isinstance(server, int) else server
+        role, _, node = name.partition("-")
+        valid = role in ("mgmtd", "meta") and not node or role == "storage" and node.isdigit() and int(node) in self.shape.targets()
+        if not valid:
+            raise ValueError(f"server: expected 'mgmtd', 'meta', a storage node id or 'storage-N' with N in "
+                             f"{sorted(self.shape.targets())}, got {server!r}")
+        return name
+
+    def start(self, server: str | int) -> None:
+        """(Re)starts a server and waits until it listens."""
+        name = self._name(server)
+        old = self.processes.get(name)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"the {name} server is running (pid {old.pid}); kill it first")
         address_file(self.root, name).unlink(missing_ok=True)
         role, _, node = name.partition("-")
         command = [sys.executable, "-m", "storage.threefs", "serve", "--root", str(self.root), "--role", role]
@@ -221,15 +94,21 @@ class ProcessCluster:
         log.close()
         read_address(self.root, name, process=self.processes[name])
 
-    def kill(self, node: int, sig: int = signal.SIGKILL) -> None:
-        """Kills storage server `node` (SIGKILL by default) and waits for it to die."""
-        process = self.processes[f"storage-{node}"]
-        process.send_signal(sig)
+    def kill(self, server: str | int, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` (SIGKILL by default) to a server and waits for it to exit."""
+        process = self.processes[self._name(server)]
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused server must run to act on the signal
+            process.send_signal(sig)
         process.wait()
 
-    def start(self, node: int) -> None:
-        """Restarts storage server `node` (after ``kill``)."""
-        self._spawn(f"storage-{node}")
+    def pause(self, server: str | int) -> None:
+        """SIGSTOP: the server hangs (connections stay open, nothing answers) until ``resume``."""
+        self.processes[self._name(server)].send_signal(signal.SIGSTOP)
+
+    def resume(self, server: str | int) -> None:
+        """SIGCONT after ``pause``."""
+        self.processes[self._name(server)].send_signal(signal.SIGCONT)
 
     def client(self, **client_kwargs) -> Client:
         return connect_processes(self.root, **client_kwargs)
@@ -237,6 +116,7 @@ class ProcessCluster:
     def close(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
                 process.terminate()
         for process in self.processes.values():
             try:

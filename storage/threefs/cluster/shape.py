@@ -70,3 +70,39 @@ def lock_directory(directory: Path, owner: str) -> IO[bytes]:
                            f"share one cluster between processes with ProcessCluster and 3fs+tcp:// instead of "
                            f"opening it twice ({owner})") from None
     return lock
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTimings:
+    """Heartbeat and lease settings of a cluster's servers (seconds).
+
+    heartbeat_interval: between a storage server's heartbeats (and mgmtd's checks for silent nodes).
+    heartbeat_timeout: silence after which mgmtd marks a node's targets offline.
+    session_lease: a client's write session lives this long without renewal (clients renew every third).
+    """
+
+    heartbeat_interval: float = 0.2
+    heartbeat_timeout: float = 2.0
+    session_lease: float = 30.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{field.name} must be a number of seconds > 0, got {value!r}")
+        if self.heartbeat_interval >= self.heartbeat_timeout:
+            raise ValueError(f"heartbeat_interval ({self.heartbeat_interval}) must be < heartbeat_timeout "
+                             f"({self.heartbeat_timeout})")
+
+    def save(self, root: Path) -> None:
+        """Writes ``root/timings.json`` (atomically) for the servers and clients of the cluster."""
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / "timings.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        tmp.replace(root / "timings.json")
+
+    @staticmethod
+    def load(root: Path) -> ServerTimings:
+        """The timings stored under `root` (the defaults if none are)."""
+        path = root / "timings.json"
+        return ServerTimings(**json.loads(path.read_text())) if path.exists() else ServerTimings()
