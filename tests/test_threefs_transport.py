@@ -1,12 +1,17 @@
-"""storage.threefs.net.transport: method calls over real loopback sockets, failures as NodeUnavailable."""
+"""storage.threefs.net.transport: method calls over real loopback sockets, failures as NodeUnavailable,
+only between holders of the cluster secret, and no code run by what a peer sends."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import pathlib
+import pickle
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -15,6 +20,8 @@ import time
 import pytest
 
 from storage.threefs.errors import NodeUnavailable
+from storage.threefs.net.auth import AuthenticationError, client_handshake, load_or_create_secret
+from storage.threefs.net.codec import Codec
 from storage.threefs.net.transport import RpcClient, RpcServer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,9 +39,21 @@ class QuotaExceeded(Exception):
 
 
 class NeedsTwoArgs(Exception):
-    def __init__(self, a, b):  # pickles, but cannot be rebuilt from args=(a,)
+    def __init__(self, a, b):  # registered, but cannot be rebuilt from args=(a,)
         super().__init__(a)
         self.b = b
+
+
+CODEC = Codec([ChunkMeta, QuotaExceeded, NeedsTwoArgs])
+SECRET = os.urandom(32)
+
+
+def serve(obj, **kwargs) -> RpcServer:
+    return RpcServer(obj, codec=CODEC, secret=SECRET, **kwargs)
+
+
+def connect(address: str, timeout: float | None = 30.0, secret: bytes = SECRET) -> RpcClient:
+    return RpcClient(address, timeout, codec=CODEC, secret=secret)
 
 
 class Service:
@@ -62,7 +81,7 @@ class Service:
     def unpicklable_error(self):
         raise NeedsTwoArgs("first", "second")
 
-    def unpicklable_result(self):
+    def unencodable_result(self):
         return threading.Lock()
 
     def sleep(self, seconds: float) -> float:
@@ -75,8 +94,8 @@ class Service:
 
 @pytest.fixture
 def served():
-    server = RpcServer(Service()).serve_in_thread()
-    client = RpcClient(server.address, timeout=10)
+    server = serve(Service()).serve_in_thread()
+    client = connect(server.address, timeout=10)
     yield server, client
     client.disconnect()
     server.shutdown()
@@ -108,8 +127,8 @@ def test_remote_exceptions_keep_their_type(served):
         client.over_quota()
     with pytest.raises(RuntimeError, match="NeedsTwoArgs"):
         client.unpicklable_error()
-    with pytest.raises(RuntimeError, match="cannot be pickled"):
-        client.unpicklable_result()
+    with pytest.raises(RuntimeError, match="cannot be encoded"):
+        client.unencodable_result()
     assert client.add(1, 1) == 2  # the connection survives all of that
 
 
@@ -121,15 +140,15 @@ def test_unknown_private_and_disallowed_methods(served):
         client._secret()
     with pytest.raises(AttributeError, match="_secret"):
         client.call("_secret")
-    with RpcServer(Service(), allowed={"echo"}).serve_in_thread() as narrow:
-        with RpcClient(narrow.address) as limited:
+    with serve(Service(), allowed={"echo"}).serve_in_thread() as narrow:
+        with connect(narrow.address) as limited:
             assert limited.echo(5) == 5
             with pytest.raises(AttributeError, match="add"):
                 limited.add(1, 2)
     with pytest.raises(ValueError, match="nonexistent"):
-        RpcServer(Service(), allowed={"echo", "nonexistent"})
+        serve(Service(), allowed={"echo", "nonexistent"})
     with pytest.raises(ValueError, match="host:port"):
-        RpcClient("localhost")
+        connect("localhost")
 
 
 def test_concurrent_calls_from_eight_threads(served):
@@ -175,9 +194,9 @@ def test_connections_of_finished_threads_are_closed(served):
 
 
 def test_shutdown_gives_node_unavailable_naming_the_address():
-    server = RpcServer(Service()).serve_in_thread()
+    server = serve(Service()).serve_in_thread()
     address = server.address
-    client = RpcClient(address, timeout=5)
+    client = connect(address, timeout=5)
     assert client.echo(1) == 1
     server.shutdown()
     with pytest.raises(NodeUnavailable, match=address.replace(".", r"\.")):
@@ -189,7 +208,7 @@ def test_shutdown_gives_node_unavailable_naming_the_address():
 
 def test_reply_timeout_is_node_unavailable_and_the_client_recovers(served):
     server, _ = served
-    impatient = RpcClient(server.address, timeout=0.2)
+    impatient = connect(server.address, timeout=0.2)
     with pytest.raises(NodeUnavailable, match="sleep"):
         impatient.sleep(1.0)
     assert impatient.add(20, 22) == 42  # a new connection replaces the abandoned one
@@ -197,12 +216,12 @@ def test_reply_timeout_is_node_unavailable_and_the_client_recovers(served):
 
 
 def test_idle_connection_to_a_restarted_server_is_replaced():
-    first = RpcServer(Service()).serve_in_thread()
+    first = serve(Service()).serve_in_thread()
     host, port = first.address.rsplit(":", 1)
-    client = RpcClient(first.address, timeout=5)
+    client = connect(first.address, timeout=5)
     assert client.echo("before") == "before"
     first.shutdown()
-    second = RpcServer(Service(), host=host, port=int(port)).serve_in_thread()
+    second = serve(Service(), host=host, port=int(port)).serve_in_thread()
     try:
         assert client.echo("after") == "after"  # the stale pooled socket was detected, nothing resent
         assert second.obj.calls == 1
@@ -212,7 +231,11 @@ def test_idle_connection_to_a_restarted_server_is_replaced():
 
 
 _SERVER_SCRIPT = """
+import sys
 import time
+from pathlib import Path
+from storage.threefs.net.auth import load_or_create_secret
+from storage.threefs.net.codec import Codec
 from storage.threefs.net.transport import RpcServer
 
 class Chunks:
@@ -227,21 +250,24 @@ class Chunks:
         import os
         return os.getpid()
 
-server = RpcServer(Chunks()).serve_in_thread()
+server = RpcServer(Chunks(), codec=Codec(), secret=load_or_create_secret(Path(sys.argv[1]))).serve_in_thread()
 print(server.address, flush=True)
 while True:
     time.sleep(60)
 """
 
 
-def test_subprocess_server_killed_with_sigkill():
+def test_subprocess_server_killed_with_sigkill(tmp_path):
+    secret = load_or_create_secret(tmp_path)  # the server process reads the same file
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    process = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT], cwd=REPO_ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, str(tmp_path)], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         address = process.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), process.stderr.read()
-        client = RpcClient(address, timeout=10)
+        with pytest.raises(AuthenticationError):
+            connect(address, timeout=10).pid()  # the test module's own secret is not this cluster's
+        client = connect(address, timeout=10, secret=secret)
         assert client.pid() == process.pid
         assert client.put((1, 0), b"x" * 1000) == 1000
         assert client.get((1, 0)) == b"x" * 1000
@@ -253,10 +279,132 @@ def test_subprocess_server_killed_with_sigkill():
             client.get((1, 0))
         assert address in str(info.value)
         with pytest.raises(NodeUnavailable, match=address.replace(".", r"\.")):
-            RpcClient(address, timeout=2).pid()
+            connect(address, timeout=2, secret=secret).pid()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
         process.stdout.close()
         process.stderr.close()
+
+
+# ---- authentication and hostile input ---------------------------------------------------------------
+
+def wait_for_warning(caplog, text: str, timeout: float = 5.0) -> str:
+    """The first transport warning containing `text` (the server logs from its connection thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in caplog.records:
+            if record.name == "storage.threefs.net.transport" and text in record.getMessage():
+                return record.getMessage()
+        time.sleep(0.01)
+    raise AssertionError(f"no transport warning containing {text!r}: {[r.getMessage() for r in caplog.records]}")
+
+
+def raw_connection(address: str) -> tuple[socket.socket, str]:
+    """A plain socket to `address` and its own "host:port" (as the server names the peer)."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    local_host, local_port = sock.getsockname()[:2]
+    return sock, f"{local_host}:{local_port}"
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes `sock` (within its 5 s timeout), whatever it sent before."""
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_client_without_the_secret_is_refused_and_logged_and_others_are_served(served, caplog):
+    server, client = served
+    caplog.set_level(logging.WARNING, logger="storage.threefs.net.transport")
+    with pytest.raises(AuthenticationError, match=server.address.replace(".", r"\.")) as info:
+        connect(server.address, timeout=5, secret=os.urandom(32)).echo(1)
+    assert not isinstance(info.value, NodeUnavailable)  # callers retry NodeUnavailable, not a wrong secret
+    wait_for_warning(caplog, "failed the handshake")
+    sock, peer = raw_connection(server.address)
+    with sock:
+        assert sock.recv(36, socket.MSG_WAITALL)[:4] == b"3FA1"  # magic + nonce
+        sock.sendall(b"GET / HTTP/1.1\r\n" + b"\r\n" * 24)  # 64 bytes of garbage for a proof
+        assert closed_by_server(sock)
+    assert "client's proof" in wait_for_warning(caplog, peer)
+    assert client.echo("still serving") == "still serving"
+    assert connect(server.address, timeout=5).add(1, 2) == 3
+
+
+def test_a_silent_client_is_dropped_after_the_handshake_timeout(caplog):
+    caplog.set_level(logging.WARNING, logger="storage.threefs.net.transport")
+    with serve(Service(), handshake_timeout=0.2).serve_in_thread() as server:
+        sock, peer = raw_connection(server.address)
+        with sock:
+            assert closed_by_server(sock)
+        assert "timed out" in wait_for_warning(caplog, peer)
+        assert connect(server.address, timeout=5).echo(7) == 7
+
+
+def test_a_server_that_never_answers_the_handshake_is_node_unavailable():
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts (backlog) but never speaks
+        address = "%s:%d" % listener.getsockname()[:2]
+        with pytest.raises(NodeUnavailable, match="handshake"):
+            connect(address, timeout=0.3).echo(1)
+
+
+def authenticated_connection(address: str) -> tuple[socket.socket, str]:
+    sock, peer = raw_connection(address)
+    client_handshake(sock, SECRET)
+    return sock, peer
+
+
+def codec_body(header: bytes) -> bytes:
+    return b"3FW1" + struct.pack(">I", len(header)) + header
+
+
+@pytest.mark.parametrize("body", [
+    b"not a frame at all",
+    codec_body(b"[1,2]"),  # no tag
+    codec_body(b'["l",1,2]'),  # a valid value of the wrong shape: a request is a 3-tuple
+    codec_body(b'["o","os.system",{"command":"touch pwned"}]'),  # a type name not in the registry
+    codec_body(b'["t","echo",["t"],["d",1,2]]'),  # kwargs with a non-str key
+])
+def test_a_malformed_frame_after_the_handshake_is_refused_and_logged(served, caplog, body):
+    server, client = served
+    caplog.set_level(logging.WARNING, logger="storage.threefs.net.transport")
+    sock, peer = authenticated_connection(server.address)
+    with sock:
+        sock.sendall(struct.pack(">Q", len(body)) + body)
+        assert closed_by_server(sock)
+    assert "malformed request" in wait_for_warning(caplog, peer)
+    assert client.echo("still serving") == "still serving"
+
+
+class _CreatesFile:
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this would call open(path, "w"): the file would appear
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickle_is_never_unpickled(served, caplog, tmp_path):
+    server, client = served
+    caplog.set_level(logging.WARNING, logger="storage.threefs.net.transport")
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(("echo", (_CreatesFile(marker),), {}))
+    frame = struct.pack(">Q", len(payload)) + payload
+    sock, _ = raw_connection(server.address)  # the old protocol: a pickle frame straight away
+    with sock:
+        sock.sendall(frame)
+        assert closed_by_server(sock)
+    sock, peer = authenticated_connection(server.address)  # and after a good handshake
+    with sock:
+        sock.sendall(frame)
+        assert closed_by_server(sock)
+    assert "bad magic" in wait_for_warning(caplog, peer)
+    assert not marker.exists()
+    assert client.echo(1) == 1

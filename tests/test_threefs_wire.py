@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import pytest
 
-from storage.threefs.net.auth import (AuthenticationError, client_handshake, load_or_create_secret,
-                                      server_handshake)
+from storage.threefs.net.auth import (AuthenticationError, PeerUnresponsive, client_handshake,
+                                      load_or_create_secret, server_handshake)
 from storage.threefs.net.codec import MAX_DEPTH, Codec, WireFormatError, wire_name
 
 
@@ -55,7 +55,13 @@ class Unregistered(Exception):
     pass
 
 
-CODEC = Codec([Color, Point, Shape, Span, ChunkDiverged])
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):  # args == (a,): cls(*args) fails, so it cannot travel as itself
+        super().__init__(a)
+        self.b = b
+
+
+CODEC = Codec([Color, Point, Shape, Span, ChunkDiverged, NeedsTwoArgs])
 
 
 def round_trip(value, codec: Codec = CODEC):
@@ -117,6 +123,8 @@ def test_unencodable_exceptions_travel_as_runtime_errors():
     assert decoded.__notes__ == ["note"]
     bad_args = round_trip(ValueError("x", object(), b"y" * 100_000))
     assert type(bad_args) is RuntimeError and str(bad_args).startswith("ValueError: ")
+    not_rebuildable = round_trip(NeedsTwoArgs("first", "second"))
+    assert type(not_rebuildable) is RuntimeError and str(not_rebuildable) == "NeedsTwoArgs: first"
 
 
 def test_unregistered_types_are_refused_on_encode():
@@ -318,6 +326,7 @@ def test_handshake_fails_on_both_sides_with_a_wrong_secret():
     server_error, client_error = handshake(os.urandom(32), os.urandom(32))
     assert isinstance(server_error, AuthenticationError) and "client's proof" in str(server_error)
     assert isinstance(client_error, AuthenticationError) and isinstance(client_error, ConnectionError)
+    assert not isinstance(client_error, PeerUnresponsive)  # the server spoke, then refused: not a dead node
 
 
 def test_client_refuses_a_server_that_cannot_prove_the_secret():
@@ -352,14 +361,24 @@ def test_handshake_refuses_garbage_and_eof():
             server_handshake(left, secret, 2.0)
 
 
+def test_a_peer_that_closes_before_its_first_message_is_unresponsive():
+    for handshake_side in (server_handshake, client_handshake):
+        left, right = socket.socketpair()
+        with left, right:
+            right.close()
+            with pytest.raises(PeerUnresponsive, match="closed"):
+                handshake_side(left, os.urandom(32), 2.0)
+
+
 def test_a_silent_or_trickling_peer_times_out_quickly():
     secret = os.urandom(32)
     left, right = socket.socketpair()
     with left, right:
         started = time.monotonic()
-        with pytest.raises(AuthenticationError, match="timed out"):
+        with pytest.raises(PeerUnresponsive, match="timed out"):
             server_handshake(left, secret, 0.2)
-        with pytest.raises(AuthenticationError, match="timed out"):
+        right.recv(64)  # the challenge the server sent
+        with pytest.raises(PeerUnresponsive, match="timed out"):
             client_handshake(right, secret, 0.2)
         assert time.monotonic() - started < 2
     left, right = socket.socketpair()

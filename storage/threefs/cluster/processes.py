@@ -14,18 +14,18 @@ from pathlib import Path
 
 from storage.threefs.client.chunk_io import RoutingCache
 from storage.threefs.client.client import Client
-from storage.threefs.cluster.servers import Proxies, address_file, read_address, storage_of
+from storage.threefs.cluster.servers import Proxies, address_file, cluster_client, read_address, storage_of
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings
-from storage.threefs.net.transport import RpcClient
+from storage.threefs.net.auth import load_or_create_secret
 
 
 def connect_processes(root: Path, **client_kwargs) -> Client:
     """A client of the server processes rooted at `root`."""
     root = Path(root)
     timings = ServerTimings.load(root)
-    mgmtd = RpcClient(read_address(root, "mgmtd"))
-    meta = RpcClient(read_address(root, "meta"))
-    routing, proxies = RoutingCache(mgmtd.routing), Proxies()
+    mgmtd = cluster_client(root, read_address(root, "mgmtd"))
+    meta = cluster_client(root, read_address(root, "meta"))
+    routing, proxies = RoutingCache(mgmtd.routing), Proxies(root)
 
     def close() -> None:
         proxies.close()
@@ -57,6 +57,7 @@ class ProcessCluster:
         self.shape = ClusterShape.load_or_create(self.root, shape)
         self.timings = timings or ServerTimings()
         self.timings.save(self.root)
+        load_or_create_secret(self.root)  # before any server starts: they all read this one secret
         self._log_dir = self.root / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}

@@ -2,7 +2,8 @@
 
 The root directory is the cluster's rendezvous: ``cluster.json`` (its shape), ``timings.json`` (heartbeat
 and lease settings, ``ServerTimings``), ``mgmtd.json`` (mgmtd's state), ``meta.sqlite`` (the metadata KV,
-shared by any number of meta servers) and ``addresses/<name>.addr``, where each server publishes its
+shared by any number of meta servers), ``secret`` (the cluster's secret: only a process that can read it
+may call a server, see ``net/auth.py``) and ``addresses/<name>.addr``, where each server publishes its
 ``host:port`` once it listens. Storage servers heartbeat to mgmtd, resync their syncing successors, and
 register their address with mgmtd (a restarted server gets a new port; peers and clients find it through
 routing). ``processes.py`` launches these servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
@@ -21,7 +22,9 @@ from typing import Any
 
 from storage.threefs.client.chunk_io import RoutingCache
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings, lock_directory, target_dir
+from storage.threefs.net.auth import load_or_create_secret
 from storage.threefs.net.transport import RpcClient, RpcServer
+from storage.threefs.net.wire_types import threefs_codec
 
 
 def address_file(root: Path, name: str) -> Path:
@@ -50,17 +53,23 @@ def read_address(root: Path, name: str, timeout: float = 30.0, process: subproce
     return path.read_text().strip()
 
 
-class Proxies:
-    """One RPC client per address, made on first use."""
+def cluster_client(root: Path, address: str) -> RpcClient:
+    """An RPC client of the server at `address` of the cluster at `root` (its codec and its secret)."""
+    return RpcClient(address, codec=threefs_codec(), secret=load_or_create_secret(root))
 
-    def __init__(self) -> None:
+
+class Proxies:
+    """One RPC client per address of the cluster at `root`, made on first use."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
         self._lock = threading.Lock()
         self._clients: dict[str, RpcClient] = {}
 
     def get(self, address: str) -> RpcClient:
         with self._lock:
             if address not in self._clients:
-                self._clients[address] = RpcClient(address)
+                self._clients[address] = cluster_client(self._root, address)
             return self._clients[address]
 
     def close(self) -> None:
@@ -101,7 +110,7 @@ def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node
     from storage.threefs.storage.service import StorageService
     if node not in shape.targets():
         raise ValueError(f"--node: expected one of {sorted(shape.targets())}, got {node}")
-    routing, proxies = RoutingCache(mgmtd.routing, ttl=0.05), Proxies()
+    routing, proxies = RoutingCache(mgmtd.routing, ttl=0.05), Proxies(root)
     targets = {t: ChunkStore(target_dir(root, node, t)) for t in shape.targets()[node]}
 
     def successor_failed(target: int) -> None:
@@ -140,17 +149,17 @@ def serve(root: Path, role: str, node: int | None = None) -> None:
         obj, threads = _serve_mgmtd(root, shape, timings)
         name = "mgmtd"
     elif role == "meta":
-        (obj, threads), name = _serve_meta(root, shape, timings, RpcClient(read_address(root, "mgmtd"))), "meta"
+        (obj, threads), name = _serve_meta(root, shape, timings, cluster_client(root, read_address(root, "mgmtd"))), "meta"
     elif role == "storage":
         if node is None:
             raise ValueError("--node: a storage server needs its node id")
         held = lock_directory(root / f"node-{node}", f"storage server {node}")  # for the server's lifetime
-        mgmtd = RpcClient(read_address(root, "mgmtd"))
+        mgmtd = cluster_client(root, read_address(root, "mgmtd"))
         obj, threads = _serve_storage(root, shape, timings, node, mgmtd)
         name = f"storage-{node}"
     else:
         raise ValueError(f"--role: expected mgmtd, meta or storage, got {role!r}")
-    server = RpcServer(obj).serve_in_thread()
+    server = RpcServer(obj, codec=threefs_codec(), secret=load_or_create_secret(root)).serve_in_thread()
     if role == "storage":
         mgmtd.register_node(node, server.address)
     for thread in threads:

@@ -8,8 +8,11 @@ cluster root may join the cluster; other local users may not. The handshake (bef
     server -> client   HMAC-SHA256(secret, b"server" + client_nonce)      (only if the client's MAC matched)
 
 Each side checks the other's MAC with ``hmac.compare_digest``; a wrong MAC, wrong magic, EOF or a peer
-silent past the deadline (the whole handshake, not each read) raises ``AuthenticationError``. The
-handshake authenticates the peers; it does not encrypt or sign the frames that follow.
+silent past the deadline (the whole handshake, not each read) raises ``AuthenticationError``. Its subclass
+``PeerUnresponsive`` says the peer never took part: it closed before its first message or the deadline
+passed, so it may be down or hung rather than holding another secret (a client's transport reports that
+as an unavailable node, which callers retry; a refused secret is not worth retrying). The handshake
+authenticates the peers; it does not encrypt or sign the frames that follow.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ DEFAULT_TIMEOUT = 5.0
 
 class AuthenticationError(ConnectionError):
     """The peer did not prove it holds the cluster's secret (or did not answer in time)."""
+
+
+class PeerUnresponsive(AuthenticationError):
+    """The peer sent nothing of the handshake before closing, or did not finish it by the deadline."""
 
 
 def load_or_create_secret(root: Path) -> bytes:
@@ -69,20 +76,22 @@ def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, role + nonce, hashlib.sha256).digest()
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
-    """n bytes from ``sock`` before ``deadline`` (monotonic); AuthenticationError on EOF or lateness."""
+def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str, first: bool = False) -> bytes:
+    """n bytes from ``sock`` before ``deadline`` (monotonic): PeerUnresponsive when late, or on EOF before
+    any byte of the peer's ``first`` message; AuthenticationError on any other EOF."""
     data = bytearray()
     while len(data) < n:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AuthenticationError(f"handshake: timed out waiting for the {what}")
+            raise PeerUnresponsive(f"handshake: timed out waiting for the {what}")
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(n - len(data))
         except TimeoutError as exc:
-            raise AuthenticationError(f"handshake: timed out waiting for the {what}") from exc
+            raise PeerUnresponsive(f"handshake: timed out waiting for the {what}") from exc
         if not chunk:
-            raise AuthenticationError(f"handshake: connection closed after {len(data)} of {n} bytes of the {what}")
+            error = PeerUnresponsive if first and not data else AuthenticationError
+            raise error(f"handshake: connection closed after {len(data)} of {n} bytes of the {what}")
         data += chunk
     return bytes(data)
 
@@ -92,7 +101,9 @@ def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
     try:
         sock.sendall(data)
     except TimeoutError as exc:
-        raise AuthenticationError("handshake: timed out sending") from exc
+        raise PeerUnresponsive("handshake: timed out sending") from exc
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise PeerUnresponsive(f"handshake: the peer closed the connection ({exc})") from exc
 
 
 def server_handshake(sock: socket.socket, secret: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -104,7 +115,7 @@ def server_handshake(sock: socket.socket, secret: bytes, timeout: float = DEFAUL
     try:
         server_nonce = secrets.token_bytes(NONCE_BYTES)
         _send(sock, HANDSHAKE_MAGIC + server_nonce, deadline)
-        answer = _recv_exact(sock, MAC_BYTES + NONCE_BYTES, deadline, "client's proof")
+        answer = _recv_exact(sock, MAC_BYTES + NONCE_BYTES, deadline, "client's proof", first=True)
         if not hmac.compare_digest(answer[:MAC_BYTES], _mac(secret, b"client", server_nonce)):
             raise AuthenticationError("handshake: the client's proof does not match the cluster secret")
         _send(sock, _mac(secret, b"server", answer[MAC_BYTES:]), deadline)
@@ -120,7 +131,7 @@ def client_handshake(sock: socket.socket, secret: bytes, timeout: float = DEFAUL
     """
     deadline, previous_timeout = time.monotonic() + timeout, sock.gettimeout()
     try:
-        challenge = _recv_exact(sock, len(HANDSHAKE_MAGIC) + NONCE_BYTES, deadline, "server's challenge")
+        challenge = _recv_exact(sock, len(HANDSHAKE_MAGIC) + NONCE_BYTES, deadline, "server's challenge", first=True)
         magic, server_nonce = challenge[:len(HANDSHAKE_MAGIC)], challenge[len(HANDSHAKE_MAGIC):]
         if magic != HANDSHAKE_MAGIC:
             raise AuthenticationError(f"handshake: bad magic {magic!r} (expected {HANDSHAKE_MAGIC!r}): "

@@ -158,12 +158,14 @@ class _Encoder:
         return ["o", name, {field: self.node(getattr(value, field), inner) for field in _field_names(kind)}]
 
     def error(self, exc: BaseException, depth: int) -> list:
-        """An exception's node: its own type if registered and its args encode, else a RuntimeError."""
+        """An exception's node: its own type if registered, its args encode and ``type(exc)(*exc.args)``
+        works (as the decoder will call it), else a RuntimeError naming the type."""
         kind, saved = type(exc), (len(self.segments), self.offset)
         extra: dict[str, Any] = {"notes": list(getattr(exc, "__notes__", []))}
         try:
             if self.registry.get(wire_name(kind)) is not kind:
                 raise WireFormatError(f"exception type {wire_name(kind)} is not registered")
+            _build(exc.args, lambda args: kind(*args), exc)
             if isinstance(exc, OSError):
                 extra.update((field, _plain(getattr(exc, field))) for field in _OSERROR_FIELDS
                              if getattr(exc, field) is not None)  # a None filename2 would show in str()

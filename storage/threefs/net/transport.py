@@ -1,99 +1,122 @@
 """Method calls between this 3FS's services over TCP: ``RpcServer`` exposes an object, ``RpcClient`` calls it.
 
 3FS's services (mgmtd, meta, storage) talk through their own RPC framework (serde-encoded messages over
-RDMA or TCP, no authentication: the cluster network is trusted). This is the same idea at its smallest:
+RDMA or TCP). This is the same idea at its smallest:
 
-  frame    = 8-byte big-endian payload length, then the payload (a pickle)
-  request  = (method_name: str, args: tuple, kwargs: dict)
-  reply    = ("ok", return_value) | ("err", exception)
+  connection = the handshake of ``auth.py`` (both ends prove they hold the cluster's secret), then frames
+  frame      = 8-byte big-endian body length, then the body: one value in ``codec.py``'s format
+  request    = (method_name: str, args: tuple, kwargs: dict)
+  reply      = ("ok", return_value) | ("err", exception)
 
-The server runs one thread per connection; the client keeps one connection per calling thread (so
-calls from many threads run concurrently, and a connection never interleaves two calls). Exceptions
-raised by the served object travel back and are re-raised in the caller with their own type (a note
-names the server and method); one that cannot be pickled arrives as a ``RuntimeError`` carrying its repr.
+Both ends take a ``Codec`` (its registry says which types may travel: ``wire_types.threefs_codec()`` for
+3FS) and the cluster's secret (``auth.load_or_create_secret(root)``). The server runs one thread per
+connection; the client keeps one connection per calling thread (so calls from many threads run
+concurrently, and a connection never interleaves two calls). Exceptions raised by the served object
+travel back and are re-raised in the caller with their own type if the codec knows it (a note names the
+server and method), else as a ``RuntimeError`` naming the type.
 
-Failure rule: a refused, reset, closed or timed-out connection raises ``errors.NodeUnavailable`` naming
-the address. A call is never retried by this layer once its request may have reached the server (the
-caller decides whether the operation is safe to repeat); an idle pooled connection the server has
-already closed is detected before use and replaced, which sends nothing twice.
+Failure rules:
+  * A refused, reset, closed or timed-out connection raises ``errors.NodeUnavailable`` naming the address;
+    so does a server that accepts the connection but never answers the handshake (down or hung). A call
+    is never retried by this layer once its request may have reached the server (the caller decides
+    whether the operation is safe to repeat); an idle pooled connection the server has already closed is
+    detected before use and replaced, which sends nothing twice.
+  * A server that answers the handshake but refuses the client's secret, or cannot prove its own, raises
+    ``auth.AuthenticationError`` naming the address: not a ``NodeUnavailable``, so callers that retry an
+    unavailable node do not retry this.
+  * Arguments or a return value the codec cannot encode raise ``codec.WireFormatError`` in the caller
+    (before sending) or come back as a ``RuntimeError`` (from the server); a malformed reply raises
+    ``WireFormatError`` naming the address.
+  * The server logs (``logging`` warning naming the peer) and closes a connection that fails the handshake
+    or sends a malformed frame, and keeps serving everyone else.
 
-Security: unpickling runs code chosen by the sender. Serve only on loopback (the default) or a private,
-trusted network, as 3FS itself assumes of its RPC.
+Security: the wire format cannot run code when decoded, and only a process that can read the cluster's
+secret file may call a server. Frames after the handshake are neither encrypted nor signed: serve on
+loopback (the default) or a private network, as 3FS itself assumes of its RPC.
 """
 
 from __future__ import annotations
 
-import pickle
+import logging
 import select
 import socket
 import struct
 import threading
-import traceback
 import weakref
 from typing import Any
 
+from storage.threefs.net.auth import (DEFAULT_TIMEOUT, AuthenticationError, PeerUnresponsive, client_handshake,
+                                      server_handshake)
+from storage.threefs.net.codec import Codec, WireFormatError
 from storage.threefs.errors import NodeUnavailable
 
 _HEADER = struct.Struct(">Q")
 _MAX_FRAME = 1 << 40  # a header announcing more than this is a protocol error, not a payload
+_FIRST_ALLOCATION = 64 << 20  # frames up to this size are read into one buffer of their exact size
 
 
-def _send_frame(sock: socket.socket, payload: bytes) -> None:
-    header = _HEADER.pack(len(payload))
-    if len(payload) < 65536:
-        sock.sendall(header + payload)  # one segment for small messages
+def _send_frame(sock: socket.socket, parts: list[bytes | bytearray | memoryview]) -> None:
+    """Sends one frame whose body is ``parts`` (a codec's output: small values packed in the first part,
+    each large bytes value a part of its own, sent without a copy)."""
+    header = _HEADER.pack(sum(len(part) for part in parts))
+    if len(parts[0]) < 65536:
+        parts = [header + parts[0], *parts[1:]]  # one segment for a small message
     else:
-        sock.sendall(header)
-        sock.sendall(payload)  # no copy of a large payload
+        parts = [header, *parts]
+    for part in parts:
+        sock.sendall(part)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
-    """Reads exactly n bytes; None if the peer closed the connection before the first byte."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _recv_into(sock: socket.socket, view: memoryview, frame_start: bool = False) -> bool:
+    """Fills ``view`` from ``sock``; False if the peer closed the connection before the first byte of a
+    frame (``frame_start``), ConnectionResetError if it closed anywhere else."""
     got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
+    while got < len(view):
+        k = sock.recv_into(view[got:])
         if k == 0:
-            if got == 0:
-                return None
-            raise ConnectionResetError(f"connection closed after {got} of {n} bytes")
+            if got == 0 and frame_start:
+                return False
+            raise ConnectionResetError(f"connection closed after {got} of {len(view)} bytes")
         got += k
-    return buf
+    return True
 
 
 def _recv_frame(sock: socket.socket) -> bytearray | None:
-    header = _recv_exact(sock, _HEADER.size)
-    if header is None:
+    """One frame's body; None if the peer closed the connection between frames. The buffer grows as
+    bytes arrive, so a false length costs no more memory than the bytes actually sent."""
+    header = bytearray(_HEADER.size)
+    if not _recv_into(sock, memoryview(header), frame_start=True):
         return None
     (length,) = _HEADER.unpack(header)
     if length > _MAX_FRAME:
-        raise ConnectionResetError(f"frame length {length} exceeds {_MAX_FRAME}: not this protocol")
-    payload = _recv_exact(sock, length) if length else bytearray()
-    if payload is None:
-        raise ConnectionResetError("connection closed between frame header and payload")
-    return payload
+        raise WireFormatError(f"frame length {length} exceeds {_MAX_FRAME}: not this protocol")
+    body, received = bytearray(min(length, _FIRST_ALLOCATION)), 0
+    while received < length:
+        if received == len(body):
+            body += bytes(min(len(body), length - len(body)))  # doubles, up to the announced length
+        _recv_into(sock, memoryview(body)[received:])
+        received = len(body)
+    return body
 
 
-def _picklable_error(exc: BaseException) -> BaseException:
-    """The exception itself if it survives a pickle round trip, else a RuntimeError with its repr."""
-    try:
-        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
-        return exc
-    except Exception:  # noqa: BLE001 - any failure to round-trip means: send a description instead
-        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        return RuntimeError(f"unpicklable remote exception {type(exc).__qualname__}: {text}")
+def _check_secret(secret: bytes) -> bytes:
+    if not isinstance(secret, bytes) or len(secret) < 16:
+        raise ValueError("secret: expected the cluster's secret, at least 16 bytes (auth.load_or_create_secret)")
+    return secret
 
 
 class RpcServer:
     """Serves the public methods of ``obj`` (names not starting with ``_``; only ``allowed`` if given).
 
-    host/port: where to listen (port 0 picks a free port; ``address`` tells which). Start with
-    ``serve_in_thread()``; ``shutdown()`` closes the listener and every open connection, so clients see
-    ``NodeUnavailable`` as if the process had died.
+    host/port: where to listen (port 0 picks a free port; ``address`` tells which). codec: the types that
+    may travel. secret: the cluster's secret; a client must prove it holds it within
+    ``handshake_timeout`` seconds of connecting. Start with ``serve_in_thread()``; ``shutdown()`` closes
+    the listener and every open connection, so clients see ``NodeUnavailable`` as if the process had died.
     """
 
-    def __init__(self, obj: Any, host: str = "127.0.0.1", port: int = 0, allowed: set[str] | None = None):
+    def __init__(self, obj: Any, host: str = "127.0.0.1", port: int = 0, allowed: set[str] | None = None, *,
+                 codec: Codec, secret: bytes, handshake_timeout: float = DEFAULT_TIMEOUT):
+        self._codec, self._cluster_secret, self._handshake_timeout = codec, _check_secret(secret), handshake_timeout
         if allowed is not None:
             bad = sorted(name for name in allowed if name.startswith("_") or not callable(getattr(obj, name, None)))
             if bad:
@@ -158,7 +181,7 @@ class RpcServer:
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():
             try:
-                conn, _ = self._listener.accept()
+                conn, peer = self._listener.accept()
             except OSError:
                 return  # listener closed by shutdown
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -167,22 +190,28 @@ class RpcServer:
                     conn.close()
                     return
                 self._connections.add(conn)
-            threading.Thread(target=self._serve_connection, args=(conn,), name=f"rpc-conn-{self.address}",
-                             daemon=True).start()
+            peer_address = f"{peer[0]}:{peer[1]}"
+            threading.Thread(target=self._serve_connection, args=(conn, peer_address),
+                             name=f"rpc-conn-{self.address}", daemon=True).start()
 
-    def _serve_connection(self, conn: socket.socket) -> None:
+    def _serve_connection(self, conn: socket.socket, peer: str) -> None:
+        """Authenticates the peer, then answers its requests until it closes or sends a malformed frame."""
         try:
+            try:
+                server_handshake(conn, self._cluster_secret, self._handshake_timeout)
+            except AuthenticationError as exc:
+                self._refuse(peer, f"failed the handshake: {exc}")
+                return
             while True:
-                request = _recv_frame(conn)
-                if request is None:
-                    return
-                reply = self._dispatch(request)
                 try:
-                    payload = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as exc:  # noqa: BLE001 - an unpicklable return value becomes an error reply
-                    error = RuntimeError(f"reply of type {type(reply[1]).__qualname__} cannot be pickled: {exc!r}")
-                    payload = pickle.dumps(("err", error), protocol=pickle.HIGHEST_PROTOCOL)
-                _send_frame(conn, payload)
+                    request = _recv_frame(conn)
+                    if request is None:
+                        return
+                    method, args, kwargs = self._decode_request(request)
+                except WireFormatError as exc:
+                    self._refuse(peer, f"sent a malformed request: {exc}")
+                    return
+                _send_frame(conn, self._encode_reply(self._dispatch(method, args, kwargs)))
         except OSError:
             return  # client went away or shutdown closed the socket
         finally:
@@ -190,18 +219,37 @@ class RpcServer:
                 self._connections.discard(conn)
             conn.close()
 
-    def _dispatch(self, request: bytearray) -> tuple[str, Any]:
+    def _refuse(self, peer: str, why: str) -> None:
+        if not self._stopped.is_set():  # shutdown interrupting a handshake is no news
+            logging.getLogger(__name__).warning("RPC server %s: closing the connection from %s, which %s",
+                                                self.address, peer, why)
+
+    def _decode_request(self, frame: bytearray) -> tuple[str, tuple, dict]:
+        request = self._codec.decode(frame)
+        if not (type(request) is tuple and len(request) == 3 and type(request[0]) is str
+                and type(request[1]) is tuple and type(request[2]) is dict
+                and all(type(key) is str for key in request[2])):
+            raise WireFormatError(f"a request is (method: str, args: tuple, kwargs: dict[str, ...]), "
+                                  f"not {type(request).__qualname__} {str(request)[:100]}")
+        return request
+
+    def _encode_reply(self, reply: tuple[str, Any]) -> list[bytes | bytearray | memoryview]:
         try:
-            method, args, kwargs = pickle.loads(request)
-            if not isinstance(method, str) or method.startswith("_") or (
-                    self.allowed is not None and method not in self.allowed):
+            return self._codec.encode(reply)
+        except WireFormatError as exc:  # a return value of an unregistered type becomes an error reply
+            error = RuntimeError(f"reply of type {type(reply[1]).__qualname__} cannot be encoded: {exc}")
+            return self._codec.encode(("err", error))
+
+    def _dispatch(self, method: str, args: tuple, kwargs: dict) -> tuple[str, Any]:
+        try:
+            if method.startswith("_") or (self.allowed is not None and method not in self.allowed):
                 raise AttributeError(f"{type(self.obj).__name__} at {self.address} exposes no method {method!r}")
             function = getattr(self.obj, method, None)
             if not callable(function):
                 raise AttributeError(f"{type(self.obj).__name__} at {self.address} has no method {method!r}")
             return ("ok", function(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - every error goes back to the caller
-            return ("err", _picklable_error(exc))
+        except Exception as exc:  # noqa: BLE001 - every error goes back to the caller (the codec replaces
+            return ("err", exc)   # one it cannot encode by a RuntimeError naming its type)
 
 
 class _Connection:
@@ -222,17 +270,20 @@ class _Connection:
 class RpcClient:
     """A proxy for the object served at ``address`` ("host:port"): ``client.method(*args, **kw)``.
 
-    timeout: seconds for connecting and for each reply (None waits forever). Each calling thread has its
-    own connection, opened on first use and reopened after a failure. Any transport failure raises
-    ``NodeUnavailable`` naming the address and method; the call is not retried. Names starting with
+    timeout: seconds for connecting, for the handshake (None: ``auth.DEFAULT_TIMEOUT``) and for each
+    reply (None waits forever). codec: the types that may travel. secret: the cluster's secret. Each
+    calling thread has its own connection, opened (and authenticated) on first use and reopened after a
+    failure. A transport failure raises ``NodeUnavailable`` naming the address and method; a server that
+    refuses the secret raises ``AuthenticationError``; the call is not retried. Names starting with
     ``_`` are never sent (``AttributeError`` locally); a name the server does not expose raises
     ``AttributeError`` from the server.
     """
 
-    def __init__(self, address: str, timeout: float | None = 30.0):
+    def __init__(self, address: str, timeout: float | None = 30.0, *, codec: Codec, secret: bytes):
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"address={address!r}: expected 'host:port'")
+        self._codec, self._cluster_secret = codec, _check_secret(secret)
         self._address = address
         self._endpoint = (host, int(port))
         self._timeout = timeout
@@ -259,23 +310,31 @@ class RpcClient:
         """Calls ``method`` remotely and returns its result, or re-raises its exception."""
         if self._closed:
             raise ValueError(f"RpcClient for {self._address} is closed")
-        request = pickle.dumps((method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        request = self._codec.encode((method, args, kwargs))  # WireFormatError here: nothing was sent
         connection = self._connection(method)
         try:
             _send_frame(connection.sock, request)
             reply = _recv_frame(connection.sock)
             if reply is None:
                 raise ConnectionResetError("server closed the connection before replying")
+            status, value = self._decode_reply(reply)
         except OSError as exc:  # includes socket.timeout
             self._drop(connection)
             raise NodeUnavailable(f"{self._address}: call {method!r} failed: {exc!r}") from exc
-        status, value = pickle.loads(reply)
+        except WireFormatError as exc:
+            self._drop(connection)
+            raise WireFormatError(f"{self._address}: malformed reply to {method!r}: {exc}") from exc
         if status == "ok":
             return value
-        if isinstance(value, BaseException):
-            value.add_note(f"raised by {method!r} on the server at {self._address}")
-            raise value
-        raise RuntimeError(f"{self._address}: malformed reply to {method!r}: {status!r}")
+        value.add_note(f"raised by {method!r} on the server at {self._address}")
+        raise value
+
+    def _decode_reply(self, frame: bytearray) -> tuple[str, Any]:
+        reply = self._codec.decode(frame)
+        if not (type(reply) is tuple and len(reply) == 2 and (
+                reply[0] == "ok" or reply[0] == "err" and isinstance(reply[1], BaseException))):
+            raise WireFormatError(f"a reply is ('ok', value) or ('err', exception), not {str(reply)[:100]}")
+        return reply
 
     def disconnect(self) -> None:
         """Closes every connection this client opened (from any thread). Not ``close``: that name is
@@ -306,13 +365,29 @@ class RpcClient:
                 sock = socket.create_connection(self._endpoint, timeout=self._timeout)
             except OSError as exc:
                 raise NodeUnavailable(f"{self._address}: cannot connect for {method!r}: {exc!r}") from exc
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._authenticate(sock, method)
             sock.settimeout(self._timeout)
             connection = _Connection(sock)
             self._local.connection = connection
             with self._lock:
                 self._open.add(connection)
         return connection
+
+    def _authenticate(self, sock: socket.socket, method: str) -> None:
+        """The handshake on a new connection (closed on failure): NodeUnavailable if the server does not
+        answer it, AuthenticationError if it refuses our secret or cannot prove its own."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client_handshake(sock, self._cluster_secret, DEFAULT_TIMEOUT if self._timeout is None else self._timeout)
+        except PeerUnresponsive as exc:
+            sock.close()
+            raise NodeUnavailable(f"{self._address}: no handshake for {method!r}: {exc}") from exc
+        except AuthenticationError as exc:
+            sock.close()
+            raise AuthenticationError(f"{self._address}: cannot authenticate for {method!r}: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise NodeUnavailable(f"{self._address}: handshake for {method!r} failed: {exc!r}") from exc
 
     @staticmethod
     def _stale(sock: socket.socket) -> bool:
