@@ -35,18 +35,32 @@ def read_all(client, path: str) -> bytes:
         return f.read()
 
 
+def closing_clients(cluster: EmbeddedCluster):
+    """`cluster`, whose clients are closed with it (also when a test fails half-way)."""
+    made, make = [], cluster.client
+
+    def client(**kwargs):
+        made.append(make(**kwargs))
+        return made[-1]
+
+    cluster.client = client
+    yield cluster
+    for c in made:
+        c.close()
+
+
 @pytest.fixture
 def cluster(tmp_path):
     with EmbeddedCluster(tmp_path / "c", SHAPE, heartbeat_interval=0.05, heartbeat_timeout=1.0,
                          session_lease=0.6) as c:
-        yield c
+        yield from closing_clients(c)
 
 
 @pytest.fixture
 def quiet_cluster(tmp_path):
     """No heartbeat thread: sessions end only when a test prunes them."""
     with EmbeddedCluster(tmp_path / "q", SHAPE, heartbeat_interval=None) as c:
-        yield c
+        yield from closing_clients(c)
 
 
 def racing_meta(cluster, during_query):
