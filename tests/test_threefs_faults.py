@@ -230,8 +230,11 @@ def test_whole_process_cluster_restart_keeps_every_byte(tmp_path):
         with client.open("/r/0", "r+b") as f:
             f.truncate(CHUNK + 3)
         files["/r/0"] = files["/r/0"][:CHUNK + 3]
+        removed = client.stat("/r/1").inode_id
         client.remove("/r/1")
         del files["/r/1"]
+        prefix = ChunkId(removed, 0).hex()[:24]  # its chunks go in the background: wait for them to
+        wait_for(lambda: not list(root.glob(f"node-*/target-*/chunks/{prefix}*")), 15, "/r/1's collection")
         before = assert_replicas_identical(root, client)
     with ProcessCluster(root) as cluster, cluster.client() as client:
         assert cluster.shape == SHAPE

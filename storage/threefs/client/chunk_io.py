@@ -173,3 +173,30 @@ class ChunkIO:
 
         for future in [self._pool.submit(one, chain) for chain in sorted(set(layout.chains))]:
             future.result()
+
+    # ----------------------------------------------------------------------------- lengths
+
+    def file_length(self, layout: Layout, inode_id: int, timeout: float | None = None) -> int:
+        """The file's exact length as storage holds it: the end of its last chunk with committed bytes,
+        over every chain of the layout (each asked of its last serving target, then the others; one
+        chunk-id range query each). Emptied chunks (a truncate) count for nothing."""
+        def one(chain_id: int) -> int:
+            def attempt(routing: RoutingInfo) -> int:
+                targets = routing.readable_targets(chain_id)
+                if not targets:
+                    raise TargetNotServing(f"chain {chain_id} has no serving target")
+                error: Exception | None = None
+                for target in reversed(targets):  # the tail first: it commits first
+                    try:
+                        last = self._storage(routing.target_node[target]).last_chunk(chain_id, target, inode_id)
+                    except RETRYABLE as exc:
+                        error = exc
+                        continue
+                    return 0 if last is None else last[0] * layout.chunk_size + last[1]
+                assert error is not None
+                raise error
+            return self._retrying(f"length of file {inode_id} on chain {chain_id}", attempt, timeout)
+
+        chains = sorted(set(layout.chains))
+        return max([one(chains[0])] + [f.result() for f in [self._pool.submit(one, c) for c in chains[1:]]])
+

@@ -5,9 +5,11 @@ and the storage services directly (``chunk_io.py``), striped by each file's layo
 in-process objects (``EmbeddedCluster``) or RPC proxies to server processes (``ProcessCluster``,
 ``python -m storage.threefs serve``): the client cannot tell.
 
-Removing a file takes it out of the namespace at once; its chunks are deleted by garbage collection
-(``collect_garbage``), which the client runs after each removal and which any client may run. Chunks of
-a target that was offline at the time are cleaned up by that target's resync.
+Removing a file takes it out of the namespace at once and touches no storage; its chunks are deleted
+by background garbage collection (``garbage.py``: the meta server, or an ``EmbeddedCluster``'s heartbeat
+thread, runs it; ``collect_garbage`` runs one round now). Chunks of a target that was offline at the time
+are cleaned up by that target's resync. While writing, the client's lease thread also reports the write
+end of each file it has open for writing (``ThreeFSFile.report_length``).
 
 Example::
 
@@ -29,11 +31,10 @@ from typing import Any
 from storage.threefs.client.chunk_io import ChunkIO, RoutingCache
 from storage.threefs.client.file import ThreeFSFile
 from storage.threefs.client.file_api import FileStat, parse_mode
+from storage.threefs.client.garbage import GC_RETRY_SECONDS, collect_garbage
 from storage.threefs.meta.schema import Inode, InodeType
 from storage.threefs.mgmtd.routing import RoutingInfo
 from storage.threefs.client.usrbio import IoRing, IoVec
-
-GC_RETRY_SECONDS = 2.0  # garbage collection is best effort: a chain that stays down is retried next time
 
 
 class Client:
@@ -103,13 +104,16 @@ class Client:
         return file
 
     def _renew_sessions(self, interval: float) -> None:
-        """Keeps this client's write sessions alive (the cluster ends the sessions of dead clients)."""
+        """Keeps this client's write sessions alive (the cluster ends the sessions of dead clients) and
+        reports the write end of each file open for writing."""
         while not self._stopping.wait(interval):
             with self._lock:
-                writing = any(f.writable() for f in self._open_files)
+                writing = [f for f in self._open_files if f.writable()]
             if writing:
                 try:
                     self.meta.renew_sessions(self.client_id)
+                    for file in writing:
+                        file.report_length()
                 except (OSError, RuntimeError) as error:  # a meta server that is down: retried next interval
                     logging.getLogger(__name__).warning("3FS session renewal failed: %s", error)
 
@@ -151,8 +155,7 @@ class Client:
     def rename(self, src: str, dst: str, replace: bool = True) -> None:
         """Atomic: one metadata transaction; replaces a file or an empty directory at `dst` (replace=False:
         FileExistsError instead)."""
-        self.meta.rename(src, dst, replace)
-        self.collect_garbage()  # a replaced file's chunks
+        self.meta.rename(src, dst, replace)  # a replaced file's chunks go by garbage collection
 
     def remove(self, path: str, recursive: bool = False) -> None:
         """Removes a file or symlink; a directory when empty, or with everything in it when `recursive`."""
@@ -163,7 +166,6 @@ class Client:
             self.meta.remove_tree(path)
         else:
             self.meta.rmdir(path)
-        self.collect_garbage()
 
     def exists(self, path: str) -> bool:
         return self._stat_or_none(path) is not None
@@ -175,22 +177,10 @@ class Client:
         return self.meta.readlink(path)
 
     def collect_garbage(self, limit: int = 1024) -> int:
-        """Deletes the chunks of files removed from the namespace (no longer open for writing) and then
-        forgets them; returns how many files were collected. Best effort: a file whose chunks could not
-        all be deleted (a chain without a writable target, a collector that died) stays listed for the
-        next collection, and deleting twice is harmless."""
-        collected = []
-        for inode in self.meta.garbage(limit):
-            try:
-                if inode.layout is not None:
-                    self.chunk_io.remove_file(inode.layout, inode.inode_id, timeout=GC_RETRY_SECONDS)
-                collected.append(inode.inode_id)
-            except (TimeoutError, OSError) as error:
-                logging.getLogger(__name__).warning("3FS garbage collection: file %d kept for later: %s",
-                                                    inode.inode_id, error)
-        if collected:
-            self.meta.release_garbage(collected)
-        return len(collected)
+        """Runs one garbage-collection round now (``garbage.collect_garbage``: deletes the chunks of up
+        to `limit` removed files, then forgets them); returns how many files were collected. The
+        cluster collects in the background anyway; this is for tools and tests."""
+        return collect_garbage(self.meta, self.chunk_io, limit, GC_RETRY_SECONDS)
 
     def close(self) -> None:
         """Closes the files still open through this client (ending their write sessions), then the client."""

@@ -2,9 +2,12 @@
 
 Read-only opens are not tracked by the metadata service (training jobs open many files); a write open
 holds a file session. The file's length in metadata is only as exact as the last report: the client
-reports the end of its writes on ``fsync`` and ``close`` (3FS's precise-length query on close), and
-the service keeps the larger of the stored and reported lengths. Writes are synchronous (acknowledged
-by every replica of the chain before ``pwrite`` returns), so ``flush`` has nothing to do.
+reports the end of its writes periodically (``report_length``, from the client's lease thread), on
+``fsync`` and on ``close``, where the meta service also asks storage for the exact length; the service
+keeps the larger (see ``meta/lengths.py``; a report from before another client's truncate is ignored).
+Appends (mode ``ab``) reserve their range in the meta service, so concurrent appenders keep every record.
+Writes are synchronous (acknowledged by every replica of the chain before ``pwrite`` returns), so
+``flush`` has nothing to do.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ class ThreeFSFile(StreamFile):
         self._layout = inode.layout
         self._session_id = session_id
         self._length = inode.length  # what this handle knows: metadata's length, then its own writes
-        self._written_end = 0  # end of this handle's writes, reported on fsync/close
+        self._written_end = 0  # end of this handle's writes, reported periodically and on fsync/close
+        self._reported_end = 0  # what the last periodic report sent
+        self._truncations = inode.truncations  # the file's truncation count this handle knows
         self._position = inode.length if open_mode.append else 0
         self.closed = False
 
@@ -91,10 +96,11 @@ class ThreeFSFile(StreamFile):
         self._check_io(writing=True)
         size = self._position if size is None else size
         self._check_offset(size, "size")
-        old = max(self._length, self._meta.stat_inode(self._inode_id).length)
+        old = max(self._length, self._meta.stat_inode(self._inode_id).length,
+                  self._chunk_io.file_length(self._layout, self._inode_id))  # unreported writes too
         if size < old:
             self._chunk_io.cut(self._layout, self._inode_id, size, old)
-        self._meta.truncate_inode(self._inode_id, size)
+        self._truncations = self._meta.truncate_inode(self._inode_id, size).truncations
         self._length = size
         self._written_end = min(self._written_end, size)
         return size
@@ -102,7 +108,19 @@ class ThreeFSFile(StreamFile):
     def fsync(self) -> None:
         """Makes metadata's length exact (stat sees every byte written through this handle)."""
         self._check_io(writing=True)
-        self._meta.sync(self._inode_id, self._written_end)
+        self._meta.sync(self._inode_id, self._written_end, self._truncations)
+
+    def _append_position(self, size: int) -> int:
+        """An append's own range, reserved in the meta service (other clients may append concurrently)."""
+        return self._meta.reserve_append(self._inode_id, size)
+
+    def report_length(self) -> None:
+        """Reports this handle's write end if it grew since the last report (the client's lease thread
+        calls this periodically, so a length is known before close)."""
+        end = self._written_end
+        if not self.closed and self._session_id is not None and end > self._reported_end:
+            self._meta.sync(self._inode_id, end, self._truncations)
+            self._reported_end = end
 
     def close(self) -> None:
         if self.closed:
@@ -111,9 +129,9 @@ class ThreeFSFile(StreamFile):
         self._on_close(self)
         if self._session_id is not None:
             try:
-                self._meta.close(self._inode_id, self._session_id, self._written_end)
+                self._meta.close(self._inode_id, self._session_id, self._written_end, self._truncations)
             except (ValueError, FileNotFoundError):  # the session's lease ran out (this client was paused)
                 try:
-                    self._meta.sync(self._inode_id, self._written_end)  # the length still counts
+                    self._meta.sync(self._inode_id, self._written_end, self._truncations)  # the length still counts
                 except FileNotFoundError:
                     pass  # removed meanwhile, and collected once the lease ended

@@ -81,10 +81,15 @@ class StreamFile:
         """Writes at the position (append mode: at the current end of the file)."""
         self._check_io(writing=True)
         if self._open_mode.append:
-            self._position = self._end()
+            self._position = self._append_position(memoryview(data).nbytes)
         count = self.pwrite(data, self._position)
         self._position += count
         return count
+
+    def _append_position(self, size: int) -> int:
+        """Where an append of `size` bytes goes: the current end (a file shared by concurrent appenders
+        overrides this with a reservation)."""
+        return self._end()
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._check_open()

@@ -8,7 +8,9 @@ The default: zero set-up, everything under one directory, surviving a restart::
     root/node-N/target-T/      one storage target's chunks and chunk metadata
 
 A background thread plays the heartbeats: every storage node reports its targets' local states and
-resyncs the syncing targets that follow its own, and mgmtd marks silent nodes offline. ``stop_node`` /
+resyncs the syncing targets that follow its own, mgmtd marks silent nodes offline, the meta service ends
+expired write sessions (taking their files' lengths from storage) and garbage collection deletes the
+chunks of removed files (``client/garbage.py``). ``stop_node`` /
 ``start_node`` simulate a storage server dying and coming back (its peers get ``NodeUnavailable``);
 for real process kills use ``ProcessCluster``.
 """
@@ -17,10 +19,13 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from storage.threefs.client.chunk_io import ChunkIO, RoutingCache
 from storage.threefs.client.client import Client
+from storage.threefs.client.garbage import collect_garbage
 from storage.threefs.cluster.shape import ClusterShape, lock_directory, target_dir
 from storage.threefs.errors import NodeUnavailable
 from storage.threefs.kv import open_kv
@@ -30,6 +35,8 @@ from storage.threefs.mgmtd.manager import Manager
 from storage.threefs.mgmtd.routing import TargetState
 from storage.threefs.storage.chunk_store import ChunkStore
 from storage.threefs.storage.service import StorageService
+
+MAINTENANCE_RETRY_SECONDS = 0.5  # a length query or chunk deletion in the heartbeat round gives up after this
 
 
 class EmbeddedCluster:
@@ -59,8 +66,13 @@ class EmbeddedCluster:
         if not self.manager.routing().chain_table.chains:
             self.manager.create_chains(self.shape.targets(), self.shape.replicas)
         self._kv = open_kv(f"sqlite:///{self.root / 'meta.sqlite'}")
+        self._maintenance_pool = ThreadPoolExecutor(4, thread_name_prefix="3fs-maintenance")
+        self._maintenance_io = ChunkIO(RoutingCache(self.manager.routing, ttl=0.05), self.storage,
+                                       self._maintenance_pool, retry_timeout=MAINTENANCE_RETRY_SECONDS)
         self.meta = MetaService(self._kv, lambda: self.manager.routing().chain_table,
-                                LayoutPolicy(self.shape.chunk_size, self.shape.stripe))
+                                LayoutPolicy(self.shape.chunk_size, self.shape.stripe),
+                                storage_length=lambda inode: self._maintenance_io.file_length(inode.layout,
+                                                                                              inode.inode_id))
         self.services: dict[int, StorageService] = {}
         self._stores: dict[int, list[ChunkStore]] = {}
         self._stopped: set[int] = set()
@@ -112,7 +124,8 @@ class EmbeddedCluster:
 
     def tick(self) -> None:
         """One heartbeat round: every running node heartbeats (and resyncs its syncing successors),
-        then mgmtd marks nodes that stayed silent offline."""
+        then mgmtd marks nodes that stayed silent offline, expired write sessions end and one garbage
+        collection round runs (each step bounded by MAINTENANCE_RETRY_SECONDS of retries)."""
         with self._lock:
             running = [s for n, s in self.services.items() if n not in self._stopped]
         for service in running:
@@ -122,6 +135,7 @@ class EmbeddedCluster:
                 pass  # a peer died mid-resync: the next round retries
         self.manager.check()
         self.meta.prune_sessions(self.session_lease)
+        collect_garbage(self.meta, self._maintenance_io, timeout=MAINTENANCE_RETRY_SECONDS)
 
     def _beat(self, interval: float) -> None:
         while not self._closing.wait(interval):
@@ -161,6 +175,7 @@ class EmbeddedCluster:
             for stores in self._stores.values():
                 for store in stores:
                     store.close()
+        self._maintenance_pool.shutdown(wait=True)
         self._kv.close()
         for lock in self._locks:
             lock.close()

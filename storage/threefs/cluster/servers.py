@@ -2,8 +2,9 @@
 
 The root directory is the cluster's rendezvous: ``cluster.json`` (its shape), ``timings.json`` (heartbeat
 and lease settings, ``ServerTimings``), ``mgmtd.json`` (mgmtd's state), ``meta.sqlite`` (the metadata KV,
-shared by any number of meta servers), ``secret`` (the cluster's secret: only a process that can read it
-may call a server, see ``net/auth.py``) and ``addresses/<name>.addr``, where each server publishes its
+shared by any number of meta servers, each also collecting garbage and asking storage for file lengths),
+``secret`` (the cluster's secret: only a process that can read it may call a server, see ``net/auth.py``)
+and ``addresses/<name>.addr``, where each server publishes its
 ``host:port`` once it listens. Storage servers heartbeat to mgmtd, resync their syncing successors, and
 register their address with mgmtd (a restarted server gets a new port; peers and clients find it through
 routing). ``processes.py`` launches these servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
@@ -25,6 +26,9 @@ from storage.threefs.cluster.shape import ClusterShape, ServerTimings, lock_dire
 from storage.threefs.net.auth import load_or_create_secret
 from storage.threefs.net.transport import RpcClient, RpcServer
 from storage.threefs.net.wire_types import threefs_codec
+
+GC_INTERVAL_SECONDS = 0.5         # between the meta server's garbage-collection rounds
+META_STORAGE_RETRY_SECONDS = 2.0  # how long the meta server's storage requests retry (lengths, deletions)
 
 
 def address_file(root: Path, name: str) -> Path:
@@ -96,13 +100,22 @@ def _serve_mgmtd(root: Path, shape: ClusterShape, timings: ServerTimings) -> tup
 
 
 def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: RpcClient) -> tuple[Any, list[threading.Thread]]:
+    """The meta service, which also asks storage for file lengths (closing and pruning sessions) and
+    collects garbage in the background, so it holds a routing cache and storage proxies as clients do."""
+    from concurrent.futures import ThreadPoolExecutor
+    from storage.threefs.client.chunk_io import ChunkIO
+    from storage.threefs.client.garbage import collect_garbage
     from storage.threefs.kv import open_kv
     from storage.threefs.meta.layout import LayoutPolicy
     from storage.threefs.meta.service import MetaService
     routing = RoutingCache(mgmtd.routing)
+    chunk_io = ChunkIO(routing, storage_of(routing, Proxies(root)), ThreadPoolExecutor(8, thread_name_prefix="3fs-meta-io"),
+                       retry_timeout=META_STORAGE_RETRY_SECONDS)
     meta = MetaService(open_kv(f"sqlite:///{root / 'meta.sqlite'}"), lambda: routing.get().chain_table,
-                       LayoutPolicy(shape.chunk_size, shape.stripe))
-    return meta, [_every(1.0, lambda: meta.prune_sessions(timings.session_lease))]
+                       LayoutPolicy(shape.chunk_size, shape.stripe),
+                       storage_length=lambda inode: chunk_io.file_length(inode.layout, inode.inode_id))
+    return meta, [_every(1.0, lambda: meta.prune_sessions(timings.session_lease)),
+                  _every(GC_INTERVAL_SECONDS, lambda: collect_garbage(meta, chunk_io))]
 
 
 def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node: int, mgmtd: RpcClient) -> tuple[Any, list]:

@@ -2,8 +2,9 @@
 
 Roles: `schema.py` (inode, directory-entry and file-session keys and values), `layout.py` (how a file's
 chunks stripe over chains), `paths.py` (path resolution inside a transaction), `remove.py` (dropping
-links, garbage, purging removed trees), `sessions.py` (write-session leases), `service.py` (`MetaService`:
-every namespace operation as one transaction). Contract: any number of `MetaService` objects, in any
+links, garbage, purging removed trees), `sessions.py` (write-session leases), `lengths.py` (file lengths
+from writers' reports and from storage, truncation counts, append reservations), `service.py`
+(`MetaService`: every namespace operation as one transaction). Contract: any number of `MetaService` objects, in any
 number of processes, may share one KV store; errors are the POSIX `OSError` subclasses with the path.
 """
 

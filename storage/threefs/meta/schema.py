@@ -133,6 +133,10 @@ class Inode:
       layout_policy: default layout for children (directories only).
       parent: the directory containing this directory (directories only; root's parent is itself).
       target: the symlink's target path (symlinks only).
+      truncations: how many times the file was truncated or reopened with truncation (files only): a
+        length report or storage length measured under an older count is stale (``meta/lengths.py``).
+      append_end: the end of the appends reserved so far (files only; the next append goes to
+        max(length, append_end)); reset by a truncation.
     """
 
     inode_id: int
@@ -147,6 +151,8 @@ class Inode:
     layout_policy: LayoutPolicy | None = None
     parent: int = ROOT_INODE_ID
     target: str | None = None
+    truncations: int = 0
+    append_end: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -173,6 +179,10 @@ class Inode:
             d["parent"] = self.parent
         if self.target is not None:
             d["target"] = self.target
+        if self.truncations:
+            d["truncations"] = self.truncations  # new fields: written when set, absent in older records
+        if self.append_end:
+            d["append_end"] = self.append_end
         return _dumps(d)
 
     @classmethod
@@ -184,6 +194,7 @@ class Inode:
             layout=Layout.from_dict(d["layout"]) if "layout" in d else None,
             layout_policy=LayoutPolicy.from_dict(d["policy"]) if "policy" in d else None,
             parent=d.get("parent", ROOT_INODE_ID), target=d.get("target"),
+            truncations=d.get("truncations", 0), append_end=d.get("append_end", 0),
         )
 
 

@@ -7,7 +7,9 @@ transaction that conflicts with a concurrent one is rerun by the KV store, so an
 directory into its own subtree by walking the destination's ancestors through the directory inodes'
 parent field. Files opened for writing hold a file session; a removed file becomes garbage (its chunks
 to be deleted by storage) only when its last write session closes. File lengths are reported by clients
-(`sync`, `close`) and only ever grow that way, so they are exact after fsync/close.
+(`sync`, `close`) and only ever grow that way; with a `storage_length`, closing or pruning a session also
+takes the length storage holds, so a length is exact after close even for a writer that died (the rules,
+truncations and append reservations: `lengths.py`).
 
 This module holds `MetaService` and its operations; path normalisation and resolution (symlinks
 included) are in `meta_paths`, and what removal does (dropping a file's last link, garbage, purging
@@ -29,18 +31,19 @@ from storage.threefs.meta.paths import (
     MAX_NAME_BYTES, MAX_SYMLINK_FOLLOWS, check_not_within, get_inode, os_error, put_dentry, put_inode,
     resolve_existing, split_path, walk,
 )
-from storage.threefs.meta.remove import detach, drop_link, has_entries, purge_step, to_garbage
-from storage.threefs.meta import sessions
+from storage.threefs.meta.remove import detach, drop_link, has_entries, purge_step
+from storage.threefs.meta import lengths, sessions
 from storage.threefs.meta.schema import (
     DETACHED_PREFIX, GARBAGE_PREFIX, INODE_ID_ALLOC_KEY, ROOT_INODE_ID, DirEntry, FileSession, Inode,
     InodeType, chain_base_key, decode_counter, dentry_key, dentry_prefix, encode_counter, find_problems,
-    garbage_key, id_of_suffix, inode_key, session_key, session_prefix,
+    garbage_key, id_of_suffix, inode_key, session_key,
 )
 from storage.threefs.mgmtd.routing import ChainTable
 
 __all__ = ["MAX_NAME_BYTES", "MAX_SYMLINK_FOLLOWS", "PURGE_BATCH", "MetaService", "split_path"]
 
 PURGE_BATCH = 256             # KV operations per remove_tree transaction
+MEASURE_ATTEMPTS = 3          # storage lengths a close measures while truncates keep outdating them
 
 
 def _check_length(length: object, name: str = "length") -> int:
@@ -57,8 +60,7 @@ def _check_client(client_id: object) -> None:
 def _set_length(node: Inode, length: int, name: str, txn: Transaction) -> Inode:
     if node.is_dir:
         raise os_error(IsADirectoryError, errno.EISDIR, name)
-    now = time.time()
-    node = dataclasses.replace(node, length=length, mtime=now, ctime=now)
+    node = lengths.truncated(node, length)
     put_inode(txn, node)
     return node
 
@@ -71,10 +73,14 @@ class MetaService:
       chain_table: returns the current chain table (new files' layouts are chosen from it).
       default_layout: the root directory's layout policy when this call creates the root.
       default_chunk_size, default_stripe: an alternative way to give default_layout.
+      storage_length: inode -> the file's exact length as storage holds it (``ChunkIO.file_length``),
+        asked when a write session closes or is pruned (``lengths.py``); None: lengths come from the
+        writers' reports only (meta-only use), and pruning needs no storage.
     """
 
     def __init__(self, kv: KVStore, chain_table: Callable[[], ChainTable], default_layout: LayoutPolicy | None = None,
-                 *, default_chunk_size: int | None = None, default_stripe: int | None = None):
+                 *, default_chunk_size: int | None = None, default_stripe: int | None = None,
+                 storage_length: Callable[[Inode], int] | None = None):
         if not callable(chain_table):
             raise TypeError(f"chain_table must be a callable returning a ChainTable, got {chain_table!r}")
         if default_layout is None:
@@ -86,6 +92,7 @@ class MetaService:
         self.kv = kv
         self.default_layout = default_layout
         self._chain_table = chain_table
+        self._storage_length = storage_length
         self.kv.transact(self._ensure_root)
 
     # -- helpers inside a transaction --------------------------------------------------------------------
@@ -193,8 +200,8 @@ class MetaService:
                     raise os_error(FileExistsError, errno.EEXIST, path)
                 if node.is_dir:
                     raise os_error(IsADirectoryError, errno.EISDIR, path)
-                if truncate and node.length:
-                    node = dataclasses.replace(node, length=0, mtime=now, ctime=now)
+                if truncate:  # even at length 0: unreported bytes on storage were dropped too
+                    node = lengths.truncated(node, 0)
                     put_inode(txn, node)
             else:
                 policy = get_inode(txn, res.parent_id).layout_policy or self.default_layout
@@ -248,41 +255,35 @@ class MetaService:
 
     # -- lengths and sessions ---------------------------------------------------------------------------
 
-    def close(self, inode_id: int, session_id: str, length: int | None) -> Inode:
-        """Ends a write session; the file's length becomes max(stored, length). A removed file becomes
-        garbage when its last session closes."""
+    def close(self, inode_id: int, session_id: str, length: int | None, truncations: int | None = None) -> Inode:
+        """Ends a write session; the file's length becomes max(stored, length, storage's length). `length`
+        counts only if `truncations` (the count the writer's handle last saw; None: unchecked) is
+        current. A removed file becomes garbage when its last session closes."""
         if length is not None:
             _check_length(length)
+        for _ in range(MEASURE_ATTEMPTS):
+            measured = self._measure(inode_id)
+            try:
+                return self.kv.transact(lambda txn: lengths.end_session(txn, inode_id, session_id, length,
+                                                                        truncations, measured))
+            except lengths.StaleMeasurement:
+                continue  # truncated meanwhile: measure again
+        return self.kv.transact(lambda txn: lengths.end_session(txn, inode_id, session_id, length, truncations, None))
 
-        def fn(txn: Transaction) -> Inode:
-            node = get_inode(txn, inode_id)
-            key = session_key(inode_id, session_id)
-            if txn.get(key) is None:
-                raise ValueError(f"session_id {session_id!r} is not an open write session of inode {inode_id}")
-            txn.clear(key)
-            if length is not None and length > node.length:
-                node = dataclasses.replace(node, length=length, mtime=time.time())
-                put_inode(txn, node)
-            if node.nlink == 0 and not has_entries(txn, session_prefix(inode_id)):
-                to_garbage(txn, node)
-            return node
+    def _measure(self, inode_id: int) -> lengths.Measured | None:
+        return lengths.measure(self.kv, self._storage_length, inode_id)
 
-        return self.kv.transact(fn)
-
-    def sync(self, inode_id: int, length: int) -> Inode:
-        """Records a client's max write end: the file's length becomes max(stored, length)."""
+    def sync(self, inode_id: int, length: int, truncations: int | None = None) -> Inode:
+        """Records a client's max write end: the file's length becomes max(stored, length), unless
+        `truncations` (the count the writer's handle last saw; None: unchecked) is out of date."""
         _check_length(length)
+        return self.kv.transact(lambda txn: lengths.report(txn, inode_id, length, truncations))
 
-        def fn(txn: Transaction) -> Inode:
-            node = get_inode(txn, inode_id)
-            if node.is_dir:
-                raise os_error(IsADirectoryError, errno.EISDIR, f"inode {inode_id}")
-            if length > node.length:
-                node = dataclasses.replace(node, length=length, mtime=time.time())
-                put_inode(txn, node)
-            return node
-
-        return self.kv.transact(fn)
+    def reserve_append(self, inode_id: int, size: int) -> int:
+        """Reserves the next `size` bytes at the end of the file for one append (see ``lengths.py``);
+        returns the offset to write them at."""
+        _check_length(size, "size")
+        return self.kv.transact(lambda txn: lengths.reserve_append(txn, inode_id, size))
 
     def truncate(self, path: str, length: int) -> Inode:
         """Sets the length of the file at `path` to exactly `length`."""
@@ -300,10 +301,16 @@ class MetaService:
         return self.kv.transact(lambda txn: sessions.renew(txn, client_id))
 
     def prune_sessions(self, lease_seconds: float) -> list[FileSession]:
-        """Ends the sessions not renewed for `lease_seconds` (their clients died); returns them."""
+        """Ends the sessions not renewed for `lease_seconds` (their clients died); returns them. With a
+        storage_length, each such file's length becomes max(stored, storage's) first; a file storage
+        does not answer for keeps its expired sessions until it does."""
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
-        return self.kv.transact(lambda txn: sessions.prune(txn, lease_seconds))
+        if self._storage_length is None:
+            return self.kv.transact(lambda txn: sessions.prune(txn, lease_seconds))
+        expired = self.kv.transact(lambda txn: sessions.expired(txn, lease_seconds), read_only=True)
+        measured = {i: m for i in sorted({s.inode_id for s in expired}) if (m := self._measure(i)) is not None}
+        return self.kv.transact(lambda txn: sessions.prune(txn, lease_seconds, measured))
 
     # -- renaming and removing --------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ block), `chunk_store.py` (`ChunkStore`: one target's chunks, committed + pending
 `reads.py` (CRAQ reads, the tail version query, checksum repair), `service.py` (`StorageService`: CRAQ
 writes head to tail and the heartbeat), `resync.py` (a predecessor brings a returning target up to date).
 Contract: a write is acknowledged only once every replica on the chain's write path committed it; a
-read returns committed bytes only.
+read returns committed bytes only. One file's chunks are one chunk-id key range on a target (removal
+and length queries never scan other files' chunks).
 """
 
 from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta

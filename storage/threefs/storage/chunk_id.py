@@ -2,7 +2,8 @@
 
 A chunk id's 16-byte key follows 3FS's layout (tenant, reserved, inode id, track, chunk index, integers
 big-endian), so byte order sorts chunks by inode, then chunk index; chunk stores key their metadata and
-name their content files by it. ChunkMeta is one chunk's metadata as dump-chunkmeta reports it.
+name their content files by it; `inode_key_range` is the key range of one file's chunks. ChunkMeta is
+one chunk's metadata as dump-chunkmeta reports it.
 `as_chunk_id` normalizes a chunk id that arrived as a plain tuple (e.g. over RPC).
 """
 
@@ -63,6 +64,16 @@ class ChunkMeta(NamedTuple):
     chain_version: int
     length: int
     checksum: int
+
+
+def inode_key_range(inode_id: int) -> tuple[bytes, bytes]:
+    """[begin, end) of the 16-byte keys of file `inode_id`'s chunks (every track and index)."""
+    if not isinstance(inode_id, int) or not 0 <= inode_id < 1 << 64:
+        raise ValueError(f"inode_id must be an int in [0, 2**64), got {inode_id!r}")
+    begin = b"\x00\x00" + inode_id.to_bytes(8, "big") + bytes(6)  # tenant, reserved, inode id, track, index
+    if inode_id == (1 << 64) - 1:
+        return begin, b"\x00\x01" + bytes(14)  # the next reserved byte: past every inode id
+    return begin, b"\x00\x00" + (inode_id + 1).to_bytes(8, "big") + bytes(6)
 
 
 def as_chunk_id(chunk_id: object) -> ChunkId:

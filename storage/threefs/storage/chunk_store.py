@@ -13,7 +13,8 @@ CRC32s of the whole content and CRC32s per 4 KiB piece). The order of effects ma
 safe: a content file is written and fsynced before any metadata names it, and an old file is deleted only
 after the transaction that stops naming it. Opening a store drops pending versions (their writes never
 completed) and deletes files no metadata names, so a reopened store reads exactly the last committed
-versions. A read loads and checks only the 4 KiB pieces that overlap its range; reading a whole version
+versions. The rows are keyed by the 16-byte chunk id, so one file's chunks are one key range
+(`inode_chunks`: garbage collection and length queries never scan other files' rows). A read loads and checks only the 4 KiB pieces that overlap its range; reading a whole version
 (repair, resync, the base of an update) checks all of it (`block_checksums.py`; ids: `chunk_id.py`).
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from storage.threefs.storage.block_checksums import block_checksums, read_blocks
-from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id  # re-exported
+from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id, inode_key_range  # re-exported
 from storage.threefs.errors import ChecksumError
 
 _SCHEMA = """
@@ -249,6 +250,15 @@ class ChunkStore:
             ids = sorted(self._cache, key=ChunkId.to_bytes)
         return [m for m in map(self.meta, ids) if m is not None]
 
+    def inode_chunks(self, inode_id: int) -> list[ChunkMeta]:
+        """Metadata of file `inode_id`'s chunks in chunk index order: one range query over the chunk-id
+        keys (they sort by inode, then index), so no other inode's rows are read."""
+        begin, end = inode_key_range(inode_id)
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM chunks WHERE id >= ? AND id < ? ORDER BY id",
+                                    (begin, end)).fetchall()
+        return [m for m in (self.meta(ChunkId.from_bytes(row[0])) for row in rows) if m is not None]
+
     def pending_state(self, chunk_id: ChunkId) -> tuple[int, int]:
         """(pending version, CRC32 of its whole content) of the chunk; (0, 0) when none is pending."""
         chunk_id = as_chunk_id(chunk_id)
@@ -421,7 +431,6 @@ class ChunkStore:
         return True
 
     def remove_inode(self, inode_id: int) -> int:
-        """Deletes every chunk of file `inode_id`; returns how many there were."""
-        with self._lock:
-            ids = [c for c in self._cache if c.inode_id == inode_id]
-        return sum(self.remove(c) for c in ids)
+        """Deletes every chunk of file `inode_id` (found by `inode_chunks`' range query); returns how many
+        there were."""
+        return sum(self.remove(m.chunk_id) for m in self.inode_chunks(inode_id))

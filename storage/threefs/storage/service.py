@@ -18,6 +18,9 @@ the next version. A successor that missed a version, or builds other bytes, gets
 A forward that fails with an unknown outcome (a lost reply) keeps its pending version unless the tail
 says what became of it; the next write or heartbeat settles it (`settle_pending` in reads.py).
 
+File lengths come from storage: `last_chunk` answers, for one chain, the last chunk of a file that holds
+committed bytes (a chunk-id range query), from which the meta service computes a file's exact length.
+
 Reads (CRAQ's apportioned queries, with the tail version query and checksum repair) are `CraqReads`
 in `reads.py`; `StorageService` serves them (`read`, `committed_state`, `read_chunk`, ...).
 
@@ -337,10 +340,9 @@ class StorageService:
             raise TargetNotServing(f"node {self.node_id} holds no target of chain {chain_id}")
         store = self.store(target)
         removed = 0
-        for meta in store.list_meta():
-            if meta.chunk_id.inode_id == inode_id:
-                with self._locks.hold(target, meta.chunk_id):
-                    removed += store.remove(meta.chunk_id)
+        for meta in store.inode_chunks(inode_id):  # a chunk-id range query: that inode's rows only
+            with self._locks.hold(target, meta.chunk_id):
+                removed += store.remove(meta.chunk_id)
         deadline = time.monotonic() + self._retry_timeout
         while True:
             routing = self.routing_info()
@@ -356,6 +358,19 @@ class StorageService:
                 if self._on_successor_failure is None or time.monotonic() > deadline:
                     raise
                 self._on_successor_failure(successor)
+
+    def last_chunk(self, chain_id: int, target_id: int, inode_id: int) -> tuple[int, int] | None:
+        """(chunk index, committed length) of file `inode_id`'s last chunk on a serving local target of
+        the chain that holds committed bytes (an emptied chunk counts for nothing), or None: what the
+        file's exact length is computed from (``ChunkIO.file_length``). One chunk-id range query."""
+        routing = self.routing_info()
+        if target_id not in routing.chain(chain_id).targets:
+            raise TargetNotServing(f"target {target_id} is not in chain {chain_id}")
+        store = self.require_state(routing, target_id, _READABLE, "report chunk lengths")
+        for meta in reversed(store.inode_chunks(inode_id)):
+            if meta.length > 0:
+                return meta.chunk_id.chunk_index, meta.length
+        return None
 
     # ----------------------------------------------------------------------------- membership
 
