@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from storage.threefs.kv import SqliteKV
 from storage.threefs.mgmtd.manager import Manager, next_public_state, place_chains
 from storage.threefs.mgmtd.routing import LocalState, TargetState
 
@@ -58,7 +59,8 @@ def test_transition_table():
 
 def test_manager_state_survives_restart(tmp_path):
     clock = FakeClock()
-    manager = Manager(tmp_path / "m.json", heartbeat_timeout=2.0, clock=clock)
+    kv = SqliteKV(str(tmp_path / "kv.sqlite"))
+    manager = Manager(kv, heartbeat_timeout=2.0, clock=clock)
     manager.create_chains({1: [11, 12], 2: [21, 22], 3: [31, 32]}, replicas=3)
     for node in (1, 2, 3):
         manager.register_node(node, f"127.0.0.1:{9000 + node}")
@@ -67,7 +69,7 @@ def test_manager_state_survives_restart(tmp_path):
     assert before.target_states[21] is TargetState.OFFLINE
     assert before.chain(before.chain_of(21)).targets[-1] == 21
 
-    again = Manager(tmp_path / "m.json", heartbeat_timeout=2.0, clock=clock)
+    again = Manager(SqliteKV(str(tmp_path / "kv.sqlite")), heartbeat_timeout=2.0, clock=clock)
     assert again.routing() == before
     assert again.create_chains({1: [11, 12], 2: [21, 22], 3: [31, 32]}, replicas=3) == before.chain_table
     clock.now += 3.0  # nobody heartbeats to the new manager: all offline, one lastsrv per chain
@@ -75,4 +77,4 @@ def test_manager_state_survives_restart(tmp_path):
     for chain_id in after.chain_table.chain_ids:
         states = [after.target_states[t] for t in after.chain(chain_id).targets]
         assert states.count(TargetState.LASTSRV) == 1 and states.count(TargetState.OFFLINE) == 2
-    assert Manager(tmp_path / "m.json").routing() == after
+    assert Manager(kv).routing() == after
