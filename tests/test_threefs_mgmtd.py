@@ -78,3 +78,54 @@ def test_manager_state_survives_restart(tmp_path):
         states = [after.target_states[t] for t in after.chain(chain_id).targets]
         assert states.count(TargetState.LASTSRV) == 1 and states.count(TargetState.OFFLINE) == 2
     assert Manager(kv).routing() == after
+
+
+def test_a_standby_changes_nothing_while_the_leader_holds_its_lease(tmp_path):
+    """Two mgmtd members on one sqlite KV: only the lease holder serves and writes; a standby answers
+    NotPrimary naming the leader; after the lease lapses the standby takes over with the stored state,
+    and the old leader (even one whose clock lags and still believes it leads) can write nothing."""
+    from storage.threefs.errors import NotPrimary
+    from storage.threefs.mgmtd.election import LeaderElection
+    from storage.threefs.mgmtd.state import STATE_KEY
+
+    path = str(tmp_path / "kv.sqlite")
+    wall_a, wall_b = FakeClock(), FakeClock()  # each member's wall clock: a's will lag b's
+    a = Manager(SqliteKV(path), clock=FakeClock(), election=LeaderElection(SqliteKV(path), "a", 5.0, wall_a))
+    b = Manager(SqliteKV(path), clock=FakeClock(), election=LeaderElection(SqliteKV(path), "b", 5.0, wall_b))
+    with pytest.raises(NotPrimary):
+        a.routing()  # not elected yet
+    assert a.campaign("127.0.0.1:1") and not b.campaign("127.0.0.1:2")
+    a.create_chains({1: [11], 2: [21], 3: [31]}, replicas=3)
+    for node in (1, 2, 3):
+        a.register_node(node, f"127.0.0.1:{9000 + node}")
+    kv = SqliteKV(path)
+    stored = kv.transact(lambda txn: txn.get(STATE_KEY))
+    for call in (b.routing, lambda: b.mark_offline(21), lambda: b.heartbeat(2, {}), b.check,
+                 lambda: b.register_node(2, "127.0.0.1:1")):
+        with pytest.raises(NotPrimary, match="127.0.0.1:1") as raised:
+            call()
+        assert raised.value.leader == "127.0.0.1:1"
+    wall_b.now = 4.9
+    assert not b.campaign("127.0.0.1:2")  # the lease has 0.1 s left
+    wall_a.now = wall_b.now = 4.0
+    assert a.campaign("127.0.0.1:1")  # renewed until 9.0
+    wall_b.now = 8.9
+    assert not b.campaign("127.0.0.1:2")
+    assert kv.transact(lambda txn: txn.get(STATE_KEY)) == stored  # the standby wrote nothing
+
+    # a stops renewing (paused); b's clock passes the lease; a's lags and still thinks it leads
+    wall_b.now = 9.5
+    assert b.campaign("127.0.0.1:2")
+    assert b.routing().target_states[21] is TargetState.SERVING  # loaded from the KV store
+    wall_a.now = 8.0
+    with pytest.raises(NotPrimary, match="127.0.0.1:2"):
+        a.mark_offline(21)  # fenced inside its transaction
+    assert kv.transact(lambda txn: txn.get(STATE_KEY)) == stored
+    wall_a.now = 9.6
+    with pytest.raises(NotPrimary):
+        a.routing()
+    assert not a.campaign("127.0.0.1:1")
+    b.mark_offline(21)
+    assert Manager(kv).routing().target_states[21] is TargetState.OFFLINE
+    b.resign()
+    assert a.campaign("127.0.0.1:1") and a.routing().target_states[21] is TargetState.OFFLINE
