@@ -99,9 +99,20 @@ def test_a_restarted_mgmtd_on_a_new_port_is_found_by_clients_and_storage_servers
         write_and_check(old_client, "/before", b"x" * 1000)
         old_address = read_address(cluster.root, "mgmtd")
         cluster.kill("mgmtd")
-        with old_client.open("/before", "rb") as f:  # served on the routing the client and storage hold
-            assert f.read() == b"x" * 1000
+        time.sleep(0.6)  # past the routing caches' ttl (0.5 s): the meta server's asks mgmtd, which is gone
+        done: list = []
+
+        def io_while_mgmtd_is_down() -> None:
+            write_and_check(old_client, "/during", b"d" * 1000)  # meta creates it on its last chain table
+            with old_client.open("/before", "rb") as f:
+                assert f.read() == b"x" * 1000
+            done.append(True)
+
+        worker = threading.Thread(target=io_while_mgmtd_is_down)
+        worker.start()  # storage serves on its last routing, then fences and IO is retried until mgmtd is back
         cluster.start("mgmtd")
+        worker.join(30)
+        assert done == [True]
         new_address = read_address(cluster.root, "mgmtd")
         assert new_address != old_address
         wait_for(lambda: cluster.mgmtd_leader() == "mgmtd", 10, "the restarted mgmtd to lead")
