@@ -129,3 +129,37 @@ def test_a_standby_changes_nothing_while_the_leader_holds_its_lease(tmp_path):
     assert Manager(kv).routing().target_states[21] is TargetState.OFFLINE
     b.resign()
     assert a.campaign("127.0.0.1:1") and a.routing().target_states[21] is TargetState.OFFLINE
+    wall_a.now = 9.6 + 5.0  # a leader that stopped renewing (a paused process) stops serving at expiry
+    with pytest.raises(NotPrimary):
+        a.routing()
+
+
+def test_a_storage_routing_lease_runs_from_when_the_heartbeat_was_sent(tmp_path):
+    """Storage serves on its last heartbeat's routing for T/2 counted from the send (never past the point
+    mgmtd, counting T from the arrival, could declare it offline); routing from other calls is adopted
+    but extends nothing; older routing never replaces newer."""
+    from storage.threefs.errors import TargetNotServing
+    from storage.threefs.storage.routing_lease import LeasedManager, RoutingLease
+
+    clock = FakeClock()
+    manager = Manager(heartbeat_timeout=2.0, clock=clock)
+    manager.create_chains({1: [11], 2: [21], 3: [31]}, replicas=3)
+    lease = RoutingLease(1.0, clock)
+    leased = LeasedManager(manager, lease, clock)
+    with pytest.raises(TargetNotServing, match="fenced"):
+        lease.routing()  # no heartbeat yet
+    with pytest.raises(ValueError, match="duration"):
+        RoutingLease(0)
+    leased.heartbeat(1, {11: LocalState.UPTODATE})
+    first = lease.routing()
+    clock.now = 0.9
+    leased.mark_offline(21)
+    assert lease.routing().target_states[21] is TargetState.OFFLINE  # adopted ...
+    clock.now = 1.0
+    with pytest.raises(TargetNotServing, match="fenced"):
+        lease.routing()  # ... but the lease ran out 1.0 s after the heartbeat was sent
+    lease.renew(first, sent_at=0.95)  # a slow heartbeat's older reply: renews, keeps the newer routing
+    assert lease.routing().target_states[21] is TargetState.OFFLINE
+    clock.now = 1.95  # 1.0 s after it was sent, however late the reply came
+    with pytest.raises(TargetNotServing, match="fenced"):
+        lease.routing()

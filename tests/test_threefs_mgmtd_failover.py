@@ -17,7 +17,7 @@ import pytest
 from storage.threefs.cluster import ClusterShape, ServerTimings
 from storage.threefs.cluster.processes import ProcessCluster
 from storage.threefs.cluster.servers import MGMTD_LEADER, read_address, resolve_address
-from storage.threefs.errors import NodeUnavailable, TargetNotServing
+from storage.threefs.errors import NodeUnavailable, NotPrimary, TargetNotServing
 from storage.threefs.mgmtd.routing import TargetState
 from storage.threefs.net.transport import RpcClient
 from storage.threefs.storage.chunk_id import ChunkId
@@ -52,9 +52,17 @@ def single_mgmtd(tmp_path_factory):
         yield cluster
 
 
-def test_a_standby_mgmtd_takes_over_during_a_write_load_and_nothing_acknowledged_is_lost(tmp_path):
+@pytest.fixture(scope="module")
+def with_standby(tmp_path_factory):
+    """A cluster with mgmtd and one standby, mgmtd-2 (tests leave both running, either may lead)."""
+    with ProcessCluster(tmp_path_factory.mktemp("standby") / "cluster", SHAPE, TIMINGS) as cluster:
+        yield cluster
+
+
+def test_a_standby_mgmtd_takes_over_during_a_write_load_and_nothing_acknowledged_is_lost(with_standby):
     rng = np.random.default_rng(5)
-    with ProcessCluster(tmp_path / "cluster", SHAPE, TIMINGS) as cluster, cluster.client() as client:
+    cluster = with_standby
+    with cluster.client() as client:
         assert cluster.mgmtd_leader() == "mgmtd"
         client.makedirs("/load")
         acked: dict[str, bytes] = {}
@@ -91,6 +99,41 @@ def test_a_standby_mgmtd_takes_over_during_a_write_load_and_nothing_acknowledged
                     assert f.read() == data, path
             routing = reader.routing.get()
             assert all(state is TargetState.SERVING for state in routing.target_states.values())
+    cluster.start("mgmtd")  # back, as the standby
+    assert cluster.mgmtd_leader() == "mgmtd-2"
+
+
+def test_a_paused_leader_is_replaced_and_stands_by_once_it_resumes(with_standby):
+    """SIGSTOP of the leading mgmtd: the standby takes over; the old leader, resumed, serves nothing."""
+    cluster = with_standby
+    with cluster.client() as client:
+        old = wait_for(cluster.mgmtd_leader, 10, "a leader")
+        new = next(name for name in cluster.mgmtd_names if name != old)
+        cluster.pause(old)
+        try:
+            wait_for(lambda: cluster.mgmtd_leader() == new, 10, f"{new} to lead")
+            write_and_check(client, "/paused-leader", b"p" * 5000)
+        finally:
+            cluster.resume(old)
+        stale = RpcClient(read_address(cluster.root, old), timeout=5)
+        try:
+            wait_for(lambda: not stale_serves(stale), 5, f"the resumed {old} to stand by")
+            with pytest.raises(NotPrimary) as refused:
+                stale.mark_offline(SHAPE.targets()[1][0])
+            assert refused.value.leader == read_address(cluster.root, new)
+        finally:
+            stale.disconnect()
+        assert cluster.mgmtd_leader() == new
+        write_and_check(client, "/after-resume", b"r" * 5000)
+        assert all(s is TargetState.SERVING for s in client.routing.get().target_states.values())
+
+
+def stale_serves(client) -> bool:
+    try:
+        client.routing()
+        return True
+    except NotPrimary:
+        return False
 
 
 def test_a_restarted_mgmtd_on_a_new_port_is_found_by_clients_and_storage_servers(single_mgmtd):
