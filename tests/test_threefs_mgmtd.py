@@ -163,3 +163,18 @@ def test_a_storage_routing_lease_runs_from_when_the_heartbeat_was_sent(tmp_path)
     clock.now = 1.95  # 1.0 s after it was sent, however late the reply came
     with pytest.raises(TargetNotServing, match="fenced"):
         lease.routing()
+
+
+def test_an_old_mgmtd_json_moves_into_the_kv_store_once(tmp_path):
+    from storage.threefs.mgmtd.state import import_state_file
+
+    manager = Manager(SqliteKV(str(tmp_path / "old.sqlite")))
+    manager.create_chains({1: [11], 2: [21], 3: [31]}, replicas=3)
+    manager.mark_offline(21)
+    old_state = SqliteKV(str(tmp_path / "old.sqlite")).transact(lambda txn: txn.get(b"MGMT/state"))
+    (tmp_path / "mgmtd.json").write_bytes(old_state)  # the file format is the stored document
+    kv = SqliteKV(str(tmp_path / "new.sqlite"))
+    assert import_state_file(kv, tmp_path / "mgmtd.json")
+    assert Manager(kv).routing() == manager.routing()
+    assert not (tmp_path / "mgmtd.json").exists() and (tmp_path / "mgmtd.json.imported").exists()
+    assert not import_state_file(kv, tmp_path / "mgmtd.json")
