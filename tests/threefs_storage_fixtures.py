@@ -36,7 +36,7 @@ class Cluster:
     def __init__(self, root: Path, nodes: int = 3, targets_per_node: int = 2, replicas: int = 3) -> None:
         self.root = root
         self.clock = FakeClock()
-        self.manager = Manager(root / "mgmtd.json", heartbeat_timeout=2.0, clock=self.clock)
+        self.manager = Manager(heartbeat_timeout=2.0, clock=self.clock)
         self.node_targets = {n: [100 * n + i for i in range(1, targets_per_node + 1)] for n in range(1, nodes + 1)}
         self.manager.create_chains(self.node_targets, replicas)
         self.dead: set[int] = set()

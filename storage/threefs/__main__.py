@@ -1,4 +1,4 @@
-"""``python -m storage.threefs serve --root DIR --role mgmtd|meta|storage [--node N]``: one 3FS server."""
+"""``python -m storage.threefs serve --root DIR --role mgmtd|meta|storage [--node N] [--name NAME]``: one 3FS server."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--root", type=Path, required=True, help="the cluster's directory")
     serve_parser.add_argument("--role", choices=("mgmtd", "meta", "storage"), required=True)
     serve_parser.add_argument("--node", type=int, help="storage node id (storage servers)")
+    serve_parser.add_argument("--name", help="a mgmtd's name: mgmtd (default), mgmtd-2, ... (one leads, the "
+                                             "others stand by)")
     args = parser.parse_args(argv)
-    serve(args.root, args.role, args.node)
+    serve(args.root, args.role, args.node, args.name)
 
 
 if __name__ == "__main__":

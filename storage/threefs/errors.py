@@ -39,3 +39,15 @@ class ChunkDiverged(RuntimeError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class NotPrimary(RuntimeError):
+    """This mgmtd is a standby (or lost its leadership lease): it changes and serves nothing; `leader` is
+    the address of the mgmtd that holds the lease ("" when none is known). Nothing was done: resend there."""
+
+    def __init__(self, message: str, leader: str = "") -> None:
+        super().__init__(message, leader)  # both in args: the error survives the wire
+        self.leader = leader
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -5,7 +5,8 @@ chain ids) the client computes each chunk's id (inode, index) and chain itself. 
 the chain's write path (CRAQ: head to tail, acknowledged once the tail committed); reads go to any
 serving replica, rotating over them and moving to the next on failure. Requests of one call run in
 parallel on the client's IO threads. Routing comes from mgmtd through a short-lived cache that is
-dropped whenever a request meets a stale chain version, a target that stopped serving or a dead node.
+refreshed whenever a request meets a stale chain version, a target that stopped serving or a dead node,
+and kept while mgmtd is unreachable.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from storage.threefs.storage.chunk_store import ChunkId
-from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, NotPrimary, TargetNotServing
 from storage.threefs.meta.layout import ChunkSpan, Layout
 from storage.threefs.mgmtd.routing import RoutingInfo
 
@@ -26,25 +27,40 @@ RETRYABLE = (ChainVersionMismatch, TargetNotServing, NodeUnavailable, ChecksumEr
 
 
 class RoutingCache:
-    """mgmtd's routing, fetched at most every `ttl` seconds unless a request found it stale."""
+    """mgmtd's routing, fetched at most every `ttl` seconds unless a request found it stale (`invalidate`).
+
+    While mgmtd cannot be reached (a fetch raises OSError, NodeUnavailable included, or NotPrimary) the
+    last routing fetched is used, and mgmtd is asked again only after another `ttl`: clients keep
+    working through an mgmtd restart or failover. Only a cache that never fetched raises.
+    """
 
     def __init__(self, fetch: Callable[[], RoutingInfo], ttl: float = 0.5) -> None:
         self._fetch = fetch
         self._ttl = ttl
         self._lock = threading.Lock()
         self._routing: RoutingInfo | None = None
+        self._stale = True
         self._fetched_at = 0.0
+        self._retry_after = 0.0  # after a failed fetch: no new attempt before then
 
     def get(self) -> RoutingInfo:
         with self._lock:
-            if self._routing is None or time.monotonic() - self._fetched_at > self._ttl:
-                self._routing = self._fetch()
-                self._fetched_at = time.monotonic()
+            now = time.monotonic()
+            due = self._stale or now - self._fetched_at > self._ttl
+            if self._routing is None or due and now >= self._retry_after:
+                try:
+                    self._routing = self._fetch()
+                except (OSError, NotPrimary):
+                    if self._routing is None:
+                        raise
+                    self._retry_after = time.monotonic() + self._ttl
+                else:
+                    self._fetched_at, self._stale = time.monotonic(), False
             return self._routing
 
     def invalidate(self) -> None:
         with self._lock:
-            self._routing = None
+            self._stale = True
 
 
 class ChunkIO:

@@ -3,8 +3,8 @@
 The default: zero set-up, everything under one directory, surviving a restart::
 
     root/cluster.json          the cluster's shape (nodes, targets, replicas, chunk size, stripe)
-    root/mgmtd.json            mgmtd's chain table, target states and node addresses
-    root/meta.sqlite           the metadata KV store (3FS uses FoundationDB)
+    root/meta.sqlite           the KV store (3FS uses FoundationDB): the metadata, and mgmtd's chain
+                               table, target states and node addresses under MGMT/
     root/node-N/target-T/      one storage target's chunks and chunk metadata
 
 A background thread plays the heartbeats: every storage node reports its targets' local states and
@@ -33,6 +33,7 @@ from storage.threefs.meta.layout import LayoutPolicy
 from storage.threefs.meta.service import MetaService
 from storage.threefs.mgmtd.manager import Manager
 from storage.threefs.mgmtd.routing import TargetState
+from storage.threefs.mgmtd.state import import_state_file
 from storage.threefs.storage.chunk_store import ChunkStore
 from storage.threefs.storage.service import StorageService
 
@@ -62,10 +63,11 @@ class EmbeddedCluster:
         self.session_lease = session_lease
         self._locks += [lock_directory(self.root / f"node-{node}", "EmbeddedCluster")
                         for node in self.shape.targets()]
-        self.manager = Manager(self.root / "mgmtd.json", heartbeat_timeout=heartbeat_timeout)
+        self._kv = open_kv(f"sqlite:///{self.root / 'meta.sqlite'}")
+        import_state_file(self._kv, self.root / "mgmtd.json")  # a cluster made before mgmtd used the KV store
+        self.manager = Manager(self._kv, heartbeat_timeout=heartbeat_timeout)  # the only one: it always leads
         if not self.manager.routing().chain_table.chains:
             self.manager.create_chains(self.shape.targets(), self.shape.replicas)
-        self._kv = open_kv(f"sqlite:///{self.root / 'meta.sqlite'}")
         self._maintenance_pool = ThreadPoolExecutor(4, thread_name_prefix="3fs-maintenance")
         self._maintenance_io = ChunkIO(RoutingCache(self.manager.routing, ttl=0.05), self.storage,
                                        self._maintenance_pool, retry_timeout=MAINTENANCE_RETRY_SECONDS)

@@ -1,8 +1,9 @@
 """3FS as separate server processes on loopback TCP, so faults are real (``kill -9`` a server, SIGSTOP one).
 
-``ProcessCluster`` starts mgmtd, a meta server and the storage servers (``servers.py``) as child
-processes and kills, pauses, resumes and restarts any of them by name; ``connect_processes(root)`` (what
-``connect("3fs+tcp:///DIR")`` calls) is a client of such a cluster.
+``ProcessCluster`` starts mgmtd (a leader and, by default, one standby), a meta server and the storage
+servers (``servers.py``) as child processes and kills, pauses, resumes and restarts any of them by name;
+``connect_processes(root)`` (what ``connect("3fs+tcp:///DIR")`` calls) is a client of such a cluster. A
+client follows the mgmtd leader and the meta server to new addresses (a failover, a restart).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from storage.threefs.client.chunk_io import RoutingCache
 from storage.threefs.client.client import Client
-from storage.threefs.cluster.servers import Proxies, address_file, cluster_client, read_address, storage_of
+from storage.threefs.cluster.servers import (MGMTD_LEADER, Proxies, address_file, meta_client, mgmtd_client,
+                                             read_address, storage_of)
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings
 from storage.threefs.net.auth import load_or_create_secret
 
@@ -23,8 +25,9 @@ def connect_processes(root: Path, **client_kwargs) -> Client:
     """A client of the server processes rooted at `root`."""
     root = Path(root)
     timings = ServerTimings.load(root)
-    mgmtd = cluster_client(root, read_address(root, "mgmtd"))
-    meta = cluster_client(root, read_address(root, "meta"))
+    read_address(root, MGMTD_LEADER)  # waits for a cluster that is starting
+    read_address(root, "meta")
+    mgmtd, meta = mgmtd_client(root, timings), meta_client(root)
     routing, proxies = RoutingCache(mgmtd.routing), Proxies(root)
 
     def close() -> None:
@@ -33,13 +36,15 @@ def connect_processes(root: Path, **client_kwargs) -> Client:
         meta.disconnect()
 
     client_kwargs.setdefault("session_renew_interval", timings.session_lease / 3)
-    return Client(meta, mgmtd.routing, storage_of(routing, proxies), on_close=close, **client_kwargs)
+    return Client(meta, mgmtd.routing, storage_of(routing.get, proxies), on_close=close, **client_kwargs)
 
 
 class ProcessCluster:
-    """Starts mgmtd, one meta server and the storage servers of `shape` as child processes.
+    """Starts mgmtd (and its standbys), one meta server and the storage servers of `shape` as child processes.
 
-    Servers are named "mgmtd", "meta" and "storage-N" (N the node id; an int N means "storage-N").
+    Servers are named "mgmtd", "mgmtd-2", ... (the first mgmtd leads at the start, the others stand by
+    and one takes over when the leader's lease lapses), "meta" and "storage-N" (N the node id; an int N
+    means "storage-N").
     ``kill(name)`` sends SIGKILL (no clean-up, like a crash) and waits for the process to die; ``pause`` /
     ``resume`` send SIGSTOP / SIGCONT (a hung server); ``start(name)`` (re)starts a server on its
     directories (it listens on a new port). ``close`` terminates everything; the data stays under `root`.
@@ -49,10 +54,13 @@ class ProcessCluster:
       shape: as for ``EmbeddedCluster`` (must match an existing cluster's).
       timings: heartbeat and lease settings for every server (default ``ServerTimings()``), stored in
         ``root/timings.json`` for the servers and clients to read.
+      mgmtd_standbys: how many standby mgmtd servers run besides the first (0: mgmtd is a single server).
     """
 
     def __init__(self, root: str | Path, shape: ClusterShape | None = None,
-                 timings: ServerTimings | None = None) -> None:
+                 timings: ServerTimings | None = None, mgmtd_standbys: int = 1) -> None:
+        if not isinstance(mgmtd_standbys, int) or mgmtd_standbys < 0:
+            raise ValueError(f"mgmtd_standbys must be an int >= 0, got {mgmtd_standbys!r}")
         self.root = Path(root).resolve()
         self.shape = ClusterShape.load_or_create(self.root, shape)
         self.timings = timings or ServerTimings()
@@ -61,8 +69,11 @@ class ProcessCluster:
         self._log_dir = self.root / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}
+        self.mgmtd_names = ("mgmtd", *(f"mgmtd-{i}" for i in range(2, mgmtd_standbys + 2)))
+        address_file(self.root, MGMTD_LEADER).unlink(missing_ok=True)  # servers wait for this run's leader
         try:
-            self.start("mgmtd")
+            for name in self.mgmtd_names:
+                self.start(name)
             for node in self.shape.targets():
                 self.start(node)
             self.start("meta")
@@ -73,10 +84,11 @@ class ProcessCluster:
     def _name(self, server: str | int) -> str:
         name = f"storage-{server}" if isinstance(server, int) else server
         role, _, node = name.partition("-")
-        valid = role in ("mgmtd", "meta") and not node or role == "storage" and node.isdigit() and int(node) in self.shape.targets()
+        valid = (role == "meta" and not node or role == "mgmtd" and name in self.mgmtd_names
+                 or role == "storage" and node.isdigit() and int(node) in self.shape.targets())
         if not valid:
-            raise ValueError(f"server: expected 'mgmtd', 'meta', a storage node id or 'storage-N' with N in "
-                             f"{sorted(self.shape.targets())}, got {server!r}")
+            raise ValueError(f"server: expected one of {list(self.mgmtd_names)}, 'meta', a storage node id or "
+                             f"'storage-N' with N in {sorted(self.shape.targets())}, got {server!r}")
         return name
 
     def start(self, server: str | int) -> None:
@@ -88,7 +100,9 @@ class ProcessCluster:
         address_file(self.root, name).unlink(missing_ok=True)
         role, _, node = name.partition("-")
         command = [sys.executable, "-m", "storage.threefs", "serve", "--root", str(self.root), "--role", role]
-        if node:
+        if role == "mgmtd":
+            command += ["--name", name]
+        elif node:
             command += ["--node", node]
         log = open(self._log_dir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -110,6 +124,16 @@ class ProcessCluster:
     def resume(self, server: str | int) -> None:
         """SIGCONT after ``pause``."""
         self.processes[self._name(server)].send_signal(signal.SIGCONT)
+
+    def mgmtd_leader(self) -> str | None:
+        """The name of the mgmtd server whose address is published as the leader's (None if none is)."""
+        leader = address_file(self.root, MGMTD_LEADER)
+        address = leader.read_text().strip() if leader.exists() else None
+        for name in self.mgmtd_names:
+            own = address_file(self.root, name)
+            if address and own.exists() and own.read_text().strip() == address:
+                return name
+        return None
 
     def client(self, **client_kwargs) -> Client:
         return connect_processes(self.root, **client_kwargs)

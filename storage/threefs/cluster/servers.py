@@ -1,13 +1,22 @@
 """The 3FS server processes: ``python -m storage.threefs serve --root DIR --role mgmtd|meta|storage [--node N]``.
 
 The root directory is the cluster's rendezvous: ``cluster.json`` (its shape), ``timings.json`` (heartbeat
-and lease settings, ``ServerTimings``), ``mgmtd.json`` (mgmtd's state), ``meta.sqlite`` (the metadata KV,
-shared by any number of meta servers, each also collecting garbage and asking storage for file lengths),
-``secret`` (the cluster's secret: only a process that can read it may call a server, see ``net/auth.py``)
-and ``addresses/<name>.addr``, where each server publishes its
-``host:port`` once it listens. Storage servers heartbeat to mgmtd, resync their syncing successors, and
-register their address with mgmtd (a restarted server gets a new port; peers and clients find it through
-routing). ``processes.py`` launches these servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
+and lease settings, ``ServerTimings``), ``meta.sqlite`` (the KV store: the metadata, shared by any number
+of meta servers, each also collecting garbage and asking storage for file lengths, and mgmtd's state and
+leadership lease under ``MGMT/``), ``secret`` (the cluster's secret: only a process that can read it may call a
+server, see ``net/auth.py``) and ``addresses/<name>.addr``,
+where each server publishes its ``host:port`` once it listens; the mgmtd that wins the leadership lease
+also publishes ``addresses/mgmtd-leader.addr``.
+
+mgmtd: any number run (``--name mgmtd``, ``mgmtd-2``, ...); one leads, elected through KV transactions
+(``mgmtd/election.py``), the others stand by and take over when its lease lapses. Storage servers
+heartbeat to the leader and serve on the routing their last heartbeat returned, under a lease of
+heartbeat_timeout / 2 (``storage/routing_lease.py``): mgmtd is off the data path, and a server that cannot
+reach mgmtd fences itself before mgmtd could declare it offline. Every server and client finds the mgmtd
+leader and the meta server through ``ResolvingClient`` (``net/resolving.py``), so a restarted one (new
+port) or a new leader is found again. Storage servers register their address with mgmtd (a restarted
+server gets a new port; peers and clients find it through routing). ``processes.py`` launches these
+servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
 """
 
 from __future__ import annotations
@@ -18,17 +27,27 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from storage.threefs.client.chunk_io import RoutingCache
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings, lock_directory, target_dir
 from storage.threefs.net.auth import load_or_create_secret
+from storage.threefs.errors import NodeUnavailable
+from storage.threefs.net.resolving import ResolvingClient
 from storage.threefs.net.transport import RpcClient, RpcServer
 from storage.threefs.net.wire_types import threefs_codec
 
 GC_INTERVAL_SECONDS = 0.5         # between the meta server's garbage-collection rounds
 META_STORAGE_RETRY_SECONDS = 2.0  # how long the meta server's storage requests retry (lengths, deletions)
+
+MGMTD_LEADER = "mgmtd-leader"  # the address file of the mgmtd that holds the leadership lease
+# mgmtd calls that may run twice: resent to a new leader after any transport failure
+MGMTD_IDEMPOTENT = ("routing", "heartbeat", "register_node", "mark_offline", "local_state")
+# what a mgmtd server exposes (not campaign/resign: leadership is its own process's business)
+MGMTD_METHODS = {"routing", "heartbeat", "register_node", "mark_offline", "sync_done", "check", "local_state",
+                 "create_chains"}
 
 
 def address_file(root: Path, name: str) -> Path:
@@ -57,9 +76,38 @@ def read_address(root: Path, name: str, timeout: float = 30.0, process: subproce
     return path.read_text().strip()
 
 
-def cluster_client(root: Path, address: str) -> RpcClient:
+def cluster_client(root: Path, address: str, timeout: float | None = 30.0) -> RpcClient:
     """An RPC client of the server at `address` of the cluster at `root` (its codec and its secret)."""
-    return RpcClient(address, codec=threefs_codec(), secret=load_or_create_secret(root))
+    return RpcClient(address, timeout=timeout, codec=threefs_codec(), secret=load_or_create_secret(root))
+
+
+def resolve_address(root: Path, name: str) -> str:
+    """The address server `name` published last; NodeUnavailable if none is published (no waiting)."""
+    try:
+        return address_file(root, name).read_text().strip()
+    except FileNotFoundError:
+        raise NodeUnavailable(f"no {name} server has published its address under {root}") from None
+
+
+def rpc_timeout(timings: ServerTimings) -> float:
+    """Reply timeout of calls to mgmtd: half a heartbeat timeout (a hung mgmtd is given up on, and its
+    standby found, before a storage server's routing lease lapses twice), at least 0.25 s."""
+    return max(timings.heartbeat_timeout / 2, 0.25)
+
+
+def mgmtd_client(root: Path, timings: ServerTimings) -> ResolvingClient:
+    """A client of the cluster's mgmtd leader, wherever it listens now."""
+    timeout = rpc_timeout(timings)
+    return ResolvingClient(lambda: resolve_address(root, MGMTD_LEADER), lambda a: cluster_client(root, a, timeout),
+                           idempotent=MGMTD_IDEMPOTENT)
+
+
+def meta_client(root: Path) -> ResolvingClient:
+    """A client of the cluster's meta server, wherever it listens now (its calls are resent only when
+    they cannot have reached it)."""
+    return ResolvingClient(lambda: resolve_address(root, "meta"), lambda a: cluster_client(root, a))
+
+
 
 
 class Proxies:
@@ -83,23 +131,47 @@ class Proxies:
             self._clients.clear()
 
 
-def storage_of(routing: RoutingCache, proxies: Proxies):
-    """node id -> the RPC proxy of that storage node, by its address in mgmtd's routing."""
-    return lambda node: proxies.get(routing.get().node_addresses[node])
+def storage_of(routing: Callable[[], Any], proxies: Proxies):
+    """node id -> the RPC proxy of that storage node, by its address in `routing()` (mgmtd's routing)."""
+    return lambda node: proxies.get(routing().node_addresses[node])
 
 
 # ----------------------------------------------------------------------------- the servers
 
 
-def _serve_mgmtd(root: Path, shape: ClusterShape, timings: ServerTimings) -> tuple[Any, list[threading.Thread]]:
+def _serve_mgmtd(root: Path, timings: ServerTimings, name: str) -> Any:
+    """A mgmtd member: a standby until it wins the leadership lease (see ``_lead``)."""
+    from storage.threefs.kv import open_kv
+    from storage.threefs.mgmtd.election import LeaderElection
     from storage.threefs.mgmtd.manager import Manager
-    manager = Manager(root / "mgmtd.json", heartbeat_timeout=timings.heartbeat_timeout)
-    if not manager.routing().chain_table.chains:
-        manager.create_chains(shape.targets(), shape.replicas)
-    return manager, [_every(timings.heartbeat_interval, manager.check)]
+    from storage.threefs.mgmtd.state import import_state_file
+    kv = open_kv(f"sqlite:///{root / 'meta.sqlite'}")
+    import_state_file(kv, root / "mgmtd.json")  # a cluster made before mgmtd kept its state in the KV store
+    election = LeaderElection(kv, f"{name}@{os.getpid()}", lease_seconds=timings.heartbeat_timeout)
+    return Manager(kv, heartbeat_timeout=timings.heartbeat_timeout, election=election)
 
 
-def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: RpcClient) -> tuple[Any, list[threading.Thread]]:
+def _lead(root: Path, shape: ClusterShape, timings: ServerTimings, manager: Any, address: str) -> threading.Thread:
+    """Campaigns now and then every heartbeat interval; while leading, publishes the leader's address,
+    creates the chain table of a new cluster and marks silent nodes offline. Returns the loop's thread."""
+    def round_() -> None:
+        if not manager.campaign(address):
+            return
+        leader_file = address_file(root, MGMTD_LEADER)
+        if not leader_file.exists() or leader_file.read_text().strip() != address:
+            publish_address(root, MGMTD_LEADER, address)
+        if not manager.routing().chain_table.chains:
+            manager.create_chains(shape.targets(), shape.replicas)
+        manager.check()
+
+    try:
+        round_()
+    except Exception as exc:  # noqa: BLE001 - the loop tries again
+        print(f"mgmtd: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    return _every(timings.heartbeat_interval, round_)
+
+
+def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: Any) -> tuple[Any, list[threading.Thread]]:
     """The meta service, which also asks storage for file lengths (closing and pruning sessions) and
     collects garbage in the background, so it holds a routing cache and storage proxies as clients do."""
     from concurrent.futures import ThreadPoolExecutor
@@ -109,7 +181,7 @@ def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: 
     from storage.threefs.meta.layout import LayoutPolicy
     from storage.threefs.meta.service import MetaService
     routing = RoutingCache(mgmtd.routing)
-    chunk_io = ChunkIO(routing, storage_of(routing, Proxies(root)), ThreadPoolExecutor(8, thread_name_prefix="3fs-meta-io"),
+    chunk_io = ChunkIO(routing, storage_of(routing.get, Proxies(root)), ThreadPoolExecutor(8, thread_name_prefix="3fs-meta-io"),
                        retry_timeout=META_STORAGE_RETRY_SECONDS)
     meta = MetaService(open_kv(f"sqlite:///{root / 'meta.sqlite'}"), lambda: routing.get().chain_table,
                        LayoutPolicy(shape.chunk_size, shape.stripe),
@@ -118,26 +190,20 @@ def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: 
                   _every(GC_INTERVAL_SECONDS, lambda: collect_garbage(meta, chunk_io))]
 
 
-def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node: int, mgmtd: RpcClient) -> tuple[Any, list]:
+def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node: int,
+                   mgmtd: Any) -> tuple[Any, Callable[[], None]]:
+    """The storage service of `node` and its heartbeat (which renews its routing lease)."""
     from storage.threefs.storage.chunk_store import ChunkStore
+    from storage.threefs.storage.routing_lease import LeasedManager, RoutingLease
     from storage.threefs.storage.service import StorageService
     if node not in shape.targets():
         raise ValueError(f"--node: expected one of {sorted(shape.targets())}, got {node}")
-    routing, proxies = RoutingCache(mgmtd.routing, ttl=0.05), Proxies(root)
+    lease, proxies = RoutingLease(timings.heartbeat_timeout / 2), Proxies(root)
+    manager = LeasedManager(mgmtd, lease)
     targets = {t: ChunkStore(target_dir(root, node, t)) for t in shape.targets()[node]}
-
-    def successor_failed(target: int) -> None:
-        mgmtd.mark_offline(target)
-        routing.invalidate()
-
-    service = StorageService(node, targets, routing.get, storage_of(routing, proxies),
-                             on_successor_failure=successor_failed)
-
-    def heartbeat() -> None:
-        service.tick(mgmtd)
-        routing.invalidate()
-
-    return service, [_every(timings.heartbeat_interval, heartbeat)]
+    service = StorageService(node, targets, lease.routing, storage_of(lease.last_routing, proxies),
+                             on_successor_failure=manager.mark_offline)
+    return service, lambda: service.tick(manager)
 
 
 def _every(interval: float, fn) -> threading.Thread:
@@ -151,30 +217,36 @@ def _every(interval: float, fn) -> threading.Thread:
     return threading.Thread(target=loop, daemon=True)
 
 
-def serve(root: Path, role: str, node: int | None = None) -> None:
-    """Runs one server in this process until SIGTERM/SIGINT (the `serve` command)."""
+def serve(root: Path, role: str, node: int | None = None, name: str | None = None) -> None:
+    """Runs one server in this process until SIGTERM/SIGINT (the `serve` command). `name`: a mgmtd's
+    name ("mgmtd", "mgmtd-2", ...; default "mgmtd")."""
     root = root.resolve()
     shape = ClusterShape.load_or_create(root, None)
     timings = ServerTimings.load(root)
     threads: list[threading.Thread] = []
     held = None
     if role == "mgmtd":
-        obj, threads = _serve_mgmtd(root, shape, timings)
-        name = "mgmtd"
+        name = name or "mgmtd"
+        obj, allowed = _serve_mgmtd(root, timings, name), MGMTD_METHODS
     elif role == "meta":
-        (obj, threads), name = _serve_meta(root, shape, timings, cluster_client(root, read_address(root, "mgmtd"))), "meta"
+        (obj, threads), name, allowed = _serve_meta(root, shape, timings, mgmtd_client(root, timings)), "meta", None
     elif role == "storage":
         if node is None:
             raise ValueError("--node: a storage server needs its node id")
         held = lock_directory(root / f"node-{node}", f"storage server {node}")  # for the server's lifetime
-        mgmtd = cluster_client(root, read_address(root, "mgmtd"))
-        obj, threads = _serve_storage(root, shape, timings, node, mgmtd)
-        name = f"storage-{node}"
+        read_address(root, MGMTD_LEADER)  # wait for a leader to be elected
+        mgmtd = mgmtd_client(root, timings)
+        obj, heartbeat = _serve_storage(root, shape, timings, node, mgmtd)
+        name, allowed = f"storage-{node}", None
     else:
         raise ValueError(f"--role: expected mgmtd, meta or storage, got {role!r}")
-    server = RpcServer(obj, codec=threefs_codec(), secret=load_or_create_secret(root)).serve_in_thread()
+    server = RpcServer(obj, allowed=allowed, codec=threefs_codec(), secret=load_or_create_secret(root)).serve_in_thread()
+    if role == "mgmtd":
+        threads = [_lead(root, shape, timings, obj, server.address)]
     if role == "storage":
-        mgmtd.register_node(node, server.address)
+        _retry_until(lambda: mgmtd.register_node(node, server.address), timeout=30.0, what="register with mgmtd")
+        _retry_until(heartbeat, timeout=30.0, what="send a first heartbeat")  # serve on a routing lease at once
+        threads = [_every(timings.heartbeat_interval, heartbeat)]
     for thread in threads:
         thread.start()
     publish_address(root, name, server.address)
@@ -182,8 +254,21 @@ def serve(root: Path, role: str, node: int | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    if role == "mgmtd":
+        obj.resign()  # a standby takes over now, not when the lease would have run out
     server.shutdown()
     if held is not None:
         held.close()
 
 
+def _retry_until(fn: Callable[[], Any], timeout: float, what: str) -> None:
+    """Calls `fn` until it succeeds (a leader may be being elected); the last error after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fn()
+            return
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline, then raised
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not {what} within {timeout} s") from exc
+            time.sleep(0.05)

@@ -13,21 +13,27 @@ The cycle of a storage node that dies and comes back:
   offline --heartbeat "online"--> waiting --its predecessor is serving--> syncing (takes writes as
   full-chunk replaces while its predecessor copies what it missed) --sync-done--> serving.
 
-The chain table, public states, target placement and node addresses are persisted to `state_file`
-(JSON, replaced atomically) after every change and reloaded on construction; local states and heartbeat
-times live in memory only, as in 3FS.
+The chain table, public states, target placement and node addresses are persisted in the cluster's KV
+store (`state.py`, one transaction per change) and loaded when a manager starts leading; local states
+and heartbeat times live in memory only, as in 3FS: a new leader starts with every node just heard from.
+
+Leadership (`election.py`): with an `election`, a manager is a standby until `campaign` wins the lease
+in the KV store; a standby answers every call with NotPrimary naming the leader, and each state write
+checks in its own transaction that the writer still holds the lease. Without one (an embedded cluster's
+single manager) it always leads.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from storage.threefs.errors import NotPrimary
+from storage.threefs.kv.store import KVStore, Transaction
+from storage.threefs.mgmtd.election import LeaderElection
 from storage.threefs.mgmtd.routing import Chain, ChainTable, LocalState, RoutingInfo, TargetState
+from storage.threefs.mgmtd.state import PersistentState, load_state, save_state
 
 _CHAIN_ORDER = {TargetState.SERVING: 0, TargetState.LASTSRV: 0, TargetState.SYNCING: 1,
                 TargetState.WAITING: 2, TargetState.OFFLINE: 3}
@@ -97,87 +103,116 @@ class Manager:
     """The cluster manager. Thread-safe.
 
     Args:
-      state_file: where the chain table, public states and addresses persist (None: memory only).
+      kv: the KV store its persistent state lives in (None: memory only).
       heartbeat_timeout: seconds of silence after which `check` marks a node's targets offline.
-      clock: monotonic time source (tests pass a fake one).
+      clock: monotonic time source for heartbeats (tests pass a fake one).
+      election: this manager's side of the leadership election on `kv` (None: it always leads).
     """
 
-    def __init__(self, state_file: Path | str | None = None, heartbeat_timeout: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, kv: KVStore | None = None, heartbeat_timeout: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, election: LeaderElection | None = None) -> None:
         if heartbeat_timeout <= 0:
             raise ValueError(f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}")
-        self._state_file = Path(state_file) if state_file is not None else None
+        if election is not None and kv is None:
+            raise ValueError("election needs kv: the leader's state lives in the KV store it is elected in")
+        self._kv = kv
+        self._election = election
         self._timeout = heartbeat_timeout
         self._clock = clock
         self._lock = threading.RLock()
-        self._table_id = 1
-        self._table_version = 0
-        self._chains: dict[int, Chain] = {}
-        self._states: dict[int, TargetState] = {}
-        self._target_node: dict[int, int] = {}
-        self._addresses: dict[int, str] = {}
+        self._state = PersistentState()
         self._local: dict[int, LocalState] = {}     # memory only
         self._last_seen: dict[int, float] = {}      # node -> clock() of its last heartbeat
         self._snapshot: RoutingInfo | None = None
-        if self._state_file is not None and self._state_file.exists():
+        self._leading = election is None             # a standby loads the state when it wins
+        if self._leading and kv is not None:
             self._load()
 
-    # ----------------------------------------------------------------------------- persistence
+    # ----------------------------------------------------------------------------- leadership and persistence
+
+    def campaign(self, address: str) -> bool:
+        """Takes or renews the leadership lease, announcing `address`; True while this manager leads.
+        On winning it loads the state from the KV store and treats every node as just heard from."""
+        if self._election is None:
+            return True
+        with self._lock:
+            won = self._election.campaign(address)
+            if won and not self._leading:
+                self._load()
+                self._local = {}
+                self._leading = True
+            elif not won:
+                self._leading = False
+            return won
+
+    def resign(self) -> None:
+        """Stops leading and frees the lease at once (a clean shutdown)."""
+        if self._election is not None:
+            with self._lock:
+                self._leading = False
+                self._election.resign()
+
+    def is_leader(self) -> bool:
+        with self._lock:
+            return self._election is None or self._leading and self._election.holds()
+
+    def _require_leader(self) -> None:
+        """Raises NotPrimary (naming the leader) unless this manager holds the lease now."""
+        if self._election is None or (self._leading and self._election.holds()):
+            return
+        self._leading = False
+        leader = self._election.leader()
+        raise NotPrimary(f"mgmtd {self._election.member} is a standby; the leader is "
+                         f"{leader.member + ' at ' + leader.address if leader else 'not elected yet'}",
+                         leader.address if leader else "")
 
     def _load(self) -> None:
-        assert self._state_file is not None
-        state = json.loads(self._state_file.read_text())
-        self._table_id = state["table_id"]
-        self._table_version = state["table_version"]
-        self._chains = {c["chain_id"]: Chain(c["chain_id"], c["version"], tuple(c["targets"]))
-                        for c in state["chains"]}
-        self._states = {int(t): TargetState(s) for t, s in state["target_states"].items()}
-        self._target_node = {int(t): n for t, n in state["target_node"].items()}
-        self._addresses = {int(n): a for n, a in state["node_addresses"].items()}
+        assert self._kv is not None
+        self._state = self._kv.transact(load_state, read_only=True) or PersistentState()
+        self._snapshot = None
         now = self._clock()
-        self._last_seen = {n: now for n in {*self._target_node.values(), *self._addresses}}
+        self._last_seen = {n: now for n in {*self._state.target_node.values(), *self._state.addresses}}
 
     def _save(self) -> None:
-        """Writes the persistent state atomically (temp file, fsync, os.replace); drops the snapshot."""
+        """Writes the persistent state in one transaction that first checks this manager still leads;
+        drops the snapshot. A manager whose write failed (it lost the lease, or the store failed) stops
+        leading until its next campaign, which reloads the stored state."""
         self._snapshot = None
-        if self._state_file is None:
+        if self._kv is None:
             return
-        state = {
-            "table_id": self._table_id, "table_version": self._table_version,
-            "chains": [{"chain_id": c.chain_id, "version": c.version, "targets": list(c.targets)}
-                       for c in sorted(self._chains.values(), key=lambda c: c.chain_id)],
-            "target_states": {str(t): s.value for t, s in sorted(self._states.items())},
-            "target_node": {str(t): n for t, n in sorted(self._target_node.items())},
-            "node_addresses": {str(n): a for n, a in sorted(self._addresses.items())},
-        }
-        self._state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_file)
+
+        def write(txn: Transaction) -> None:
+            if self._election is not None:
+                self._election.check_in(txn)
+            save_state(txn, self._state)
+
+        try:
+            self._kv.transact(write)
+        except BaseException:  # the state in memory is ahead of the store's: reload it before leading again
+            self._leading = False
+            raise
 
     # ----------------------------------------------------------------------------- setup
 
     def create_chains(self, nodes: dict[int, list[int]], replicas: int, table_id: int = 1) -> ChainTable:
         """Builds the chain table from `nodes` (node id -> its target ids), `replicas` targets per chain
         on distinct nodes, every target serving, versions 1. Calling it again with the same placement
-        (say after a restart that reloaded the state file) returns the existing table."""
+        (say after a restart that loaded the state) returns the existing table."""
         with self._lock:
+            self._require_leader()
             target_node = {t: n for n, targets in nodes.items() for t in targets}
             if sum(len(t) for t in nodes.values()) != len(target_node):
                 raise ValueError(f"a target id appears twice in nodes={nodes}")
-            if self._chains:
-                if target_node == self._target_node and table_id == self._table_id and all(
-                        len(c.targets) == replicas for c in self._chains.values()):
+            if self._state.chains:
+                if target_node == self._state.target_node and table_id == self._state.table_id and all(
+                        len(c.targets) == replicas for c in self._state.chains.values()):
                     return self.routing().chain_table
-                raise ValueError(f"chain table {self._table_id} already exists with another placement")
+                raise ValueError(f"chain table {self._state.table_id} already exists with another placement")
             placed = place_chains(nodes, replicas)
-            self._table_id, self._table_version = table_id, 1
-            self._chains = {i + 1: Chain(i + 1, 1, targets) for i, targets in enumerate(placed)}
-            self._states = {t: TargetState.SERVING for t in target_node}
-            self._target_node = target_node
+            self._state.table_id, self._state.table_version = table_id, 1
+            self._state.chains = {i + 1: Chain(i + 1, 1, targets) for i, targets in enumerate(placed)}
+            self._state.states = {t: TargetState.SERVING for t in target_node}
+            self._state.target_node = target_node
             now = self._clock()
             for node in nodes:
                 self._last_seen.setdefault(node, now)
@@ -192,13 +227,14 @@ class Manager:
         taken offline now and come back through a resync (3FS does not trust a returning service until
         its targets are offline). A chain's last serving target stays (as lastsrv, then serving)."""
         with self._lock:
-            returning = any(self._target_node.get(t) == node_id for t in self._local)
+            self._require_leader()
+            returning = any(self._state.target_node.get(t) == node_id for t in self._local)
             self._last_seen[node_id] = self._clock()
-            if self._addresses.get(node_id) != address:
-                self._addresses[node_id] = address
+            if self._state.addresses.get(node_id) != address:
+                self._state.addresses[node_id] = address
                 self._save()
             if returning:
-                for target, node in self._target_node.items():
+                for target, node in self._state.target_node.items():
                     if node == node_id:
                         self._local[target] = LocalState.OFFLINE
                 self._update()
@@ -209,10 +245,11 @@ class Manager:
         """A storage node's heartbeat: renews its lease, records its targets' local states, applies
         the transitions and returns the current routing."""
         with self._lock:
+            self._require_leader()
             for target, local in local_states.items():
-                if self._target_node.get(target) != node_id:
+                if self._state.target_node.get(target) != node_id:
                     raise ValueError(f"node {node_id} reported target {target}, which is placed on node "
-                                     f"{self._target_node.get(target)}")
+                                     f"{self._state.target_node.get(target)}")
                 self._local[target] = LocalState(local)
             self._last_seen[node_id] = self._clock()
             self._update()
@@ -221,8 +258,9 @@ class Manager:
     def check(self) -> RoutingInfo:
         """Marks the targets of nodes silent for more than `heartbeat_timeout` offline."""
         with self._lock:
+            self._require_leader()
             now = self._clock()
-            for target, node in self._target_node.items():
+            for target, node in self._state.target_node.items():
                 if now - self._last_seen.get(node, now) > self._timeout:
                     self._local[target] = LocalState.OFFLINE
             self._update()
@@ -231,7 +269,8 @@ class Manager:
     def mark_offline(self, target_id: int) -> RoutingInfo:
         """Marks one target offline now (its medium failed, or its predecessor cannot reach it)."""
         with self._lock:
-            if target_id not in self._target_node:
+            self._require_leader()
+            if target_id not in self._state.target_node:
                 raise ValueError(f"target_id {target_id} is not in the chain table")
             self._local[target_id] = LocalState.OFFLINE
             self._update()
@@ -240,10 +279,11 @@ class Manager:
     def sync_done(self, target_id: int) -> RoutingInfo:
         """The predecessor finished resyncing `target_id`: it is up to date and becomes serving."""
         with self._lock:
-            if target_id not in self._target_node:
+            self._require_leader()
+            if target_id not in self._state.target_node:
                 raise ValueError(f"target_id {target_id} is not in the chain table")
-            if self._states[target_id] is not TargetState.SYNCING:
-                raise ValueError(f"target {target_id} is {self._states[target_id].value}, not syncing")
+            if self._state.states[target_id] is not TargetState.SYNCING:
+                raise ValueError(f"target {target_id} is {self._state.states[target_id].value}, not syncing")
             self._local[target_id] = LocalState.UPTODATE
             self._update()
             return self.routing()
@@ -251,8 +291,8 @@ class Manager:
     def _update(self) -> None:
         """Runs the transition table over every chain until nothing moves; bumps versions and saves."""
         changed = False
-        for chain_id, chain in sorted(self._chains.items()):
-            targets, states = list(chain.targets), {t: self._states[t] for t in chain.targets}
+        for chain_id, chain in sorted(self._state.chains.items()):
+            targets, states = list(chain.targets), {t: self._state.states[t] for t in chain.targets}
             moved, rounds = True, 0
             while moved and rounds <= 2 * len(targets):  # offline -> waiting -> syncing: two steps
                 moved, rounds = False, rounds + 1
@@ -265,12 +305,12 @@ class Manager:
                     if new is not states[target]:
                         states[target], moved = new, True
                 targets.sort(key=lambda t: _CHAIN_ORDER[states[t]])
-            if tuple(targets) != chain.targets or any(states[t] is not self._states[t] for t in targets):
-                self._chains[chain_id] = Chain(chain_id, chain.version + 1, tuple(targets))
-                self._states.update(states)
+            if tuple(targets) != chain.targets or any(states[t] is not self._state.states[t] for t in targets):
+                self._state.chains[chain_id] = Chain(chain_id, chain.version + 1, tuple(targets))
+                self._state.states.update(states)
                 changed = True
         if changed:
-            self._table_version += 1
+            self._state.table_version += 1
             self._save()
 
     # ----------------------------------------------------------------------------- queries
@@ -278,12 +318,15 @@ class Manager:
     def routing(self) -> RoutingInfo:
         """The current routing snapshot (immutable; a new object after every change)."""
         with self._lock:
+            self._require_leader()
             if self._snapshot is None:
-                self._snapshot = RoutingInfo(ChainTable(self._table_id, self._table_version, dict(self._chains)),
-                                             dict(self._states), dict(self._target_node), dict(self._addresses))
+                state = self._state
+                self._snapshot = RoutingInfo(ChainTable(state.table_id, state.table_version, dict(state.chains)),
+                                             dict(state.states), dict(state.target_node), dict(state.addresses))
             return self._snapshot
 
     def local_state(self, target_id: int) -> LocalState | None:
         """The last local state mgmtd holds for a target (None before its first heartbeat)."""
         with self._lock:
+            self._require_leader()
             return self._local.get(target_id)

@@ -1,5 +1,7 @@
-"""net: how the services talk: method calls over TCP (`transport.py`).
+"""net: how the services talk: method calls over TCP (`transport.py`), and `resolving.py`'s
+`ResolvingClient`, which follows a service to a new address (a restarted server, a new mgmtd leader).
 
 Contract: a transport failure raises `errors.NodeUnavailable` naming the address; a call is never
-retried by this layer once its request may have reached the server.
+retried by this layer once its request may have reached the server (`ResolvingClient` resends only
+calls that never left, were refused by a standby, or are declared idempotent).
 """

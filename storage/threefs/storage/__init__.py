@@ -3,7 +3,8 @@
 Roles: `chunk_id.py` (the 16-byte chunk id that sorts by inode), `block_checksums.py` (a CRC32 per 4 KiB
 block), `chunk_store.py` (`ChunkStore`: one target's chunks, committed + pending versions, crash safe),
 `reads.py` (CRAQ reads, the tail version query, checksum repair), `service.py` (`StorageService`: CRAQ
-writes head to tail and the heartbeat), `resync.py` (a predecessor brings a returning target up to date).
+writes head to tail and the heartbeat), `resync.py` (a predecessor brings a returning target up to date),
+`routing_lease.py` (the routing a server serves on, renewed by heartbeats; fenced after T/2 without).
 Contract: a write is acknowledged only once every replica on the chain's write path committed it; a
 read returns committed bytes only. One file's chunks are one chunk-id key range on a target (removal
 and length queries never scan other files' chunks).
