@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from storage.threefs.storage.chunk_store import ChunkId
-from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing, timed_out
 from storage.threefs.meta.layout import ChunkSpan, Layout
 from storage.threefs.mgmtd.routing import RoutingInfo
 
@@ -74,8 +74,8 @@ class ChunkIO:
                 return attempt(self._routing.get())
             except RETRYABLE as exc:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what}: no replica answered within {timeout:.0f} s "
-                                       f"(last error: {type(exc).__name__}: {exc})") from exc
+                    raise timed_out(f"{what}: no replica answered within {timeout:g} s "
+                                    f"(last error: {type(exc).__name__}: {exc})") from exc
                 self._routing.invalidate()
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
@@ -108,8 +108,12 @@ class ChunkIO:
 
         return self._retrying(f"read of chunk {tuple(chunk_id)} on chain {chain_id}", attempt)
 
-    def read(self, layout: Layout, inode_id: int, offset: int, buffer: memoryview) -> None:
-        """Fills `buffer` ([n] bytes) with the file's bytes [offset, offset + n); holes read as zeros."""
+    def read(self, layout: Layout, inode_id: int, offset: int, buffer: memoryview) -> bool:
+        """Fills `buffer` ([n] bytes) with the file's bytes [offset, offset + n), zeros where storage holds
+        nothing. Returns whether some chunk came back short: a hole, or a file that shrank or was removed
+        since the caller learnt its length (the caller tells them apart; see ``ThreeFSFile``)."""
+        short = []
+
         def one(span: ChunkSpan) -> None:
             data = self.read_chunk(span.chain_id, ChunkId(inode_id, span.chunk_index), span.offset_in_chunk,
                                    span.length)
@@ -117,8 +121,10 @@ class ChunkIO:
             target[:len(data)] = data
             if len(data) < span.length:
                 target[len(data):] = bytes(span.length - len(data))
+                short.append(span)
 
         self._parallel(one, layout.chunk_spans(offset, len(buffer)))
+        return bool(short)
 
     # ----------------------------------------------------------------------------- writes
 
