@@ -14,26 +14,32 @@ from pathlib import Path
 
 from storage.threefs.client.chunk_io import RoutingCache
 from storage.threefs.client.client import Client
+from storage.threefs.cluster.deadlines import RequestDeadlines
 from storage.threefs.cluster.servers import Proxies, address_file, read_address, storage_of
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings
 from storage.threefs.net.transport import RpcClient
 
 
 def connect_processes(root: Path, **client_kwargs) -> Client:
-    """A client of the server processes rooted at `root`."""
+    """A client of the server processes rooted at `root`; its storage requests have the data deadline of
+    the cluster's timings (``deadlines.py``), its reads are hedged."""
     root = Path(root)
     timings = ServerTimings.load(root)
     mgmtd = RpcClient(read_address(root, "mgmtd"))
     meta = RpcClient(read_address(root, "meta"))
-    routing, proxies = RoutingCache(mgmtd.routing), Proxies()
+    deadlines = RequestDeadlines.from_timings(timings)
+    routing, proxies, bulk_proxies = RoutingCache(mgmtd.routing), Proxies(deadlines.data), Proxies(deadlines.bulk)
 
     def close() -> None:
         proxies.close()
+        bulk_proxies.close()
         mgmtd.disconnect()
         meta.disconnect()
 
     client_kwargs.setdefault("session_renew_interval", timings.session_lease / 3)
-    return Client(meta, mgmtd.routing, storage_of(routing, proxies), on_close=close, **client_kwargs)
+    client_kwargs.setdefault("hedge_delay", deadlines.hedge_delay)
+    return Client(meta, mgmtd.routing, storage_of(routing, proxies), on_close=close,
+                  bulk_storage=storage_of(routing, bulk_proxies), **client_kwargs)
 
 
 class ProcessCluster:

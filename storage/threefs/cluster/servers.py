@@ -5,7 +5,8 @@ and lease settings, ``ServerTimings``), ``mgmtd.json`` (mgmtd's state), ``meta.s
 shared by any number of meta servers) and ``addresses/<name>.addr``, where each server publishes its
 ``host:port`` once it listens. Storage servers heartbeat to mgmtd, resync their syncing successors, and
 register their address with mgmtd (a restarted server gets a new port; peers and clients find it through
-routing). ``processes.py`` launches these servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
+routing). Storage servers call their peers with the deadlines of ``deadlines.py`` (short on the data
+path, long for resync and chunk removal). ``processes.py`` launches these servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.threefs.client.chunk_io import RoutingCache
+from storage.threefs.cluster.deadlines import RequestDeadlines
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings, lock_directory, target_dir
 from storage.threefs.net.transport import RpcClient, RpcServer
 
@@ -51,16 +53,18 @@ def read_address(root: Path, name: str, timeout: float = 30.0, process: subproce
 
 
 class Proxies:
-    """One RPC client per address, made on first use."""
+    """One RPC client per address, made on first use; each call may take `timeout` seconds (its deadline,
+    ``deadlines.py``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 30.0) -> None:
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._clients: dict[str, RpcClient] = {}
 
     def get(self, address: str) -> RpcClient:
         with self._lock:
             if address not in self._clients:
-                self._clients[address] = RpcClient(address)
+                self._clients[address] = RpcClient(address, self._timeout)
             return self._clients[address]
 
     def close(self) -> None:
@@ -101,7 +105,9 @@ def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node
     from storage.threefs.storage.service import StorageService
     if node not in shape.targets():
         raise ValueError(f"--node: expected one of {sorted(shape.targets())}, got {node}")
-    routing, proxies = RoutingCache(mgmtd.routing, ttl=0.05), Proxies()
+    deadlines = RequestDeadlines.from_timings(timings)
+    routing, proxies = RoutingCache(mgmtd.routing, ttl=0.05), Proxies(deadlines.peer)
+    bulk_proxies = Proxies(deadlines.bulk)
     targets = {t: ChunkStore(target_dir(root, node, t)) for t in shape.targets()[node]}
 
     def successor_failed(target: int) -> None:
@@ -109,7 +115,7 @@ def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node
         routing.invalidate()
 
     service = StorageService(node, targets, routing.get, storage_of(routing, proxies),
-                             on_successor_failure=successor_failed)
+                             on_successor_failure=successor_failed, bulk_peer=storage_of(routing, bulk_proxies))
 
     def heartbeat() -> None:
         service.tick(mgmtd)
