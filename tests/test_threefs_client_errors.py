@@ -70,6 +70,10 @@ def test_every_user_facing_error_is_an_oserror_with_its_errno(cluster, client):
     got = {name: _errno_of(fn) for name, (fn, _) in cases.items()}
     assert {name: code for name, (_, code) in got.items()} == {name: code for name, (_, code) in cases.items()}
 
+    # a metadata transaction that kept conflicting reaches a user as a give-up (ETIMEDOUT)
+    conflict = errors.TransactionConflict("still conflicted after 3 retries")
+    assert isinstance(conflict, TimeoutError) and conflict.errno == errno.ETIMEDOUT
+
     # EIO: no intact replica of a chunk
     inode = cluster.meta.stat("/eio")
     _corrupt_every_replica(cluster, ChunkId(inode.inode_id, 0), inode.layout.chain_of_chunk(0))

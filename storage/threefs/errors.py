@@ -6,11 +6,12 @@ What a user of ``Client`` / ``ThreeFSFile`` can get is always an ``OSError`` wit
   ENOTEMPTY, EINVAL, EBUSY, ELOOP, ...  plain ``OSError`` from ``os_error``
   ESTALE      ``StaleFileHandle``: an open file's inode was removed (and its chunks collected)
   EIO         ``NoIntactReplica``: every replica of a chunk failed its checksum
-  ETIMEDOUT   ``TimeoutError`` from ``timed_out``: no replica answered within the client's retry window
+  ETIMEDOUT   ``TimeoutError`` from ``timed_out``: no replica answered within the client's retry window;
+              ``TransactionConflict`` (a ``TimeoutError``): a metadata transaction kept conflicting
   (none)      ``NodeUnavailable`` (a ``ConnectionError``): a metadata or mgmtd server did not answer
 
 The rest are internal retry signals between the services and the client's data path
-(``TransactionConflict``, ``ChainVersionMismatch``, ``TargetNotServing``, ``ChunkDiverged``,
+(``ChainVersionMismatch``, ``TargetNotServing``, ``ChunkDiverged``,
 ``ChecksumError`` of one replica): the client retries them and, once its retry window is spent, raises
 ``timed_out`` instead; they never reach a user as such. Argument errors are ``ValueError`` / ``TypeError``
 naming the argument, a closed file or client ``ValueError``.
@@ -40,8 +41,14 @@ class NoIntactReplica(OSError):
     with ``NoIntactReplica(errno.EIO, message)``."""
 
 
-class TransactionConflict(RuntimeError):
-    """A KV transaction kept conflicting with concurrent ones after its retries ran out."""
+class TransactionConflict(TimeoutError):
+    """A KV transaction kept conflicting with concurrent ones after its retries ran out: to a user of the
+    client, a metadata operation that gave up (errno ETIMEDOUT). Built from a message alone."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (errno.ETIMEDOUT, args[0])
+        super().__init__(*args)
 
 
 class ChecksumError(IOError):

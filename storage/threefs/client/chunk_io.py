@@ -25,11 +25,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from storage.threefs.storage.chunk_store import ChunkId
-from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, TargetNotServing, timed_out
+from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
+                                    TargetNotServing, timed_out)
 from storage.threefs.meta.layout import ChunkSpan, Layout
 from storage.threefs.mgmtd.routing import RoutingInfo
 
-RETRYABLE = (ChainVersionMismatch, TargetNotServing, NodeUnavailable, ChecksumError)
+RETRYABLE = (ChainVersionMismatch, TargetNotServing, NodeUnavailable, ChecksumError, ChunkDiverged)
 
 
 class RoutingCache:
