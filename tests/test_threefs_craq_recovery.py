@@ -3,12 +3,13 @@ target marked offline, lastsrv, and the resync rules. The cluster fixture is in 
 
 from __future__ import annotations
 
+import errno
 import random
 
 import pytest
 
 from storage.threefs.storage.chunk_store import ChunkId, ChunkMeta
-from storage.threefs.errors import ChecksumError, TargetNotServing
+from storage.threefs.errors import ChecksumError, NoIntactReplica, TargetNotServing
 from storage.threefs.storage.resync import REMOVE, SKIP, TRANSFER, chunk_action
 from storage.threefs.mgmtd.routing import LocalState, TargetState
 
@@ -43,8 +44,9 @@ def test_checksum_failure_repairs_from_replica(cluster):
     for target in routing.chain(chain_id).targets:  # every replica damaged: no silent wrong answer
         p = cluster.store(target).content_path(chunk)
         p.write_bytes(b"\0" + p.read_bytes()[1:])
-    with pytest.raises(ChecksumError, match="no other replica"):
+    with pytest.raises(NoIntactReplica, match="no other replica") as info:  # EIO: not worth retrying
         cluster.read(chain_id, victim, chunk)
+    assert info.value.errno == errno.EIO
 
 
 def test_node_dies_and_resyncs(cluster):

@@ -1,11 +1,54 @@
 """Errors that cross service boundaries (and the wire): each names what failed and why.
 
-Namespace errors are the builtin POSIX exceptions (FileNotFoundError, ...); these are the storage-side ones.
+What a user of ``Client`` / ``ThreeFSFile`` can get is always an ``OSError`` with its errno, built here:
+
+  ENOENT, EEXIST, EISDIR, ENOTDIR       the builtin subclasses (FileNotFoundError, ...) from ``os_error``
+  ENOTEMPTY, EINVAL, EBUSY, ELOOP, ...  plain ``OSError`` from ``os_error``
+  ESTALE      ``StaleFileHandle``: an open file's inode was removed (and its chunks collected)
+  EIO         ``NoIntactReplica``: every replica of a chunk failed its checksum
+  ETIMEDOUT   ``TimeoutError`` from ``timed_out``: no replica answered within the client's retry window;
+              ``TransactionConflict`` (a ``TimeoutError``): a metadata transaction kept conflicting
+  (none)      ``NodeUnavailable`` (a ``ConnectionError``): a metadata or mgmtd server did not answer
+
+The rest are internal retry signals between the services and the client's data path
+(``ChainVersionMismatch``, ``TargetNotServing``, ``ChunkDiverged``,
+``ChecksumError`` of one replica): the client retries them and, once its retry window is spent, raises
+``timed_out`` instead; they never reach a user as such. Argument errors are ``ValueError`` / ``TypeError``
+naming the argument, a closed file or client ``ValueError``.
 """
 
+import errno
+import os
 
-class TransactionConflict(RuntimeError):
-    """A KV transaction kept conflicting with concurrent ones after its retries ran out."""
+
+def os_error(cls: type[OSError], code: int, path: str) -> OSError:
+    """An OSError subclass instance with errno `code`, its standard message and `path` as the filename."""
+    return cls(code, os.strerror(code), path)
+
+
+def timed_out(what: str) -> TimeoutError:
+    """The client's give-up error (errno ETIMEDOUT): `what` says which request and why."""
+    return TimeoutError(errno.ETIMEDOUT, what)
+
+
+class StaleFileHandle(OSError):
+    """ESTALE: an open file's inode no longer exists (removed by another client and its chunks collected).
+    Build with ``os_error(StaleFileHandle, errno.ESTALE, path)``."""
+
+
+class NoIntactReplica(OSError):
+    """EIO: every replica of a chunk that could answer failed its checksum; retrying cannot help. Build
+    with ``NoIntactReplica(errno.EIO, message)``."""
+
+
+class TransactionConflict(TimeoutError):
+    """A KV transaction kept conflicting with concurrent ones after its retries ran out: to a user of the
+    client, a metadata operation that gave up (errno ETIMEDOUT). Built from a message alone."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (errno.ETIMEDOUT, args[0])
+        super().__init__(*args)
 
 
 class ChecksumError(IOError):

@@ -3,10 +3,17 @@
 As in 3FS, the metadata service is off the data path: with a file's layout (chunk size, stripe, shuffled
 chain ids) the client computes each chunk's id (inode, index) and chain itself. Writes go to the head of
 the chain's write path (CRAQ: head to tail, acknowledged once the tail committed); reads go to any
-serving replica, rotating over them and moving to the next on failure. Requests of one call run in
-parallel on the client's IO threads. Routing comes from mgmtd through a short-lived cache that is
-refreshed whenever a request meets a stale chain version, a target that stopped serving or a dead node,
-and kept while mgmtd is unreachable.
+serving replica, rotating over them and moving to the next on failure. Reads are hedged: one that a
+replica has not answered within `hedge_delay` goes to the next serving replica too, and the first answer
+wins, so a hung node costs a read that delay, not an RPC deadline; the RPC deadlines themselves (the
+proxies' timeouts, ``cluster/deadlines.py``) end a write to a hung head, which then retries with fresh
+routing. Requests of one call run in parallel on the client's IO threads.
+
+Errors: the retryable ones (a stale chain version, a target that stopped serving, a dead or hung node,
+one damaged replica) are retried until `retry_timeout`, then raised as ``TimeoutError`` (ETIMEDOUT);
+``NoIntactReplica`` (EIO: every replica of a chunk is damaged) and argument errors are raised at once. Routing comes from mgmtd through a
+short-lived cache that is refreshed whenever a request meets a stale chain version, a target that stopped
+serving or a dead node, and kept while mgmtd is unreachable.
 """
 
 from __future__ import annotations
@@ -15,15 +22,16 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from storage.threefs.storage.chunk_store import ChunkId
-from storage.threefs.errors import ChainVersionMismatch, ChecksumError, NodeUnavailable, NotPrimary, TargetNotServing
+from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
+                                    NotPrimary, TargetNotServing, timed_out)
 from storage.threefs.meta.layout import ChunkSpan, Layout
 from storage.threefs.mgmtd.routing import RoutingInfo
 
-RETRYABLE = (ChainVersionMismatch, TargetNotServing, NodeUnavailable, ChecksumError)
+RETRYABLE = (ChainVersionMismatch, TargetNotServing, NodeUnavailable, ChecksumError, ChunkDiverged)
 
 
 class RoutingCache:
@@ -68,18 +76,34 @@ class ChunkIO:
 
     Args:
       routing: the routing cache (mgmtd's chain table, target states, node of each target).
-      storage: node id -> that node's StorageService (in-process) or RPC proxy.
+      storage: node id -> that node's StorageService (in-process) or RPC proxy (whose deadline bounds
+        how long one request may wait for a hung node).
       pool: the client's IO threads.
       retry_timeout: seconds one chunk request keeps retrying while the cluster reconfigures.
+      hedge_delay: seconds a chunk read waits for a replica before sending the same read to the next
+        serving replica as well (the first answer wins); None reads one replica at a time.
+      bulk_storage: like `storage`, for chunk removal (long deadlines); default `storage`.
+      hedge_threads: threads for the reads in flight (hedges run there, never in `pool`, whose threads
+        wait for them).
     """
 
     def __init__(self, routing: RoutingCache, storage: Callable[[int], Any], pool: ThreadPoolExecutor,
-                 retry_timeout: float = 20.0) -> None:
+                 retry_timeout: float = 20.0, hedge_delay: float | None = 0.1,
+                 bulk_storage: Callable[[int], Any] | None = None, hedge_threads: int = 32) -> None:
+        if hedge_delay is not None and not hedge_delay > 0:
+            raise ValueError(f"hedge_delay must be > 0 seconds or None, got {hedge_delay!r}")
         self._routing = routing
         self._storage = storage
+        self._bulk_storage = bulk_storage or storage
         self._pool = pool
         self._retry_timeout = retry_timeout
+        self._hedge_delay = hedge_delay
+        self._hedges = ThreadPoolExecutor(hedge_threads, thread_name_prefix="3fs-read")
         self._rotation = itertools.count()
+
+    def close(self) -> None:
+        """Stops the read threads (reads still in flight end by their deadlines, unanswered)."""
+        self._hedges.shutdown(wait=False, cancel_futures=True)
 
     def _retrying(self, what: str, attempt: Callable[[RoutingInfo], Any], timeout: float | None = None) -> Any:
         timeout = self._retry_timeout if timeout is None else timeout
@@ -90,8 +114,8 @@ class ChunkIO:
                 return attempt(self._routing.get())
             except RETRYABLE as exc:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what}: no replica answered within {timeout:.0f} s "
-                                       f"(last error: {type(exc).__name__}: {exc})") from exc
+                    raise timed_out(f"{what}: no replica answered within {timeout:g} s "
+                                    f"(last error: {type(exc).__name__}: {exc})") from exc
                 self._routing.invalidate()
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
@@ -112,20 +136,53 @@ class ChunkIO:
             if not targets:
                 raise TargetNotServing(f"chain {chain_id} has no serving target")
             first = next(self._rotation) % len(targets)
+
+            def read_from(target: int) -> bytes:
+                return self._storage(routing.target_node[target]).read(chain_id, target, chunk_id, offset, length)
+
+            return self._first_answer(targets[first:] + targets[:first], read_from)
+
+        return self._retrying(f"read of chunk {tuple(chunk_id)} on chain {chain_id}", attempt)
+
+    def _first_answer(self, targets: list[int], read_from: Callable[[int], bytes]) -> bytes:
+        """Hedged read: asks `targets` in order, the next one as soon as a request failed with a retryable
+        error or `hedge_delay` passed without an answer; returns the first answer. A non-retryable error
+        (NoIntactReplica, a bad argument) is raised at once; when every target failed, the last error."""
+        if self._hedge_delay is None:
             error: Exception | None = None
-            for target in targets[first:] + targets[:first]:
+            for target in targets:
                 try:
-                    node = self._storage(routing.target_node[target])
-                    return node.read(chain_id, target, chunk_id, offset, length)
+                    return read_from(target)
                 except RETRYABLE as exc:
                     error = exc
             assert error is not None
             raise error
+        waiting = list(targets)
+        in_flight: set[Future] = set()
+        error = None
+        to_launch = 1
+        while True:
+            for _ in range(min(to_launch, len(waiting))):
+                in_flight.add(self._hedges.submit(read_from, waiting.pop(0)))
+            if not in_flight:
+                assert error is not None
+                raise error
+            done, in_flight = wait(in_flight, timeout=self._hedge_delay if waiting else None,
+                                   return_when=FIRST_COMPLETED)
+            to_launch = 1 if not done else 0  # a hedge after each silent delay, a replacement per failure
+            for future in done:
+                try:
+                    return future.result()
+                except RETRYABLE as exc:
+                    error = exc
+                    to_launch += 1
 
-        return self._retrying(f"read of chunk {tuple(chunk_id)} on chain {chain_id}", attempt)
+    def read(self, layout: Layout, inode_id: int, offset: int, buffer: memoryview) -> bool:
+        """Fills `buffer` ([n] bytes) with the file's bytes [offset, offset + n), zeros where storage holds
+        nothing. Returns whether some chunk came back short: a hole, or a file that shrank or was removed
+        since the caller learnt its length (the caller tells them apart; see ``ThreeFSFile``)."""
+        short = []
 
-    def read(self, layout: Layout, inode_id: int, offset: int, buffer: memoryview) -> None:
-        """Fills `buffer` ([n] bytes) with the file's bytes [offset, offset + n); holes read as zeros."""
         def one(span: ChunkSpan) -> None:
             data = self.read_chunk(span.chain_id, ChunkId(inode_id, span.chunk_index), span.offset_in_chunk,
                                    span.length)
@@ -133,8 +190,10 @@ class ChunkIO:
             target[:len(data)] = data
             if len(data) < span.length:
                 target[len(data):] = bytes(span.length - len(data))
+                short.append(span)
 
         self._parallel(one, layout.chunk_spans(offset, len(buffer)))
+        return bool(short)
 
     # ----------------------------------------------------------------------------- writes
 
@@ -184,7 +243,7 @@ class ChunkIO:
             def attempt(routing: RoutingInfo) -> None:
                 path = routing.write_path(chain_id)
                 if path:
-                    self._storage(routing.target_node[path[0]]).remove_chunks(chain_id, inode_id, path[0])
+                    self._bulk_storage(routing.target_node[path[0]]).remove_chunks(chain_id, inode_id, path[0])
             self._retrying(f"removal of file {inode_id}'s chunks on chain {chain_id}", attempt, timeout)
 
         for future in [self._pool.submit(one, chain) for chain in sorted(set(layout.chains))]:

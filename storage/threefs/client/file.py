@@ -8,16 +8,24 @@ keeps the larger (see ``meta/lengths.py``; a report from before another client's
 Appends (mode ``ab``) reserve their range in the meta service, so concurrent appenders keep every record.
 Writes are synchronous (acknowledged by every replica of the chain before ``pwrite`` returns), so
 ``flush`` has nothing to do.
+
+A read never invents bytes. A handle keeps the length it learnt; when storage returns less than that
+(chunks shorter than asked), the handle asks metadata again: a removed file raises ``StaleFileHandle``
+(ESTALE), a file that another client truncated (``wb``, ``truncate``) reads short at its new end, and
+only a file still that long has a real hole (zeros). A removed file's bytes stay readable through a
+handle opened before the removal until garbage collection deletes its chunks (3FS allows either).
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
 from storage.threefs.client.chunk_io import ChunkIO
 from storage.threefs.client.file_api import OpenMode
 from storage.threefs.client.stream_file import StreamFile
+from storage.threefs.errors import StaleFileHandle, os_error
 from storage.threefs.meta.schema import Inode
 
 
@@ -56,12 +64,35 @@ class ThreeFSFile(StreamFile):
     def inode_id(self) -> int:
         return self._inode_id
 
+    def _on_inode(self, method: str, *args: Any) -> Inode:
+        """Calls meta's `method` on this file's inode; StaleFileHandle (ESTALE) once the inode is gone
+        (removed by another client, and collected)."""
+        try:
+            return getattr(self._meta, method)(self._inode_id, *args)
+        except FileNotFoundError:
+            raise os_error(StaleFileHandle, errno.ESTALE, self.path) from None
+
+    def _stat(self) -> Inode:
+        """The file's inode now (ESTALE once removed and collected)."""
+        return self._on_inode("stat_inode")
+
     def _known_length(self, wanted_end: int) -> int:
         """The file length, asking metadata again when a read reaches past what this handle knows
         (another client may have appended since the open)."""
         if wanted_end > self._length:
-            self._length = max(self._length, self._meta.stat_inode(self._inode_id).length)
+            self._length = max(self._length, self._stat().length)
         return self._length
+
+    def _recheck_short_read(self, offset: int, count: int) -> int:
+        """After a read of [offset, offset + count) met chunks shorter than asked: how many of those bytes
+        are the file's. Storage holding less than this handle's length means a hole (a sparse file: the
+        zeros are real), or a file another client truncated (``wb``, ``truncate``) or removed since this
+        handle learnt its length. Metadata tells which: removed raises ESTALE, shorter clips the read (and
+        this handle's length) at the new end (the end of this handle's own writes, if further)."""
+        length = max(self._stat().length, self._written_end)
+        if length < self._length:
+            self._length = length
+        return max(0, min(count, length - offset))
 
     # ----------------------------------------------------------------------------- positional IO
 
@@ -72,8 +103,8 @@ class ThreeFSFile(StreamFile):
         self._check_offset(offset)
         view = memoryview(buffer).cast("B")
         count = max(0, min(len(view), self._known_length(offset + len(view)) - offset))
-        if count:
-            self._chunk_io.read(self._layout, self._inode_id, offset, view[:count])
+        if count and self._chunk_io.read(self._layout, self._inode_id, offset, view[:count]):
+            count = self._recheck_short_read(offset, count)
         return count
 
     def pwrite(self, data, offset: int) -> int:
@@ -96,11 +127,11 @@ class ThreeFSFile(StreamFile):
         self._check_io(writing=True)
         size = self._position if size is None else size
         self._check_offset(size, "size")
-        old = max(self._length, self._meta.stat_inode(self._inode_id).length,
+        old = max(self._length, self._stat().length,
                   self._chunk_io.file_length(self._layout, self._inode_id))  # unreported writes too
         if size < old:
             self._chunk_io.cut(self._layout, self._inode_id, size, old)
-        self._truncations = self._meta.truncate_inode(self._inode_id, size).truncations
+        self._truncations = self._on_inode("truncate_inode", size).truncations
         self._length = size
         self._written_end = min(self._written_end, size)
         return size
@@ -108,7 +139,7 @@ class ThreeFSFile(StreamFile):
     def fsync(self) -> None:
         """Makes metadata's length exact (stat sees every byte written through this handle)."""
         self._check_io(writing=True)
-        self._meta.sync(self._inode_id, self._written_end, self._truncations)
+        self._on_inode("sync", self._written_end, self._truncations)
 
     def _append_position(self, size: int) -> int:
         """An append's own range, reserved in the meta service (other clients may append concurrently)."""

@@ -2,7 +2,8 @@
 
 Roles: `shape.py` (`ClusterShape`, `ServerTimings`, directory locks), `embedded.py` (every service in one
 process, heartbeats on a thread), `servers.py` (`python -m storage.threefs serve`: one server process),
-`processes.py` (`ProcessCluster`: start, kill, pause, resume and restart server processes; their clients).
+`processes.py` (`ProcessCluster`: start, kill, pause, resume and restart server processes; their clients),
+`deadlines.py` (`RequestDeadlines`: how long a data-path, peer or bulk request may wait, from the timings).
 """
 
 from storage.threefs.cluster.embedded import EmbeddedCluster

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from storage.threefs.client.chunk_io import RoutingCache
 from storage.threefs.client.client import Client
+from storage.threefs.cluster.deadlines import RequestDeadlines
 from storage.threefs.cluster.servers import (MGMTD_LEADER, Proxies, address_file, meta_client, mgmtd_client,
                                              read_address, storage_of)
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings
@@ -22,21 +23,27 @@ from storage.threefs.net.auth import load_or_create_secret
 
 
 def connect_processes(root: Path, **client_kwargs) -> Client:
-    """A client of the server processes rooted at `root`."""
+    """A client of the server processes rooted at `root`; its storage requests have the data deadline of
+    the cluster's timings (``deadlines.py``), its reads are hedged."""
     root = Path(root)
     timings = ServerTimings.load(root)
     read_address(root, MGMTD_LEADER)  # waits for a cluster that is starting
     read_address(root, "meta")
     mgmtd, meta = mgmtd_client(root, timings), meta_client(root)
-    routing, proxies = RoutingCache(mgmtd.routing), Proxies(root)
+    deadlines = RequestDeadlines.from_timings(timings)
+    routing = RoutingCache(mgmtd.routing)
+    proxies, bulk_proxies = Proxies(root, deadlines.data), Proxies(root, deadlines.bulk)
 
     def close() -> None:
         proxies.close()
+        bulk_proxies.close()
         mgmtd.disconnect()
         meta.disconnect()
 
     client_kwargs.setdefault("session_renew_interval", timings.session_lease / 3)
-    return Client(meta, mgmtd.routing, storage_of(routing.get, proxies), on_close=close, **client_kwargs)
+    client_kwargs.setdefault("hedge_delay", deadlines.hedge_delay)
+    return Client(meta, mgmtd.routing, storage_of(routing.get, proxies), on_close=close,
+                  bulk_storage=storage_of(routing.get, bulk_proxies), **client_kwargs)
 
 
 class ProcessCluster:

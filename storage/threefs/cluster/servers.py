@@ -15,8 +15,9 @@ heartbeat_timeout / 2 (``storage/routing_lease.py``): mgmtd is off the data path
 reach mgmtd fences itself before mgmtd could declare it offline. Every server and client finds the mgmtd
 leader and the meta server through ``ResolvingClient`` (``net/resolving.py``), so a restarted one (new
 port) or a new leader is found again. Storage servers register their address with mgmtd (a restarted
-server gets a new port; peers and clients find it through routing). ``processes.py`` launches these
-servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
+server gets a new port; peers and clients find it through routing) and call their peers with the
+deadlines of ``deadlines.py`` (short on the data path, long for resync and chunk removal). ``processes.py``
+launches these servers; ``connect("3fs+tcp:///DIR")`` is a client of them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.threefs.client.chunk_io import RoutingCache
+from storage.threefs.cluster.deadlines import RequestDeadlines
 from storage.threefs.cluster.shape import ClusterShape, ServerTimings, lock_directory, target_dir
 from storage.threefs.net.auth import load_or_create_secret
 from storage.threefs.errors import NodeUnavailable
@@ -108,20 +110,20 @@ def meta_client(root: Path) -> ResolvingClient:
     return ResolvingClient(lambda: resolve_address(root, "meta"), lambda a: cluster_client(root, a))
 
 
-
-
 class Proxies:
-    """One RPC client per address of the cluster at `root`, made on first use."""
+    """One RPC client per address of the cluster at `root`, made on first use; each call may take `timeout`
+    seconds (its deadline, ``deadlines.py``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, timeout: float = 30.0) -> None:
         self._root = root
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._clients: dict[str, RpcClient] = {}
 
     def get(self, address: str) -> RpcClient:
         with self._lock:
             if address not in self._clients:
-                self._clients[address] = cluster_client(self._root, address)
+                self._clients[address] = cluster_client(self._root, address, self._timeout)
             return self._clients[address]
 
     def close(self) -> None:
@@ -180,9 +182,10 @@ def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: 
     from storage.threefs.kv import open_kv
     from storage.threefs.meta.layout import LayoutPolicy
     from storage.threefs.meta.service import MetaService
-    routing = RoutingCache(mgmtd.routing)
-    chunk_io = ChunkIO(routing, storage_of(routing.get, Proxies(root)), ThreadPoolExecutor(8, thread_name_prefix="3fs-meta-io"),
-                       retry_timeout=META_STORAGE_RETRY_SECONDS)
+    routing, deadlines = RoutingCache(mgmtd.routing), RequestDeadlines.from_timings(timings)
+    chunk_io = ChunkIO(routing, storage_of(routing.get, Proxies(root, deadlines.data)),
+                       ThreadPoolExecutor(8, thread_name_prefix="3fs-meta-io"), retry_timeout=META_STORAGE_RETRY_SECONDS,
+                       bulk_storage=storage_of(routing.get, Proxies(root, deadlines.bulk)))
     meta = MetaService(open_kv(f"sqlite:///{root / 'meta.sqlite'}"), lambda: routing.get().chain_table,
                        LayoutPolicy(shape.chunk_size, shape.stripe),
                        storage_length=lambda inode: chunk_io.file_length(inode.layout, inode.inode_id))
@@ -198,11 +201,14 @@ def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node
     from storage.threefs.storage.service import StorageService
     if node not in shape.targets():
         raise ValueError(f"--node: expected one of {sorted(shape.targets())}, got {node}")
-    lease, proxies = RoutingLease(timings.heartbeat_timeout / 2), Proxies(root)
+    deadlines = RequestDeadlines.from_timings(timings)
+    lease = RoutingLease(timings.heartbeat_timeout / 2)
+    proxies, bulk_proxies = Proxies(root, deadlines.peer), Proxies(root, deadlines.bulk)
     manager = LeasedManager(mgmtd, lease)
     targets = {t: ChunkStore(target_dir(root, node, t)) for t in shape.targets()[node]}
     service = StorageService(node, targets, lease.routing, storage_of(lease.last_routing, proxies),
-                             on_successor_failure=manager.mark_offline)
+                             on_successor_failure=manager.mark_offline,
+                             bulk_peer=storage_of(lease.last_routing, bulk_proxies))
     return service, lambda: service.tick(manager)
 
 

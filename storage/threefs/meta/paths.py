@@ -17,19 +17,14 @@ POSIX ones (`os_error`).
 from __future__ import annotations
 
 import errno
-import os
 from typing import NamedTuple
 
+from storage.threefs.errors import os_error  # noqa: F401 - re-exported: meta's modules import it from here
 from storage.threefs.kv import Transaction
 from storage.threefs.meta.schema import ROOT_INODE_ID, DirEntry, Inode, InodeType, dentry_key, inode_key
 
 MAX_SYMLINK_FOLLOWS = 40      # as Linux's MAXSYMLINKS
 MAX_NAME_BYTES = 255
-
-
-def os_error(cls: type[OSError], code: int, path: str) -> OSError:
-    """An OSError subclass instance with errno `code`, its standard message and `path` as the filename."""
-    return cls(code, os.strerror(code), path)
 
 
 def split_path(path: str, argname: str = "path") -> list[str]:

@@ -7,7 +7,9 @@ the write is committed cluster-wide and the pending bytes are returned; if it is
 those; if neither (this copy is behind or diverged), the tail serves the read. (3FS returns a status code
 instead; the query is the CRAQ paper's design.) A read checks the checksums of the 4 KiB blocks it reads;
 a failure checks the whole local copy and, if it is damaged, fetches the chunk from another serving
-replica and replaces it.
+replica and replaces it. When every other serving replica answers that its copy is damaged too, the read
+(or the write building on the chunk) fails at once with ``NoIntactReplica`` (EIO, not retried); while a
+replica does not answer or holds another version, the retryable ``ChecksumError`` stands instead.
 
 Settling with the tail. A pending version nobody is writing any more is a leftover: a write whose
 forward failed with an unknown outcome (a lost reply: the successors may have committed) or whose local
@@ -22,10 +24,11 @@ StorageService or an RPC proxy of one.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id
-from storage.threefs.errors import ChecksumError, NodeUnavailable, TargetNotServing
+from storage.threefs.errors import ChecksumError, NodeUnavailable, NoIntactReplica, TargetNotServing
 from storage.threefs.mgmtd.routing import RoutingInfo, TargetState
 
 _READABLE = (TargetState.SERVING, TargetState.LASTSRV)
@@ -171,19 +174,26 @@ class CraqReads:
             return  # intact (repaired meanwhile, or only a pending version was damaged)
         except ChecksumError as exc:
             damage = exc
+        undecided = False  # some replica did not say whether it holds the version intact
         for other in routing.readable_targets(chain_id):
             if other == target_id:
                 continue
             try:
                 content, version, chain_version = self._service.service_of(routing, other).read_chunk(other, chunk_id)
-            except (NodeUnavailable, ChecksumError, TargetNotServing):
+            except ChecksumError:
+                continue
+            except (NodeUnavailable, TargetNotServing):
+                undecided = True
                 continue
             if version == meta.committed_version:
                 store.replace(chunk_id, content, version, chain_version)
                 return
-        raise ChecksumError(f"chunk {chunk_id} version {meta.committed_version} is damaged on target {target_id} "
-                            f"({store.directory}) and no other replica of chain {chain_id} holds it intact: "
-                            f"{damage}") from damage
+            undecided = True
+        message = (f"chunk {chunk_id} version {meta.committed_version} is damaged on target {target_id} "
+                   f"({store.directory}) and no other replica of chain {chain_id} holds it intact")
+        if undecided:  # retryable: a replica that did not answer, or holds another version, may be intact
+            raise ChecksumError(f"{message} (yet): {damage}") from damage
+        raise NoIntactReplica(errno.EIO, f"{message}: {damage}") from damage
 
     def committed_version(self, target_id: int, chunk_id: ChunkId) -> int:
         """The committed version of a chunk on a local target (0 when it holds none)."""

@@ -75,7 +75,7 @@ def resync_target(service: Any, chain_id: int, syncing_target: int, manager: Any
         raise ValueError(f"the predecessor {predecessor} of syncing target {syncing_target} is on node "
                          f"{routing.target_node[predecessor]}, not on node {service.node_id}")
     store = service.store(predecessor)
-    remote_service = service.service_of(routing, syncing_target)
+    remote_service = service.bulk_service_of(routing, syncing_target)  # a long deadline: a target's worth
 
     # Step 1: dump-chunkmeta
     remote = {as_chunk_id(m.chunk_id): ChunkMeta(as_chunk_id(m.chunk_id), *m[1:])

@@ -82,15 +82,19 @@ class StorageService:
       on_successor_failure: called with a successor target that did not answer (the cluster wires
         Manager.mark_offline); None makes such a write fail instead.
       retry_timeout: seconds a write keeps re-forwarding while routing settles after a failure.
+      bulk_peer: like `peer`, for maintenance calls that may take long (resync transfers, chunk removal);
+        `peer` then serves the data path with a deadline shorter than the heartbeat timeout, so a hung
+        successor is reported and routed around (``cluster/deadlines.py``). Default `peer`.
     """
 
     def __init__(self, node_id: int, targets: dict[int, ChunkStore], routing: Callable[[], RoutingInfo],
                  peer: Callable[[int], Any], on_successor_failure: Callable[[int], Any] | None = None,
-                 retry_timeout: float = 10.0) -> None:
+                 retry_timeout: float = 10.0, bulk_peer: Callable[[int], Any] | None = None) -> None:
         self.node_id = node_id
         self._targets = dict(targets)
         self._routing_source = routing
         self._peer = peer
+        self._bulk_peer = bulk_peer or peer
         self._on_successor_failure = on_successor_failure
         self._retry_timeout = retry_timeout
         self._locks = ChunkLocks()
@@ -131,6 +135,11 @@ class StorageService:
         """The StorageService (self, or a peer) that holds `target_id`."""
         node = routing.target_node[target_id]
         return self if node == self.node_id else self._peer(node)
+
+    def bulk_service_of(self, routing: RoutingInfo, target_id: int) -> Any:
+        """Like `service_of`, for maintenance calls (resync, chunk removal): a peer with a long deadline."""
+        node = routing.target_node[target_id]
+        return self if node == self.node_id else self._bulk_peer(node)
 
     def require_state(self, routing: RoutingInfo, target_id: int, allowed: tuple[TargetState, ...],
                        what: str) -> ChunkStore:
@@ -352,7 +361,7 @@ class StorageService:
             if successor is None:
                 return removed
             try:
-                self.service_of(routing, successor).remove_chunks(chain_id, inode_id, successor)
+                self.bulk_service_of(routing, successor).remove_chunks(chain_id, inode_id, successor)
                 return removed
             except NodeUnavailable:
                 if self._on_successor_failure is None or time.monotonic() > deadline:
