@@ -33,7 +33,7 @@ class TrialResult:
 
     trial: int
     fault: str                # "kill" | "pause"
-    server: str               # "storage-2", "meta", "mgmtd", ...
+    server: str               # "storage-2", "meta", "mgmtd" or "mgmtd-2" (the leader when faulted)
     records: int              # acknowledged records
     write_retries: int        # writes that failed and were sent again
     sync_errors: int          # fsyncs that failed (allowed while the meta server is down)
@@ -143,6 +143,10 @@ def run_trial(cluster, client, trial: int, fault: str, server: str, *, record_si
         raise ValueError(f"fault: expected one of {FAULTS}, got {fault!r}")
     if cluster.shape.chunk_size % record_size:
         raise ValueError(f"record_size {record_size} must divide the chunk size {cluster.shape.chunk_size}")
+    if server == LEADER:
+        server = cluster.mgmtd_leader()
+        if server is None:
+            raise RuntimeError(f"trial {trial}: no mgmtd leader is published")
     path = f"/drill/trial-{trial:04d}.bin"
     client.makedirs("/drill")
     deadline = time.monotonic() + timeout
@@ -186,17 +190,21 @@ def run_trial(cluster, client, trial: int, fault: str, server: str, *, record_si
                        invented, float(max(times)), max(0.0, float(recovery)))
 
 
+LEADER = "mgmtd-leader"  # a drill's name for whichever mgmtd leads when the trial starts
+
+
 def servers_of(cluster) -> list[str]:
-    """The names of the cluster's servers that a drill may fault."""
-    return sorted(cluster.processes)
+    """What a drill faults: every meta and storage server, and the mgmtd leader (a standby's death
+    changes nothing until it is needed)."""
+    return sorted([name for name in cluster.processes if not name.startswith("mgmtd")] + [LEADER])
 
 
 def run_drill(cluster, trials: int, seed: int = 0, on_trial: Callable[[TrialResult], None] | None = None,
-              **trial_kwargs) -> list[TrialResult]:
-    """`trials` trials over random (fault, server) pairs, cycling so every server gets each fault; waits
-    for every target to serve again between trials."""
+              servers: list[str] | None = None, **trial_kwargs) -> list[TrialResult]:
+    """`trials` trials over random (fault, server) pairs, cycling so every server (default
+    ``servers_of(cluster)``) gets each fault; waits for every target to serve again between trials."""
     rng = np.random.default_rng(seed)
-    plan = [(fault, server) for server in servers_of(cluster) for fault in FAULTS]
+    plan = [(fault, server) for server in servers or servers_of(cluster) for fault in FAULTS]
     results = []
     with cluster.client() as client:
         for trial in range(trials):
