@@ -298,7 +298,7 @@ def main() -> None:
                   "process (and the server processes) during the timed writes, over the bytes written.",
                   "Reads of every backend come from a warm page cache (plain-cold rows: after "
                   "POSIX_FADV_DONTNEED). A 3FS read loads and CRC32-checks only the 4 KiB blocks it overlaps.",
-                  "Everything is Python: per-request costs (pickle RPC, SQLite, thread hand-offs) dominate small IO.",
+                  "Everything is Python: per-request costs (codec RPC, SQLite, thread hand-offs) dominate small IO.",
                   "The machine was shared with other jobs; see loadavg."],
         "data": tables[0][1], "batched": tables[1][1], "metadata": tables[2][1], "summary": summary_json,
         "wall_seconds": wall,

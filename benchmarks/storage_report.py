@@ -31,7 +31,7 @@ DATA_NOTES = {
     ("3fs", "rand read 4 KiB"): "one pread + CRC32 of the 4 KiB block(s) read, not the whole chunk",
     ("3fs", "rand write 4 KiB"): "copy-on-write: each 4 KiB write rewrites its 1 MiB chunk on 3 replicas",
 }
-RPC_NOTE = "; pickle RPC over loopback per chunk request and per chain hop"
+RPC_NOTE = "; an RPC (codec frames, HMAC-authenticated connection) over loopback per chunk request and per chain hop"
 
 
 def median_rows(rounds: list[dict[str, dict]]) -> dict[str, dict]:
@@ -118,7 +118,7 @@ def batched_table(results: dict[str, dict[str, dict]], batch: int) -> tuple[Tabl
 
 META_NOTES = {
     "embedded": "in-process SQLite KV (WAL, synchronous=NORMAL); create = stat + create txn + close txn",
-    "processes": "3 pickle RPCs to the meta server (one thread and SQLite connection per client connection)",
+    "processes": "3 RPCs to the meta server (one thread and SQLite connection per client connection)",
     "plain": "kernel VFS (dentry cache)",
 }
 

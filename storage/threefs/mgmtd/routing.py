@@ -1,4 +1,4 @@
-"""Routing: the chain table and target states that mgmtd owns and hands out as one picklable snapshot.
+"""Routing: the chain table and target states that mgmtd owns and hands out as one immutable snapshot.
 
 3FS replicates each chunk on a chain of storage targets. A chain lists its targets in order: serving
 targets first (head ... tail), then syncing ones (they receive writes as the new tail but serve no reads),

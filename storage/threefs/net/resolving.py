@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from storage.threefs.errors import NodeUnavailable, NotPrimary
+from storage.threefs.net.transport import RemoteMethods
 
 _MAX_SWITCHES = 3
 
@@ -32,7 +33,7 @@ def never_sent(error: NodeUnavailable) -> bool:
         text in str(error) for text in ("cannot connect for", "handshake for"))
 
 
-class ResolvingClient:
+class ResolvingClient(RemoteMethods):
     """A proxy like ``RpcClient`` (``client.method(*args)``) that follows its service to a new address.
 
     Args:
@@ -55,16 +56,6 @@ class ResolvingClient:
     @property
     def address(self) -> str:
         return self._current().address
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):
-            raise AttributeError(name)
-
-        def remote_method(*args, **kwargs):
-            return self.call(name, *args, **kwargs)
-
-        remote_method.__name__ = name
-        return remote_method
 
     def call(self, method: str, *args, **kwargs) -> Any:
         """Calls `method` on the service wherever it listens now (see the module docstring)."""

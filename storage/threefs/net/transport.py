@@ -267,7 +267,25 @@ class _Connection:
         self.sock.close()
 
 
-class RpcClient:
+class RemoteMethods:
+    """Base of the client proxies: ``proxy.method(*args, **kw)`` is ``proxy.call("method", *args, **kw)``
+    (names starting with ``_`` are never sent: ``AttributeError`` locally)."""
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def remote_method(*args, **kwargs):
+            return self.call(name, *args, **kwargs)
+
+        remote_method.__name__ = name
+        return remote_method
+
+
+class RpcClient(RemoteMethods):
     """A proxy for the object served at ``address`` ("host:port"): ``client.method(*args, **kw)``.
 
     timeout: seconds for connecting, for the handshake (None: ``auth.DEFAULT_TIMEOUT``) and for each
@@ -295,16 +313,6 @@ class RpcClient:
     @property
     def address(self) -> str:
         return self._address
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):
-            raise AttributeError(name)
-
-        def remote_method(*args, **kwargs):
-            return self.call(name, *args, **kwargs)
-
-        remote_method.__name__ = name
-        return remote_method
 
     def call(self, method: str, *args, **kwargs) -> Any:
         """Calls ``method`` remotely and returns its result, or re-raises its exception."""

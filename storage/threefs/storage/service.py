@@ -25,8 +25,8 @@ Reads (CRAQ's apportioned queries, with the tail version query and checksum repa
 in `reads.py`; `StorageService` serves them (`read`, `committed_state`, `read_chunk`, ...).
 
 `tick(manager)` is the heartbeat: report local states, take the routing, and resync every syncing target
-whose predecessor lives here (see `resync.py`). Every method takes and returns plain picklable values,
-so a peer may be this object or an RPC proxy of it.
+whose predecessor lives here (see `resync.py`). Every method takes and returns plain values the wire
+codec carries (net/wire_types.py), so a peer may be this object or an RPC proxy of it.
 """
 
 from __future__ import annotations
