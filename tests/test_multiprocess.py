@@ -28,16 +28,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_env() -> dict[str, str]:
-    """The parent's environment without its 8-device flag (conftest) or any JAXSEEK_* setting."""
+def _child_env(tmp_path) -> dict[str, str]:
+    """The parent's environment without its 8-device flag (conftest) or any JAXSEEK_* setting, plus a
+    persistent compilation cache shared by the test's runs (the resumed run loads what the first compiled)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSEEK_")}
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "xla_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 
 def _start_processes(args: list[str], tmp_path, tag: str) -> list[tuple[subprocess.Popen, object, object]]:
-    port, env, started = _free_port(), _child_env(), []
+    port, env, started = _free_port(), _child_env(tmp_path), []
     for i in range(2):
         out, err = open(tmp_path / f"{tag}{i}.out", "w+"), open(tmp_path / f"{tag}{i}.err", "w+")
         command = [sys.executable, "-m", "jaxseek", *args, "--coordinator", f"127.0.0.1:{port}",
