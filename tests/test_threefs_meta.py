@@ -271,6 +271,25 @@ def test_unlink_rmdir_errors(meta):
     assert meta.listdir("/") == []
 
 
+def test_remove_takes_whatever_the_path_names_in_one_call(meta):
+    meta.mkdir("/d/sub/deep", parents=True)
+    node, session = meta.create("/d/f", "a")
+    meta.close(node.inode_id, session, 0)
+    meta.create("/d/sub/deep/g", "a")
+    meta.symlink("/d/sub", "/d/link")
+    _raises(OSError, errno.ENOTEMPTY, "/d", meta.remove, "/d")
+    _raises(OSError, errno.EBUSY, "/", meta.remove, "/")
+    _raises(FileNotFoundError, errno.ENOENT, "/d/none", meta.remove, "/d/none")
+    meta.remove("/d/link", recursive=True)  # the symlink itself, not the tree it names
+    assert meta.listdir("/d/sub")[0].name == "deep"
+    meta.remove("/d/f")
+    assert [g.inode_id for g in take_garbage(meta)] == [node.inode_id] and meta.listdir("/d")[0].name == "sub"
+    _raises(OSError, errno.ENOTEMPTY, "/d/sub", meta.remove, "/d/sub")
+    meta.remove("/d/sub", recursive=True)
+    meta.remove("/d")
+    assert meta.listdir("/") == [] and meta.check_consistency() == []
+
+
 def test_rename_posix_semantics(meta):
     meta.mkdir("/a/b/c", parents=True)
     meta.mkdir("/empty")

@@ -181,13 +181,7 @@ class Client:
     def remove(self, path: str, recursive: bool = False) -> None:
         """Removes a file or symlink; a directory when empty, or with everything in it when `recursive`."""
         self._require_open()
-        inode = self.meta.stat(path, follow_symlinks=False)
-        if inode.type is not InodeType.DIRECTORY:
-            self.meta.unlink(path)
-        elif recursive:
-            self.meta.remove_tree(path)
-        else:
-            self.meta.rmdir(path)
+        self.meta.remove(path, recursive)  # one metadata transaction; chunks are collected in the background
 
     def exists(self, path: str) -> bool:
         self._require_open()

@@ -65,6 +65,26 @@ def _set_length(node: Inode, length: int, name: str, txn: Transaction) -> Inode:
     return node
 
 
+def _remove_entry(txn: Transaction, path: str, directory: bool | None) -> None:
+    """Removes the entry at `path` (a last symlink itself): a file or symlink when `directory` is False or
+    None, an empty directory when it is True or None; the POSIX error otherwise."""
+    res = resolve_existing(txn, path, follow_last=False)
+    if res.inode.is_dir:
+        if directory is False:
+            raise os_error(IsADirectoryError, errno.EISDIR, path)
+        if res.name is None:
+            raise os_error(OSError, errno.EBUSY, path)
+        if has_entries(txn, dentry_prefix(res.inode.inode_id)):
+            raise os_error(OSError, errno.ENOTEMPTY, path)
+        txn.clear(dentry_key(res.parent_id, res.name))
+        txn.clear(inode_key(res.inode.inode_id))
+    elif directory:
+        raise os_error(NotADirectoryError, errno.ENOTDIR, path)
+    else:
+        txn.clear(dentry_key(res.parent_id, res.name))
+        drop_link(txn, res.inode)
+
+
 class MetaService:
     """Namespace operations over a KVStore (see the module docstring and storage/threefs/README.md).
 
@@ -357,31 +377,24 @@ class MetaService:
 
     def unlink(self, path: str) -> None:
         """Removes a file or symlink; a file's chunks become garbage once no write session is open."""
-
-        def fn(txn: Transaction) -> None:
-            res = resolve_existing(txn, path, follow_last=False)
-            if res.inode.is_dir:
-                raise os_error(IsADirectoryError, errno.EISDIR, path)
-            txn.clear(dentry_key(res.parent_id, res.name))
-            drop_link(txn, res.inode)
-
-        self.kv.transact(fn)
+        self.kv.transact(lambda txn: _remove_entry(txn, path, directory=False))
 
     def rmdir(self, path: str) -> None:
         """Removes an empty directory."""
+        self.kv.transact(lambda txn: _remove_entry(txn, path, directory=True))
 
-        def fn(txn: Transaction) -> None:
-            res = resolve_existing(txn, path, follow_last=False)
-            if not res.inode.is_dir:
-                raise os_error(NotADirectoryError, errno.ENOTDIR, path)
-            if res.name is None:
-                raise os_error(OSError, errno.EBUSY, path)
-            if has_entries(txn, dentry_prefix(res.inode.inode_id)):
-                raise os_error(OSError, errno.ENOTEMPTY, path)
-            txn.clear(dentry_key(res.parent_id, res.name))
-            txn.clear(inode_key(res.inode.inode_id))
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Removes whatever `path` names (not following a last symlink) in one transaction: a file or
+        symlink (as `unlink`), an empty directory (as `rmdir`), or with `recursive` a whole tree (as
+        `remove_tree`)."""
+        def fn(txn: Transaction) -> int | None:
+            if recursive and resolve_existing(txn, path, follow_last=False).inode.is_dir:
+                return detach(txn, path)
+            return _remove_entry(txn, path, directory=None)
 
-        self.kv.transact(fn)
+        root_id = self.kv.transact(fn)
+        if root_id is not None:
+            self._purge(root_id)
 
     def remove_tree(self, path: str) -> None:
         """Removes `path` and everything under it. The tree leaves the namespace in one transaction (it is
