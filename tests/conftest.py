@@ -39,3 +39,17 @@ def micro_config() -> ModelConfig:
 def devices():
     assert jax.device_count() == 8, "conftest must run before jax is imported"
     return jax.devices()
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent compilation cache for one test: a resumed run loads the step an earlier run of the test
+    compiled, instead of compiling it again."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (str(tmp_path / "xla_cache"), 0.0, 0)):
+        jax.config.update(name, value)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)

@@ -73,19 +73,6 @@ def test_pipeline_settings_that_do_not_fit_name_the_setting(config):
         PipelineConfig("gpipe")
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent compilation cache for one test: the resumed run loads the step the first run compiled."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path / "xla_cache"), 0.0, 0)):
-        jax.config.update(name, value)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-
-
 @pytest.mark.slow
 def test_pipelined_training_resumes_and_matches_the_plain_run(config, tmp_path, compilation_cache):
     """1F1B over pp=2 (dp=4): stopped after one step and resumed, its losses equal an uninterrupted

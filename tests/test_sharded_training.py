@@ -64,7 +64,8 @@ def test_each_device_holds_its_share_from_creation(micro_config, devices, rules,
 
 
 @pytest.mark.slow
-def test_sharded_runs_give_the_replicated_losses_and_resume_sharded(micro_config, devices, tmp_path):
+def test_sharded_runs_give_the_replicated_losses_and_resume_sharded(micro_config, devices, tmp_path,
+                                                                   compilation_cache):
     corpus = load_stdlib_corpus(max_bytes=1_000_000)
     quiet = dict(corpus=corpus, console=Console(quiet=True), show_progress=False)
     one = train(micro_config, TC, tmp_path / "one", mesh=make_mesh(devices=devices[:1]), **quiet)
