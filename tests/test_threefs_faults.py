@@ -57,8 +57,8 @@ def wait_all_serving(client, timeout: float = 30.0) -> None:
 
 def on_disk_chunks(root: Path, node: int, target: int) -> dict[ChunkId, tuple[int, bytes]]:
     """{chunk id: (committed version, committed content)} of one target, from its files on disk (read
-    while its server runs: SELECTs on the WAL database only). Checks every content file's length and
-    CRC32 against the metadata, and that no chunk is left with a pending version."""
+    while its server runs: SELECTs on the WAL database only). Checks every committed slot file's length
+    and checksum (CRC32C) against the metadata (pending versions live in memory only)."""
     directory = target_dir(root, node, target)
     db = sqlite3.connect(directory / "chunkmeta.sqlite")
     try:
