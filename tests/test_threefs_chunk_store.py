@@ -8,11 +8,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 
+from storage.threefs.storage.block_checksums import content_checksum
 from storage.threefs.storage.block_checksums import BLOCK_SIZE
 from storage.threefs.storage.chunk_store import ChunkId, ChunkStore, ChunkStoreFormatError, PendingVersionExists
 from storage.threefs.errors import ChecksumError
@@ -51,7 +51,7 @@ def test_chunk_store_versions_and_reopen(tmp_path):
 
     reopened = ChunkStore(tmp_path / "t")
     assert reopened.read(cid, 0, 100) == b"\0\0\0abc\0\0XY"
-    assert [m[:6] for m in reopened.list_meta()] == [(cid, 2, 0, 2, 10, zlib.crc32(b"\0\0\0abc\0\0XY"))]
+    assert [m[:6] for m in reopened.list_meta()] == [(cid, 2, 0, 2, 10, content_checksum(b"\0\0\0abc\0\0XY"))]
     assert reopened.meta(ChunkId(7, 1)) is None
     assert sorted(p.name for p in (tmp_path / "t" / "chunks").iterdir()) == [reopened.content_path(cid).name]
     reopened.replace(cid, b"whole", committed_version=9, chain_version=4)
@@ -67,7 +67,7 @@ def test_chunk_store_checks_the_blocks_it_reads(tmp_path):
     data = random.Random(5).randbytes(3 * BLOCK_SIZE + 500)  # blocks 0-2 whole, block 3 short
     store.apply_write(cid, 0, data, chain_version=1)
     store.commit(cid, 1)
-    assert store.meta(cid).checksum == zlib.crc32(data)  # the whole-content CRC32 stays in the metadata
+    assert store.meta(cid).checksum == content_checksum(data)  # the version checksum: CRC32C of the block CRC32Cs
     path = store.content_path(cid)
     raw = bytearray(path.read_bytes())
     raw[BLOCK_SIZE + 150] ^= 0x40  # bit rot in block 1
@@ -84,8 +84,12 @@ def test_chunk_store_checks_the_blocks_it_reads(tmp_path):
             store.read(cid, offset, length)
     with pytest.raises(ChecksumError, match="block 1"):  # the whole chunk (read_chunk, resync): every block
         store.read_version(cid, 1, 0, 1 << 62)
-    with pytest.raises(ChecksumError, match="block 1"):  # an update builds on the whole committed content
-        store.apply_write(cid, 3 * BLOCK_SIZE, b"x", chain_version=1)
+    with pytest.raises(ChecksumError, match="block 1"):  # an update merging with the damaged block
+        store.apply_write(cid, BLOCK_SIZE + 5, b"x", chain_version=1)
+    store.apply_write(cid, 3 * BLOCK_SIZE, b"x", chain_version=1)  # elsewhere: block 1 is copied as it is,
+    with pytest.raises(ChecksumError, match="block 1"):                # with its checksum: still caught
+        store.read(cid, BLOCK_SIZE, 1, pending=True)
+    assert store.abort_pending(cid)
     # the file's length: a read that reaches the end checks where the file ends
     path.write_bytes(data + b"junk")
     assert store.read(cid, 0, 100) == data[:100]
@@ -104,8 +108,16 @@ def test_chunk_store_refuses_another_metadata_format(tmp_path):
     db.execute("CREATE TABLE chunks (id BLOB PRIMARY KEY, committed_version INTEGER NOT NULL)")
     db.commit()
     db.close()
-    with pytest.raises(ChunkStoreFormatError, match="has metadata format 0; this code reads format 2"):
+    with pytest.raises(ChunkStoreFormatError, match="has metadata format 0; this code reads format 3"):
         ChunkStore(tmp_path / "t")
+    (tmp_path / "v2").mkdir()  # a store of the previous engine (a file per version, CRC32): refused too
+    db = sqlite3.connect(tmp_path / "v2" / "chunkmeta.sqlite")
+    db.execute("CREATE TABLE chunks (id BLOB PRIMARY KEY, committed_version INTEGER NOT NULL)")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    with pytest.raises(ChunkStoreFormatError, match="has metadata format 2; this code reads format 3"):
+        ChunkStore(tmp_path / "v2")
     ChunkStore(tmp_path / "fresh").close()
     ChunkStore(tmp_path / "fresh").close()  # a store this code created reopens
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pickle
 import random
 import threading
-import zlib
 
 import pytest
 
+from storage.threefs.storage.block_checksums import content_checksum
 from storage.threefs.storage.chunk_store import ChunkId, ChunkStore
 from storage.threefs.errors import ChainVersionMismatch, ChunkDiverged, NodeUnavailable, TargetNotServing
 from storage.threefs.mgmtd.routing import TargetState
@@ -208,7 +208,7 @@ def assert_chain_agrees(cluster: Cluster, chain_id: int, chunk: ChunkId, version
     """Every replica committed `version` of the chunk with `content` (nothing pending), and every
     replica's reads answer it. (The chain version stored with it may differ: a re-forward that a
     replica already committed keeps the one it committed under.)"""
-    expected = (version, 0, len(content), zlib.crc32(content), content)
+    expected = (version, 0, len(content), content_checksum(content), content)
     for target in cluster.manager.routing().chain(chain_id).targets:
         meta, store = cluster.store(target).meta(chunk), cluster.store(target)
         assert (meta.committed_version, meta.pending_version, meta.length, meta.checksum,
@@ -311,13 +311,13 @@ def test_reforward_of_a_committed_write_is_idempotent(cluster):
     chain_version = routing.chain(1).version
     service = cluster.services[routing.target_node[middle]]
     before = cluster.replica_view(1)
-    assert service.update(1, chain_version, middle, chunk, 90, b"B" * 10, False, 2, zlib.crc32(content)) == 2
+    assert service.update(1, chain_version, middle, chunk, 90, b"B" * 10, False, 2, content_checksum(content)) == 2
     assert cluster.replica_view(1) == before
     with pytest.raises(ChunkDiverged) as diverged:
-        service.update(1, chain_version, middle, chunk, 90, b"X" * 10, False, 2, zlib.crc32(b"X"))
+        service.update(1, chain_version, middle, chunk, 90, b"X" * 10, False, 2, content_checksum(b"X"))
     assert diverged.value.committed_version == 2
     with pytest.raises(ChunkDiverged):
-        service.update(1, chain_version, middle, chunk, 0, b"A", False, 1, zlib.crc32(b"A" * 100))
+        service.update(1, chain_version, middle, chunk, 0, b"A", False, 1, content_checksum(b"A" * 100))
     assert cluster.replica_view(1) == before
     revived = pickle.loads(pickle.dumps(diverged.value))  # it crosses the wire with its version
     assert (type(revived), revived.committed_version, str(revived)) == (ChunkDiverged, 2, str(diverged.value))

@@ -5,7 +5,7 @@ The cluster: 3 storage nodes x 2 targets, 2 chains of 3 replicas (every node hol
 and each node heads one chain or none), 4 KiB chunks, files striped over both chains. Threads in this
 process write and read through RPC clients; the servers are started with subprocess (no fork of this
 process). Replicas are compared on disk: each target's chunkmeta.sqlite names the committed content file
-of every chunk, whose CRC32 must match.
+of every chunk, whose CRC32C checksums must match.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from storage.threefs.storage.block_checksums import content_checksum
 from storage.threefs.storage.chunk_id import ChunkId
 from storage.threefs.cluster import ClusterShape, target_dir
 from storage.threefs.cluster.processes import ProcessCluster
@@ -57,21 +57,19 @@ def wait_all_serving(client, timeout: float = 30.0) -> None:
 
 def on_disk_chunks(root: Path, node: int, target: int) -> dict[ChunkId, tuple[int, bytes]]:
     """{chunk id: (committed version, committed content)} of one target, from its files on disk (read
-    while its server runs: SELECTs on the WAL database only). Checks every content file's length and
-    CRC32 against the metadata, and that no chunk is left with a pending version."""
+    while its server runs: SELECTs on the WAL database only). Checks every committed slot file's length
+    and checksum (CRC32C) against the metadata (pending versions live in memory only)."""
     directory = target_dir(root, node, target)
     db = sqlite3.connect(directory / "chunkmeta.sqlite")
     try:
-        rows = db.execute("SELECT id, committed_version, committed_file, length, checksum, pending_version "
-                          "FROM chunks").fetchall()
+        rows = db.execute("SELECT id, version, slot, length, checksum FROM chunks").fetchall()
     finally:
         db.close()
     out = {}
-    for raw_id, version, name, length, checksum, pending in rows:
+    for raw_id, version, slot, length, checksum in rows:  # committed versions only (pending ones live in memory)
         chunk_id = ChunkId.from_bytes(raw_id)
-        assert pending == 0, f"target {target}: chunk {chunk_id} left pending version {pending}"
-        content = (directory / "chunks" / name).read_bytes() if name else b""
-        assert len(content) == length and zlib.crc32(content) == checksum, (target, chunk_id)
+        content = (directory / "chunks" / f"{chunk_id.hex()}.{slot}").read_bytes()
+        assert len(content) == length and content_checksum(content) == checksum, (target, chunk_id)
         out[chunk_id] = (version, content)
     return out
 

@@ -77,9 +77,10 @@ def assert_chains_consistent(cluster: EmbeddedCluster) -> dict[int, dict[ChunkId
 
 
 def chunk_files_on_disk(root: Path, inode_id: int) -> list[Path]:
-    """Content files of any version of any chunk of `inode_id`, in every target directory."""
+    """The chunks of `inode_id` held on disk, one path (without its slot suffix) per chunk and target
+    directory, whichever of its two slot files exist."""
     prefix = ChunkId(inode_id, 0).hex()[:24]  # tenant, reserved, inode id, track
-    return sorted(root.glob(f"node-*/target-*/chunks/{prefix}*"))
+    return sorted({path.with_suffix("") for path in root.glob(f"node-*/target-*/chunks/{prefix}*")})
 
 
 def expected_chunks(data: bytes) -> dict[int, bytes]:

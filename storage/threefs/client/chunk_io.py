@@ -26,6 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from storage.threefs.storage.chunk_store import ChunkId
+from storage.threefs.storage.crc32c import crc32c
 from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
                                     NotPrimary, TargetNotServing, timed_out)
 from storage.threefs.meta.layout import ChunkSpan, Layout
@@ -198,14 +199,18 @@ class ChunkIO:
     # ----------------------------------------------------------------------------- writes
 
     def write_chunk(self, chain_id: int, chunk_id: ChunkId, offset: int, data: bytes,
-                    full_replace: bool = False) -> int:
-        """Writes through the chain's head; returns the committed chunk version."""
+                    full_replace: bool = False, data_crc: int | None = None) -> int:
+        """Writes through the chain's head; returns the committed chunk version. The CRC32C of `data`
+        (`data_crc`, computed here once when None) goes with it: the head and every replica check it."""
+        data_crc = crc32c(data) if data_crc is None else data_crc
+
         def attempt(routing: RoutingInfo) -> int:
             path = routing.write_path(chain_id)
             if not path:
                 raise TargetNotServing(f"chain {chain_id} has no writable target")
             head = self._storage(routing.target_node[path[0]])
-            return head.write(chain_id, routing.chain(chain_id).version, chunk_id, offset, data, full_replace)
+            return head.write(chain_id, routing.chain(chain_id).version, chunk_id, offset, data, full_replace,
+                              data_crc)
 
         return self._retrying(f"write of chunk {tuple(chunk_id)} on chain {chain_id}", attempt)
 

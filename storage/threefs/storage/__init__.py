@@ -1,7 +1,9 @@
 """storage: the storage service (3FS's storage nodes): chunk stores on disk and CRAQ over chains.
 
-Roles: `chunk_id.py` (the 16-byte chunk id that sorts by inode), `block_checksums.py` (a CRC32 per 4 KiB
-block), `chunk_store.py` (`ChunkStore`: one target's chunks, committed + pending versions, crash safe),
+Roles: `chunk_id.py` (the 16-byte chunk id that sorts by inode), `crc32c.py` (CRC32C of any buffer),
+`block_checksums.py` (a CRC32C per 4 KiB block, verified reads), `chunk_store.py` (`ChunkStore`: one target's
+chunks in two slot files each, committed + pending versions, crash safe, group-commit fsync; with
+`version_writer.py`, `chunk_meta_db.py`, `fd_cache.py`),
 `reads.py` (CRAQ reads, the tail version query, checksum repair), `service.py` (`StorageService`: CRAQ
 writes head to tail and the heartbeat), `resync.py` (a predecessor brings a returning target up to date),
 `routing_lease.py` (the routing a server serves on, renewed by heartbeats; fenced after T/2 without).

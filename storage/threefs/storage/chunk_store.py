@@ -1,93 +1,64 @@
-"""The chunk engine: one storage target's chunks on local disk, copy-on-write, with checksums.
+"""The chunk engine: one storage target's chunks on local disk, two slot files per chunk, CRC32C.
 
 In 3FS every storage target keeps its chunks in a chunk engine: content in data files and chunk metadata
 in RocksDB, cached in memory. A chunk holds at most two versions, the committed one `v` and a pending one
-`u = v + 1` that a CRAQ write has applied but not yet committed. An update never touches the committed
-bytes: it writes the whole new version to a new block (copy-on-write) and a metadata transaction makes it
-pending; commit is a second metadata transaction that swaps pending in as committed (recording the chain
-version), after which the old block is freed.
+`u = v + 1` that a CRAQ write has applied but not yet committed; the committed bytes are never touched
+until the pending version replaces them.
 
-Here that block is a file per (chunk, version) under `<directory>/chunks/`; the metadata lives in
-`<directory>/chunkmeta.sqlite` (a row per chunk: the committed and pending versions' files, lengths,
-CRC32s of the whole content and CRC32s per 4 KiB piece). The order of effects makes a kill at any point
-safe: a content file is written and fsynced before any metadata names it, and an old file is deleted only
-after the transaction that stops naming it. Opening a store drops pending versions (their writes never
-completed) and deletes files no metadata names, so a reopened store reads exactly the last committed
-versions. The rows are keyed by the 16-byte chunk id, so one file's chunks are one key range
-(`inode_chunks`: garbage collection and length queries never scan other files' rows). A read loads and checks only the 4 KiB pieces that overlap its range; reading a whole version
-(repair, resync, the base of an update) checks all of it (`block_checksums.py`; ids: `chunk_id.py`).
+Here each chunk has two slot files, `<directory>/chunks/<chunk id hex>.0` and `.1`: one holds the
+committed version, the other (the spare) is where the next version is built, in place. The store
+remembers which blocks of the spare differ from the committed content (the blocks the last write
+changed), so a write copies into the spare only those stale blocks and the 4 KiB blocks it changes
+itself (`version_writer.py`): a 4 KiB write copies two blocks, not a chunk; a write that covers the
+chunk reads nothing old. Pending versions live in memory only; commit is one metadata statement
+(`chunk_meta_db.py`: a row per chunk, the committed version), after which the old committed slot is the
+spare. A reopened store drops pending versions and spare files and reads the last committed versions.
+
+Durability (group commit). A write returns once its bytes are in the page cache (pwrite, no fsync) and
+a commit once its row is in SQLite's WAL; both survive a SIGKILL of the process, so nothing a replica
+acknowledged is lost by a kill. `sync()` fsyncs every slot file written since the last sync and then
+the metadata; it runs every `sync_interval` seconds in a background thread (and whenever called, e.g.
+at a client's fsync/close). A power loss (or kernel crash) can lose what was written since the last
+sync: such a chunk may come back at an older committed version, or with blocks that fail their
+CRC32C (a ChecksumError: repaired from another replica, else EIO), never as wrong bytes.
+
+Reads take a cached open descriptor (`fd_cache.py`) and one pread/preadv, checking only the blocks that
+overlap the range (`block_checksums.py`); `read_into` reads straight into the caller's buffer. Rows are
+keyed by the 16-byte chunk id, so one file's chunks are one key range (`inode_chunks`, `remove_inode`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sqlite3
 import threading
-import uuid
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from storage.threefs.storage.block_checksums import block_checksums, read_blocks
-from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id, inode_key_range  # re-exported
 from storage.threefs.errors import ChecksumError
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS chunks (
-    id BLOB PRIMARY KEY,
-    committed_version INTEGER NOT NULL, committed_file TEXT, length INTEGER NOT NULL,
-    checksum INTEGER NOT NULL, chain_version INTEGER NOT NULL,
-    pending_version INTEGER NOT NULL, pending_file TEXT, pending_length INTEGER NOT NULL,
-    pending_checksum INTEGER NOT NULL, pending_chain_version INTEGER NOT NULL,
-    block_checksums BLOB NOT NULL, pending_block_checksums BLOB NOT NULL
-) WITHOUT ROWID
-"""
-_SCHEMA_VERSION = 2  # PRAGMA user_version; 2 added the per-block checksums
-
-
-class ChunkStoreFormatError(RuntimeError):
-    """The metadata database on disk was written in another format than this code reads."""
+from storage.threefs.storage.block_checksums import read_blocks, read_blocks_into
+from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id, inode_key_range  # re-exported
+from storage.threefs.storage.chunk_meta_db import ChunkMetaDb, ChunkStoreFormatError, CommittedRow  # re-exported
+from storage.threefs.storage.fd_cache import FdCache
+from storage.threefs.storage.version_writer import Version, build_version, install_content
 
 
 class PendingVersionExists(RuntimeError):
-    """A chunk already holds a pending version; a target holds at most one (u = v + 1)."""
+    """A chunk already holds a pending version (or one is being written); a target holds at most one."""
 
 
 class ChunkVersionMismatch(RuntimeError):
     """An update carries a version that does not follow this target's committed version of the chunk."""
 
 
-class _Record(NamedTuple):
-    """One metadata row: the committed version's file and the pending one's (None when absent)."""
+class _Chunk:
+    """A chunk's state in memory (guarded by the store's lock). `stale`: the blocks where the spare slot
+    differs from the committed content (None: unknown, all of them); `epoch` grows whenever a write
+    starts overwriting the spare slot (a read that raced with it then gives up instead of failing)."""
 
-    committed_version: int
-    committed_file: str | None
-    length: int
-    checksum: int
-    chain_version: int
-    pending_version: int = 0
-    pending_file: str | None = None
-    pending_length: int = 0
-    pending_checksum: int = 0
-    pending_chain_version: int = 0
-    block_checksums: bytes = b""
-    pending_block_checksums: bytes = b""
+    __slots__ = ("committed", "pending", "stale", "epoch")
 
-    def without_pending(self) -> _Record:
-        return self._replace(pending_version=0, pending_file=None, pending_length=0, pending_checksum=0,
-                             pending_chain_version=0, pending_block_checksums=b"")
-
-
-class _Opened(NamedTuple):
-    """An open content file (a descriptor) with the length and CRC32s its metadata records."""
-
-    fd: int
-    name: str
-    length: int
-    checksum: int
-    block_checksums: bytes
+    def __init__(self, committed: Version | None, pending: Version | None = None) -> None:
+        self.committed, self.pending, self.stale, self.epoch = committed, pending, None, 0
 
 
 def _check_nonnegative(name: str, value: object) -> int:
@@ -96,59 +67,100 @@ def _check_nonnegative(name: str, value: object) -> int:
     return value
 
 
+class _Located(NamedTuple):
+    path: str
+    version: Version
+    epoch: int
+
+
 class ChunkStore:
     """The chunks of one storage target, under `directory` (created if missing). Thread-safe.
 
     Args:
-      directory: the target's root; holds `chunks/` (content files) and `chunkmeta.sqlite`.
-      fsync: fsync content files, their directory and the metadata database (on by default).
+      directory: the target's root; holds `chunks/` (slot files) and `chunkmeta.sqlite`.
+      fsync: make writes durable by group commit (`sync`); False never fsyncs (tests, scratch).
+      sync_interval: seconds between background syncs of what was written (with `fsync`).
+      open_files: descriptors kept open for reads and writes (an LRU).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True, sync_interval: float = 0.05,
+                 open_files: int = 256) -> None:
         self.directory = Path(directory)
         self._chunks_dir = self.directory / "chunks"
         self._chunks_dir.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.directory / "chunkmeta.sqlite", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
-        found = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if found != _SCHEMA_VERSION and (found or self._db.execute("SELECT 1 FROM sqlite_master").fetchone()):
-            self._db.close()
-            raise ChunkStoreFormatError(f"{self.directory / 'chunkmeta.sqlite'} has metadata format {found}; "
-                                        f"this code reads format {_SCHEMA_VERSION} only: move that target away")
-        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")  # first: a kill in between is harmless
-        self._db.execute(_SCHEMA)
-        self._cache: dict[ChunkId, _Record] = {}
+        self._sync_lock = threading.Lock()
+        self._db = ChunkMetaDb(self.directory / "chunkmeta.sqlite", durable=fsync)
+        self._fds = FdCache(open_files)
+        self._chunks: dict[ChunkId, _Chunk] = {}
+        self._writing: set[ChunkId] = set()  # chunks whose spare slot a write is filling
+        self._dirty: set[str] = set()  # slot files written since the last sync
+        self._closed = threading.Event()
         self._recover()
+        self._syncer = None
+        if fsync and sync_interval > 0:
+            self._syncer = threading.Thread(target=self._sync_loop, args=(sync_interval,), daemon=True,
+                                            name=f"chunk-sync {self.directory.name}")
+            self._syncer.start()
 
-    # ----------------------------------------------------------------------------- open / close
+    # ----------------------------------------------------------------------------- open / close / sync
 
     def _recover(self) -> None:
-        """Loads the metadata, drops pending versions (their writes never finished) and orphan files."""
-        rows = self._db.execute("SELECT * FROM chunks").fetchall()
-        with self._transaction():
-            for row in rows:
-                chunk_id, record = ChunkId.from_bytes(row[0]), _Record(*row[1:])
-                if record.pending_version:
-                    record = record.without_pending()
-                    if record.committed_version:
-                        self._put(chunk_id, record)
-                    else:
-                        self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id.to_bytes(),))
-                        continue
-                self._cache[chunk_id] = record
-        named = {r.committed_file for r in self._cache.values()}
+        """Loads the committed versions; deletes every file that is not a committed slot (spares, leftovers
+        of pending versions, files of another format)."""
+        for raw_id, row in self._db.load():
+            self._chunks[ChunkId.from_bytes(raw_id)] = _Chunk(Version(*row))
+        named = {self._slot_name(c, chunk.committed.slot) for c, chunk in self._chunks.items()}
         for path in self._chunks_dir.iterdir():
             if path.name not in named:
                 path.unlink(missing_ok=True)
 
+    def sync(self) -> None:
+        """Makes everything written and committed so far durable: fsyncs the slot files written since the
+        last sync and the chunks directory, then the metadata (a no-op without `fsync`)."""
+        if not self._fsync:
+            return
+        with self._sync_lock:
+            with self._lock:
+                dirty, self._dirty = self._dirty, set()
+            for path in dirty:
+                try:
+                    with self._fds.use(path) as fd:
+                        os.fsync(fd)
+                except FileNotFoundError:
+                    pass  # removed meanwhile
+            if dirty:
+                dir_fd = os.open(self._chunks_dir, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            with self._lock:
+                if not self._closed.is_set():
+                    self._db.checkpoint()
+
+    def _sync_loop(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            if self._dirty:
+                try:
+                    self.sync()
+                except Exception:  # noqa: BLE001 - a closed store or a full disk: the next round retries
+                    pass
+
     def close(self) -> None:
-        """Closes the metadata database; the store is unusable afterwards."""
-        with self._lock:
-            self._db.close()
+        """Syncs, then closes the metadata database and the descriptors; the store is unusable afterwards."""
+        if self._closed.is_set():
+            return
+        try:
+            self.sync()
+        finally:
+            with self._lock:
+                self._closed.set()
+                self._db.close()
+            if self._syncer is not None:
+                self._syncer.join()
+            self._fds.close()
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -161,76 +173,49 @@ class ChunkStore:
 
     # ----------------------------------------------------------------------------- internals
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on the autocommit connection."""
-        self._db.execute("BEGIN IMMEDIATE")
+    @staticmethod
+    def _slot_name(chunk_id: ChunkId, slot: int) -> str:
+        return f"{chunk_id.hex()}.{slot}"
+
+    def _slot_path(self, chunk_id: ChunkId, slot: int) -> str:
+        return str(self._chunks_dir / self._slot_name(chunk_id, slot))
+
+    def _unlink_slot(self, chunk_id: ChunkId, slot: int) -> None:
+        path = self._slot_path(chunk_id, slot)
+        self._fds.forget(path)
+        with self._lock:
+            self._dirty.discard(path)
+        Path(path).unlink(missing_ok=True)
+
+    def _locate(self, chunk_id: ChunkId, version: int) -> _Located | None:
+        """Under the lock: where `version` of the chunk (committed or pending) lives, or None."""
+        chunk = self._chunks.get(chunk_id)
+        if chunk is None or version <= 0:
+            return None
+        for held in (chunk.committed, chunk.pending):
+            if held is not None and held.version == version:
+                return _Located(self._slot_path(chunk_id, held.slot), held, chunk.epoch)
+        return None
+
+    def _read_located(self, chunk_id: ChunkId, located: _Located, read) -> object:
+        """Runs `read(fd, version)` on the located version's slot. A ChecksumError or a missing file while
+        the version moved on (committed over, aborted, its slot reused) answers None instead."""
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def _put(self, chunk_id: ChunkId, record: _Record) -> None:
-        """Writes one row (inside a transaction) and the cache."""
-        self._db.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                         (chunk_id.to_bytes(), *record))
-        self._cache[chunk_id] = record
-
-    def _delete(self, chunk_id: ChunkId) -> None:
-        self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id.to_bytes(),))
-        self._cache.pop(chunk_id, None)
-
-    def _write_file(self, chunk_id: ChunkId, version: int, content: bytes) -> str:
-        """Writes a new content file (never an existing one) and makes it durable; returns its name."""
-        name = f"{chunk_id.hex()}.v{version}.{uuid.uuid4().hex[:12]}"
-        path = self._chunks_dir / name
-        with open(path, "xb") as f:
-            f.write(content)
-            if self._fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        if self._fsync:
-            dir_fd = os.open(self._chunks_dir, os.O_RDONLY)
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        return name
+                with self._fds.use(located.path) as fd:
+                    return read(fd, located.version)
+            except FileNotFoundError:
+                raise ChecksumError(f"chunk {chunk_id} version {located.version.version} on target "
+                                    f"{self.directory}: content file {Path(located.path).name} is missing") from None
+        except ChecksumError:
+            with self._lock:
+                if self._locate(chunk_id, located.version.version) != located:
+                    return None
+            raise
 
-    def _unlink(self, *names: str | None) -> None:
-        for name in names:
-            if name:
-                (self._chunks_dir / name).unlink(missing_ok=True)
-
-    def _read_verified(self, chunk_id: ChunkId, version: int, opened: _Opened, offset: int = 0,
-                       length: int | None = None) -> bytes:
-        """Reads [offset, offset + length) (default: all) and checks its blocks; closes the file."""
-        end = opened.length if length is None else min(offset + length, opened.length)
-        where = f"chunk {chunk_id} version {version} on target {self.directory}: file {opened.name}"
-        try:
-            return read_blocks(opened.fd, min(offset, end), end, opened.length, opened.block_checksums,
-                               opened.checksum, where)
-        finally:
-            os.close(opened.fd)
-
-    def _open_version(self, chunk_id: ChunkId, version: int) -> _Opened | None:
-        """Under the lock: an open handle on `version` of the chunk (committed or pending), or None."""
-        r = self._cache.get(chunk_id)
-        if r is None or version <= 0:
-            return None
-        if r.committed_version == version and r.committed_file:
-            name, *fields = r.committed_file, r.length, r.checksum, r.block_checksums
-        elif r.pending_version == version and r.pending_file:
-            name, *fields = r.pending_file, r.pending_length, r.pending_checksum, r.pending_block_checksums
-        else:
-            return None
-        try:
-            return _Opened(os.open(self._chunks_dir / name, os.O_RDONLY), name, *fields)
-        except FileNotFoundError:
-            raise ChecksumError(f"chunk {chunk_id} version {version} on target {self.directory}: "
-                                f"content file {name} is missing") from None
+    def _where(self, chunk_id: ChunkId, located: _Located) -> str:
+        return (f"chunk {chunk_id} version {located.version.version} on target {self.directory}: "
+                f"file {Path(located.path).name}")
 
     # ----------------------------------------------------------------------------- queries
 
@@ -238,89 +223,110 @@ class ChunkStore:
         """The chunk's metadata, or None when this target does not hold it."""
         chunk_id = as_chunk_id(chunk_id)
         with self._lock:
-            record = self._cache.get(chunk_id)
-        if record is None:
-            return None
-        return ChunkMeta(chunk_id, record.committed_version, record.pending_version, record.chain_version,
-                         record.length, record.checksum)
+            chunk = self._chunks.get(chunk_id)
+            if chunk is None:
+                return None
+            c, p = chunk.committed, chunk.pending
+        if c is None:
+            return ChunkMeta(chunk_id, 0, p.version if p else 0, 0, 0, 0)
+        return ChunkMeta(chunk_id, c.version, p.version if p else 0, c.chain_version, c.length, c.checksum)
 
     def list_meta(self) -> list[ChunkMeta]:
         """All chunks' metadata in chunk id order (3FS's dump-chunkmeta)."""
         with self._lock:
-            ids = sorted(self._cache, key=ChunkId.to_bytes)
+            ids = sorted(self._chunks, key=ChunkId.to_bytes)
         return [m for m in map(self.meta, ids) if m is not None]
 
     def inode_chunks(self, inode_id: int) -> list[ChunkMeta]:
-        """Metadata of file `inode_id`'s chunks in chunk index order: one range query over the chunk-id
-        keys (they sort by inode, then index), so no other inode's rows are read."""
-        begin, end = inode_key_range(inode_id)
+        """Metadata of file `inode_id`'s committed chunks in chunk index order: one range query over the
+        chunk-id keys (they sort by inode, then index), so no other inode's rows are read."""
         with self._lock:
-            rows = self._db.execute("SELECT id FROM chunks WHERE id >= ? AND id < ? ORDER BY id",
-                                    (begin, end)).fetchall()
-        return [m for m in (self.meta(ChunkId.from_bytes(row[0])) for row in rows) if m is not None]
+            ids = self._db.ids_in(*inode_key_range(inode_id))
+        return [m for m in (self.meta(ChunkId.from_bytes(raw)) for raw in ids) if m is not None]
 
     def pending_state(self, chunk_id: ChunkId) -> tuple[int, int]:
-        """(pending version, CRC32 of its whole content) of the chunk; (0, 0) when none is pending."""
+        """(pending version, its version checksum) of the chunk; (0, 0) when none is pending."""
         chunk_id = as_chunk_id(chunk_id)
         with self._lock:
-            record = self._cache.get(chunk_id)
-        if record is None or not record.pending_version:
-            return 0, 0
-        return record.pending_version, record.pending_checksum
+            chunk = self._chunks.get(chunk_id)
+            pending = chunk.pending if chunk else None
+        return (pending.version, pending.checksum) if pending else (0, 0)
 
     def content_path(self, chunk_id: ChunkId) -> Path | None:
-        """The file that holds the committed content of the chunk, or None."""
+        """The slot file that holds the committed content of the chunk, or None."""
         chunk_id = as_chunk_id(chunk_id)
         with self._lock:
-            record = self._cache.get(chunk_id)
-        if record is None or not record.committed_file:
-            return None
-        return self._chunks_dir / record.committed_file
+            chunk = self._chunks.get(chunk_id)
+            if chunk is None or chunk.committed is None:
+                return None
+            return Path(self._slot_path(chunk_id, chunk.committed.slot))
 
     def read(self, chunk_id: ChunkId, offset: int, length: int, pending: bool = False) -> bytes:
         """Bytes [offset, offset + length) of the committed version (the pending one if `pending` and the
         chunk has one). Short past the end; b"" for a chunk this target does not hold (a hole).
 
         Raises ChecksumError (naming the chunk, this target's directory and the block) when a block of
-        content read does not match the checksum recorded when it was written; only the blocks that
-        overlap the range are read and checked (a read of the whole chunk checks them all).
+        content read does not match the CRC32C recorded when it was written; only the blocks that
+        overlap the range are read and checked.
         """
         chunk_id = as_chunk_id(chunk_id)
         _check_nonnegative("offset", offset), _check_nonnegative("length", length)
         while True:
             with self._lock:
-                record = self._cache.get(chunk_id)
-            if record is None:
+                chunk = self._chunks.get(chunk_id)
+                held = None if chunk is None else (chunk.pending if pending and chunk.pending else chunk.committed)
+            if held is None:
                 return b""
-            version = record.pending_version if pending and record.pending_version else record.committed_version
-            data = self.read_version(chunk_id, version, offset, length)
-            if data is not None or version == 0:
-                return data or b""
+            data = self.read_version(chunk_id, held.version, offset, length)
+            if data is not None:
+                return data
             # committed over or aborted between the lookup and the read: look again
 
     def read_version(self, chunk_id: ChunkId, version: int, offset: int, length: int) -> bytes | None:
         """Like `read`, for one version number: None once this target holds that version no longer."""
         chunk_id = as_chunk_id(chunk_id)
-        _check_nonnegative("offset", offset)
-        _check_nonnegative("length", length)
+        _check_nonnegative("offset", offset), _check_nonnegative("length", length)
         with self._lock:
-            opened = self._open_version(chunk_id, version)
-        if opened is None:
+            located = self._locate(chunk_id, version)
+        if located is None:
             return None
-        return self._read_verified(chunk_id, version, opened, offset, length)
+        where = self._where(chunk_id, located)
+
+        def read(fd: int, v: Version) -> bytes:
+            end = min(offset + length, v.length)
+            return read_blocks(fd, min(offset, end), end, v.length, v.block_crcs, v.whole_crc, where)
+
+        return self._read_located(chunk_id, located, read)
+
+    def read_into(self, chunk_id: ChunkId, version: int, offset: int, buffer: memoryview) -> int | None:
+        """Reads bytes [offset, offset + len(buffer)) of `version` of the chunk straight into `buffer`
+        (one preadv) after checking the CRC32C of every block it touches; returns the number of bytes
+        read (short past the version's end), or None when this target holds that version no longer.
+        Raises ChecksumError like `read` (the buffer then holds unchecked bytes)."""
+        chunk_id = as_chunk_id(chunk_id)
+        _check_nonnegative("offset", offset)
+        with self._lock:
+            located = self._locate(chunk_id, version)
+        if located is None:
+            return None
+        where = self._where(chunk_id, located)
+        return self._read_located(chunk_id, located, lambda fd, v: read_blocks_into(
+            fd, buffer, offset, v.length, v.block_crcs, v.whole_crc, where))
 
     # ----------------------------------------------------------------------------- updates
 
     def apply_write(self, chunk_id: ChunkId, offset: int, data: bytes, chain_version: int,
-                    full_replace: bool = False, *, version: int | None = None) -> int:
+                    full_replace: bool = False, *, version: int | None = None, data_crc: int | None = None) -> int:
         """Writes a new version of the chunk as its pending version and returns that version number.
 
         The new content is the committed content with [offset, offset + len(data)) replaced (zero-filled
         when `offset` is past the end), or `data` alone when `full_replace`. `version` defaults to
         committed + 1; a partial update must carry exactly that, a full replace any larger number.
+        `data_crc`, the CRC32C of `data` if the caller checked it already, saves computing it again.
 
         Raises PendingVersionExists when the chunk already has a pending version (abort or commit it
-        first), ChunkVersionMismatch for a `version` that does not fit.
+        first) or another write to it is under way, ChunkVersionMismatch for a `version` that does not
+        fit, ChecksumError when a committed block the write builds on is damaged.
         """
         chunk_id = as_chunk_id(chunk_id)
         _check_nonnegative("offset", offset)
@@ -330,107 +336,127 @@ class ChunkStore:
         if full_replace and offset != 0:
             raise ValueError(f"a full-chunk replace writes at offset 0, got offset {offset}")
         with self._lock:
-            base = self._cache.get(chunk_id)
-            if base is not None and base.pending_version:
+            chunk = self._chunks.get(chunk_id)
+            if chunk_id in self._writing or chunk is not None and chunk.pending is not None:
                 raise PendingVersionExists(
                     f"chunk {chunk_id} on target {self.directory} already has pending version "
-                    f"{base.pending_version} (committed {base.committed_version})")
-            committed = base.committed_version if base else 0
+                    f"{chunk.pending.version if chunk and chunk.pending else '(being written)'} "
+                    f"(committed {chunk.committed.version if chunk and chunk.committed else 0})")
+            base = chunk.committed if chunk else None
+            committed = base.version if base else 0
             new_version = committed + 1 if version is None else version
             if new_version != committed + 1 and not (full_replace and new_version > committed):
                 raise ChunkVersionMismatch(
                     f"chunk {chunk_id} on target {self.directory}: update version {new_version} does not "
                     f"follow committed version {committed}")
-            opened = None if full_replace or base is None else self._open_version(chunk_id, committed)
-        if opened is not None:
-            old = self._read_verified(chunk_id, committed, opened)
-            end = offset + len(data)
-            content = b"".join((old[:offset], bytes(max(0, offset - len(old))), data, old[end:]))
-        else:
-            content = bytes(data) if full_replace else bytes(offset) + bytes(data)
-        name = self._write_file(chunk_id, new_version, content)
+            stale = chunk.stale if chunk else None
+            if chunk is not None:
+                chunk.epoch += 1
+            self._writing.add(chunk_id)
+        slot = 1 - base.slot if base else 0
+        try:
+            base_path = self._slot_path(chunk_id, base.slot) if base else None
+            where = f"chunk {chunk_id} version {committed} on target {self.directory}"
+            with self._fds.use(self._slot_path(chunk_id, slot), create=True) as fd:
+                pending = build_version(fd, self._fds, base, base_path, stale, offset, data, full_replace,
+                                        new_version, slot, chain_version, data_crc, where)
+        finally:
+            with self._lock:
+                self._writing.discard(chunk_id)
         with self._lock:
-            current = self._cache.get(chunk_id)
-            if current != base:
-                self._unlink(name)
+            chunk = self._chunks.get(chunk_id)
+            if (chunk.committed if chunk else None) is not base:
                 raise PendingVersionExists(f"chunk {chunk_id} on target {self.directory} changed during a write")
-            record = (base or _Record(0, None, 0, 0, 0))._replace(
-                pending_version=new_version, pending_file=name, pending_length=len(content),
-                pending_checksum=zlib.crc32(content), pending_chain_version=chain_version,
-                pending_block_checksums=block_checksums(content))
-            with self._transaction():
-                self._put(chunk_id, record)
+            if chunk is None:
+                chunk = self._chunks[chunk_id] = _Chunk(None)
+            chunk.pending = pending
+            self._dirty.add(self._slot_path(chunk_id, slot))
         return new_version
 
     def commit(self, chunk_id: ChunkId, version: int, chain_version: int | None = None) -> None:
-        """Atomically makes pending `version` the committed one (storing `chain_version`, by default the
-        one given to `apply_write`), then frees the old content. Committing the already committed
-        version again is a no-op."""
+        """Makes pending `version` the committed one (storing `chain_version`, by default the one given to
+        `apply_write`) with one metadata statement. Committing the committed version again is a no-op."""
         chunk_id = as_chunk_id(chunk_id)
         with self._lock:
-            record = self._cache.get(chunk_id)
-            if record is not None and record.committed_version == version and not record.pending_version:
+            chunk = self._chunks.get(chunk_id)
+            if chunk is not None and chunk.pending is None and chunk.committed and chunk.committed.version == version:
                 return
-            if record is None or record.pending_version != version:
-                held = "nothing" if record is None else (
-                    f"committed {record.committed_version}, pending {record.pending_version}")
+            if chunk is None or chunk.pending is None or chunk.pending.version != version:
+                held = "nothing" if chunk is None else (
+                    f"committed {chunk.committed.version if chunk.committed else 0}, "
+                    f"pending {chunk.pending.version if chunk.pending else 0}")
                 raise ChunkVersionMismatch(
                     f"cannot commit version {version} of chunk {chunk_id} on target {self.directory}: "
                     f"it holds {held}")
-            new = _Record(version, record.pending_file, record.pending_length, record.pending_checksum,
-                          record.pending_chain_version if chain_version is None else chain_version,
-                          block_checksums=record.pending_block_checksums)
-            with self._transaction():
-                self._put(chunk_id, new)
-            old_file = record.committed_file
-        self._unlink(old_file)
+            new = chunk.pending if chain_version is None else chunk.pending._replace(chain_version=chain_version)
+            self._db.put(chunk_id.to_bytes(), CommittedRow(*new[:7]))
+            had_base = chunk.committed is not None
+            chunk.committed, chunk.pending = new, None
+            chunk.stale = set(range(*new.changed)) if new.changed is not None and had_base else None
 
     def abort_pending(self, chunk_id: ChunkId) -> bool:
         """Drops the chunk's pending version; True when there was one."""
         chunk_id = as_chunk_id(chunk_id)
         with self._lock:
-            record = self._cache.get(chunk_id)
-            if record is None or not record.pending_version:
+            chunk = self._chunks.get(chunk_id)
+            if chunk is None or chunk.pending is None:
                 return False
-            with self._transaction():
-                if record.committed_version:
-                    self._put(chunk_id, record.without_pending())
-                else:
-                    self._delete(chunk_id)
-            pending_file = record.pending_file
-        self._unlink(pending_file)
+            pending, chunk.pending = chunk.pending, None
+            if chunk.committed is not None:  # the spare now holds the pending content: its changed blocks differ
+                chunk.stale = set(range(*pending.changed)) if pending.changed is not None else None
+                return True
+            del self._chunks[chunk_id]
+        self._unlink_slot(chunk_id, pending.slot)
         return True
 
     def replace(self, chunk_id: ChunkId, content: bytes, committed_version: int, chain_version: int) -> None:
         """Installs `content` as the committed `committed_version` directly, dropping any pending version
-        (the full-chunk replace that recovery and repair use)."""
+        (the full-chunk replace that recovery and repair use); the previous slot file is deleted."""
         chunk_id = as_chunk_id(chunk_id)
         if not isinstance(committed_version, int) or committed_version < 1:
             raise ValueError(f"committed_version must be an int >= 1, got {committed_version!r}")
         _check_nonnegative("chain_version", chain_version)
-        content = bytes(content)
-        name = self._write_file(chunk_id, committed_version, content)
         with self._lock:
-            old = self._cache.get(chunk_id)
-            with self._transaction():
-                self._put(chunk_id, _Record(committed_version, name, len(content), zlib.crc32(content),
-                                            chain_version, block_checksums=block_checksums(content)))
+            if chunk_id in self._writing:
+                raise PendingVersionExists(f"chunk {chunk_id} on target {self.directory} is being written")
+            chunk = self._chunks.get(chunk_id)
+            old = chunk.committed if chunk else None
+            if chunk is not None:
+                chunk.pending = None
+                chunk.epoch += 1
+            self._writing.add(chunk_id)
+        slot = 1 - old.slot if old else 0
+        try:
+            with self._fds.use(self._slot_path(chunk_id, slot), create=True) as fd:
+                new = install_content(fd, content, committed_version, slot, chain_version)
+        finally:
+            with self._lock:
+                self._writing.discard(chunk_id)
+        with self._lock:
+            self._db.put(chunk_id.to_bytes(), CommittedRow(*new[:7]))
+            self._chunks[chunk_id] = _Chunk(new)
+            self._dirty.add(self._slot_path(chunk_id, slot))
         if old is not None:
-            self._unlink(old.committed_file, old.pending_file)
+            self._unlink_slot(chunk_id, old.slot)
 
     def remove(self, chunk_id: ChunkId) -> bool:
         """Deletes the chunk (all versions); True when this target held it."""
-        chunk_id = as_chunk_id(chunk_id)
-        with self._lock:
-            record = self._cache.get(chunk_id)
-            if record is None:
-                return False
-            with self._transaction():
-                self._delete(chunk_id)
-        self._unlink(record.committed_file, record.pending_file)
-        return True
+        return bool(self._remove_all([as_chunk_id(chunk_id)]))
 
     def remove_inode(self, inode_id: int) -> int:
-        """Deletes every chunk of file `inode_id` (found by `inode_chunks`' range query); returns how many
-        there were."""
-        return sum(self.remove(m.chunk_id) for m in self.inode_chunks(inode_id))
+        """Deletes every chunk of file `inode_id` (found by one key-range query, deleted in one metadata
+        transaction); returns how many there were."""
+        with self._lock:
+            ids = [ChunkId.from_bytes(raw) for raw in self._db.ids_in(*inode_key_range(inode_id))]
+        return self._remove_all(ids)
+
+    def _remove_all(self, chunk_ids: list[ChunkId]) -> int:
+        with self._lock:
+            held = [(c, self._chunks.pop(c)) for c in chunk_ids if c in self._chunks]
+            self._db.delete(c.to_bytes() for c, chunk in held if chunk.committed is not None)
+            for _, chunk in held:
+                chunk.epoch += 1
+        for chunk_id, _ in held:
+            self._unlink_slot(chunk_id, 0)
+            self._unlink_slot(chunk_id, 1)
+        return len(held)

@@ -2,7 +2,7 @@
 
 CRAQ's apportioned queries: any serving target answers. A chunk with only a committed version is clean
 and read locally. A dirty chunk (one with a pending version) costs a version query to the tail, which
-answers its committed version and that version's CRC32: if that is the pending version (same checksum),
+answers its committed version and that version's checksum: if that is the pending version (same checksum),
 the write is committed cluster-wide and the pending bytes are returned; if it is the local committed one,
 those; if neither (this copy is behind or diverged), the tail serves the read. (3FS returns a status code
 instead; the query is the CRAQ paper's design.) A read checks the checksums of the 4 KiB blocks it reads;
@@ -90,7 +90,7 @@ class CraqReads:
     def _tail_state(self, routing: RoutingInfo, chain_id: int, target_id: int,
                     chunk_id: ChunkId) -> tuple[int, tuple[int, int]]:
         """CRAQ's version query: (the chain's tail, (its committed version of the chunk, that version's
-        CRC32)). A tail's own pending version is not committed yet."""
+        checksum)). A tail's own pending version is not committed yet."""
         tail = self._tail(routing, chain_id)
         if tail == target_id:
             return tail, self.committed_state(tail, chunk_id)
@@ -201,7 +201,7 @@ class CraqReads:
         return meta.committed_version if meta else 0
 
     def committed_state(self, target_id: int, chunk_id: ChunkId) -> tuple[int, int]:
-        """(committed version, CRC32 of its whole content) of a chunk on a local target ((0, 0): none)."""
+        """(committed version, its version checksum) of a chunk on a local target ((0, 0): none)."""
         meta = self._service.store(target_id).meta(as_chunk_id(chunk_id))
         return (meta.committed_version, meta.checksum) if meta else (0, 0)
 

@@ -9,8 +9,11 @@ earlier versions. When a successor does not answer, the target reports it (`on_s
 to mgmtd, which moves it to the chain's end) and forwards to the new successor, or commits as the new
 tail.
 
-Every forwarded update carries the CRC32 of the whole new version, so no two replicas ever commit the
-same version number with different bytes. A successor that already committed that version answers
+Checksums are CRC32C. The client computes the CRC32C of the bytes it writes once; the head checks it on
+arrival and every replica checks the payload it receives (`check_payload`: ChecksumError, which the
+client retries), so damage on the way is caught before anything is applied. Every forwarded update also
+carries the new version's checksum (`block_checksums.version_checksum`), so no two replicas ever commit
+the same version number with different bytes. A successor that already committed that version answers
 success only for the same checksum (a re-forward); otherwise, or when it committed a later one, it takes
 nothing and raises ChunkDiverged: the head's copy is stale (a write whose outcome it lost track of), so
 the head replaces it with the tail's (full-chunk replace) and applies the client's write again on top, as
@@ -44,8 +47,19 @@ from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDi
 from storage.threefs.storage.resync import ResyncReport, resync_target
 from storage.threefs.mgmtd.routing import LocalState, RoutingInfo, TargetState
 from storage.threefs.storage.reads import _READABLE, _WHOLE, CraqReads
+from storage.threefs.storage.crc32c import crc32c
 
 _REWRITES = 3  # times a write adopts the tail's copy and applies again when the successors are past it
+
+
+def check_payload(data: bytes, data_crc: int | None, what: str) -> int:
+    """The CRC32C of `data`, which must equal `data_crc` when given. Raises ChecksumError (retryable:
+    the sender sends again) when the bytes were damaged on the way."""
+    actual = crc32c(data)
+    if data_crc is not None and actual != data_crc:
+        raise ChecksumError(f"{what}: the payload of {len(data)} bytes has crc32c {actual:#010x}, "
+                            f"the sender computed {data_crc:#010x} (damaged on the way)")
+    return actual
 
 
 class ChunkLocks:
@@ -161,7 +175,7 @@ class StorageService:
         return self._reads.committed_version(target_id, chunk_id)
 
     def committed_state(self, target_id: int, chunk_id: ChunkId) -> tuple[int, int]:
-        """(committed version, CRC32 of its whole content) of a chunk on a local target ((0, 0): none)."""
+        """(committed version, its version checksum) of a chunk on a local target ((0, 0): none)."""
         return self._reads.committed_state(target_id, chunk_id)
 
     def read_chunk(self, target_id: int, chunk_id: ChunkId) -> tuple[bytes, int, int]:
@@ -179,9 +193,12 @@ class StorageService:
     # ----------------------------------------------------------------------------- writes
 
     def write(self, chain_id: int, chain_version: int, chunk_id: ChunkId, offset: int, data: bytes,
-              full_replace: bool = False) -> int:
-        """A client write at the chain's head; returns the version committed along the chain."""
+              full_replace: bool = False, data_crc: int | None = None) -> int:
+        """A client write at the chain's head; returns the version committed along the chain. `data_crc`:
+        the CRC32C the client computed of `data`, checked here on arrival (ChecksumError: the payload was
+        damaged on the way; the client retries) and carried along the chain (computed here when None)."""
         chunk_id = as_chunk_id(chunk_id)
+        data_crc = check_payload(data, data_crc, f"a write of chunk {chunk_id} arriving at node {self.node_id}")
         routing = self.routing_info()
         chain = routing.chain(chain_id)
         if chain_version != chain.version:
@@ -197,10 +214,11 @@ class StorageService:
             self._reads.settle_pending(routing, chain_id, head, chunk_id)  # under the lock, a pending version is left over
             for _ in range(_REWRITES + 1):
                 version = self._apply(routing, chain_id, head, chunk_id,
-                                      lambda: store.apply_write(chunk_id, offset, data, chain.version, full_replace))
+                                      lambda: store.apply_write(chunk_id, offset, data, chain.version, full_replace,
+                                                                data_crc=data_crc))
                 try:
                     self._forward_and_commit(chain_id, head, chunk_id, offset, data, full_replace, version,
-                                             store.pending_state(chunk_id)[1])
+                                             store.pending_state(chunk_id)[1], data_crc)
                     return version
                 except ChunkDiverged as exc:  # the successors are past this copy: build on the tail's instead
                     diverged = exc
@@ -208,12 +226,15 @@ class StorageService:
             raise diverged
 
     def update(self, chain_id: int, chain_version: int, target_id: int, chunk_id: ChunkId, offset: int,
-               data: bytes, full_replace: bool, version: int, checksum: int | None = None) -> int:
-        """A write forwarded by `target_id`'s predecessor, carrying the head's `version` and the CRC32 of
-        that version's whole content (`checksum`; None skips the content checks); returns the version
+               data: bytes, full_replace: bool, version: int, checksum: int | None = None,
+               data_crc: int | None = None) -> int:
+        """A write forwarded by `target_id`'s predecessor, carrying the head's `version`, that version's
+        checksum (`checksum`; None skips the content checks) and the CRC32C of `data` (`data_crc`,
+        checked on arrival: ChecksumError when the payload was damaged on the way); returns the version
         once committed here (after everything downstream committed). Raises ChunkDiverged, taking
         nothing, when the update does not fit this copy (see the module docstring)."""
         chunk_id = as_chunk_id(chunk_id)
+        data_crc = check_payload(data, data_crc, f"an update of chunk {chunk_id} arriving at target {target_id}")
         routing = self.routing_info()
         chain = routing.chain(chain_id)
         if chain_version != chain.version:
@@ -227,7 +248,7 @@ class StorageService:
                 if not full_replace:
                     raise TargetNotServing(f"target {target_id} is syncing and takes full-chunk replaces only")
                 store.replace(chunk_id, data, version, chain.version)  # recovery: committed at once
-                self._forward_and_commit(chain_id, target_id, chunk_id, 0, data, True, version, checksum)
+                self._forward_and_commit(chain_id, target_id, chunk_id, 0, data, True, version, checksum, data_crc)
                 return version
             meta = store.meta(chunk_id)
             committed = meta.committed_version if meta else 0
@@ -242,13 +263,14 @@ class StorageService:
                 raise ChunkDiverged(f"target {target_id} holds version {committed} of chunk {chunk_id}, not the "
                                     f"base of the forwarded version {version}: send the whole chunk", committed)
             self._apply(routing, chain_id, target_id, chunk_id, lambda: store.apply_write(
-                chunk_id, offset, data, chain.version, full_replace, version=version))
+                chunk_id, offset, data, chain.version, full_replace, version=version, data_crc=data_crc))
             if checksum is not None and store.pending_state(chunk_id) != (version, checksum):
                 store.abort_pending(chunk_id)
                 raise ChunkDiverged(f"version {version} of chunk {chunk_id} built on target {target_id} differs "
                                     f"from its predecessor's (their versions {committed} differ): send the "
                                     f"whole chunk", committed)
-            self._forward_and_commit(chain_id, target_id, chunk_id, offset, data, full_replace, version, checksum)
+            self._forward_and_commit(chain_id, target_id, chunk_id, offset, data, full_replace, version, checksum,
+                                     data_crc)
             return version
 
     def _apply(self, routing: RoutingInfo, chain_id: int, target_id: int, chunk_id: ChunkId,
@@ -261,14 +283,14 @@ class StorageService:
             return apply()
 
     def _forward_and_commit(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
-                            full_replace: bool, version: int, checksum: int) -> None:
-        """Forwards the pending `version` (whole-content CRC32 `checksum`) to the successor until one acks
+                            full_replace: bool, version: int, checksum: int, data_crc: int) -> None:
+        """Forwards the pending `version` (version checksum `checksum`, payload CRC32C `data_crc`) to the successor until one acks
         (or this target is the tail), then commits it here. A pending version whose fate stays unknown
         after a failure is kept, and noted for the next heartbeat to settle."""
         store = self.store(target_id)
         try:
             chain_version = self._forward(chain_id, target_id, chunk_id, offset, data, full_replace, version,
-                                          checksum)
+                                          checksum, data_crc)
             store.commit(chunk_id, version, chain_version)
         except BaseException:
             if store.pending_state(chunk_id)[0] == version:
@@ -277,7 +299,7 @@ class StorageService:
             raise
 
     def _forward(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
-                 full_replace: bool, version: int, checksum: int) -> int:
+                 full_replace: bool, version: int, checksum: int, data_crc: int) -> int:
         """The forwarding of `_forward_and_commit`; returns the chain version to commit under."""
         store = self.store(target_id)
         deadline = time.monotonic() + self._retry_timeout
@@ -301,7 +323,7 @@ class StorageService:
                 try:
                     self.service_of(routing, successor).update(chain_id, chain_version, successor, chunk_id,
                                                                0 if full else offset, payload, full, version,
-                                                               checksum)
+                                                               checksum, data_crc if payload is data else None)
                     return chain_version
                 except ChunkDiverged as exc:
                     if full or exc.committed_version >= version:
