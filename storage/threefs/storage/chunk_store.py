@@ -434,3 +434,17 @@ class ChunkStore:
         """Deletes every chunk of file `inode_id` (found by `inode_chunks`' range query); returns how many
         there were."""
         return sum(self.remove(m.chunk_id) for m in self.inode_chunks(inode_id))
+
+    # ----------------------------------------------------------------------------- reads into a buffer
+
+    def read_into(self, chunk_id: ChunkId, version: int, offset: int, buffer) -> int | None:
+        """Like `read_version` for [offset, offset + len(buffer)), written into `buffer` (a writable
+        bytes-like): the number of bytes written (short past the end of the chunk), None once this target
+        holds that version no longer. Raises ChecksumError as `read` does (the buffer may then hold part
+        of the range). This is the simple form (read, then copy); the chunk engine may read in place."""
+        view = memoryview(buffer).cast("B")
+        data = self.read_version(chunk_id, version, offset, len(view))
+        if data is None:
+            return None
+        view[:len(data)] = data
+        return len(data)
