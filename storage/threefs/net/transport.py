@@ -15,6 +15,12 @@ concurrently, and a connection never interleaves two calls). Exceptions raised b
 travel back and are re-raised in the caller with their own type if the codec knows it (a note names the
 server and method), else as a ``RuntimeError`` naming the type.
 
+Data path: a frame's parts go out in one ``sendmsg`` (large bytes values are never concatenated);
+``call_into(destination, ...)`` receives a reply's raw bytes (the codec's segment area) with ``recv_into``
+straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can revoke it (a hedged read that
+another replica answered first). Several requests per server are in flight as one connection per calling
+thread (an IoRing's workers each hold one); a connection carries one request at a time.
+
 Failure rules:
   * A refused, reset, closed or timed-out connection raises ``errors.NodeUnavailable`` naming the address;
     so does a server that accepts the connection but never answers the handshake (down or hung). A call
