@@ -31,6 +31,7 @@ from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDi
                                     NotPrimary, TargetNotServing, timed_out)
 from storage.threefs.meta.layout import ChunkSpan, Layout
 from storage.threefs.mgmtd.routing import RoutingInfo
+from storage.threefs.net.transport import ReplyBuffer
 
 RETRYABLE = (ChainVersionMismatch, TargetNotServing, NodeUnavailable, ChecksumError, ChunkDiverged)
 
@@ -53,6 +54,9 @@ class RoutingCache:
         self._retry_after = 0.0  # after a failed fetch: no new attempt before then
 
     def get(self) -> RoutingInfo:
+        routing = self._routing  # the common case without the lock: fresh routing, nobody invalidated it
+        if routing is not None and not self._stale and time.monotonic() - self._fetched_at <= self._ttl:
+            return routing
         with self._lock:
             now = time.monotonic()
             due = self._stale or now - self._fetched_at > self._ttl
@@ -178,23 +182,83 @@ class ChunkIO:
                     error = exc
                     to_launch += 1
 
+    def read_chunk_into(self, chain_id: int, chunk_id: ChunkId, offset: int, buffer: memoryview) -> int:
+        """Committed bytes [offset, offset + len(buffer)) of one chunk, written into `buffer` by the replica
+        that answers (no intermediate copy where the service allows: ``_read_into``); returns the count,
+        short where the chunk is. Hedged as ``read_chunk``; once this returns or raises, no losing hedge
+        writes into `buffer` again."""
+        def attempt(routing: RoutingInfo) -> int:
+            targets = routing.readable_targets(chain_id)
+            if not targets:
+                raise TargetNotServing(f"chain {chain_id} has no serving target")
+            first = next(self._rotation) % len(targets)
+            return self._first_answer_into(routing, targets[first:] + targets[:first], chain_id, chunk_id,
+                                           offset, buffer)
+
+        return self._retrying(f"read of chunk {tuple(chunk_id)} on chain {chain_id}", attempt)
+
+    def _first_answer_into(self, routing: RoutingInfo, targets: list[int], chain_id: int, chunk_id: ChunkId,
+                           offset: int, buffer: memoryview) -> int:
+        """`_first_answer` into `buffer`. An in-process service (or hedge_delay None) is asked in the
+        calling thread, one replica at a time, straight into `buffer`. Otherwise the first request
+        receives into `buffer` through a revocable ``ReplyBuffer`` and each hedge into a buffer of its
+        own; when a hedge wins, the first request's buffer is revoked before the winner's bytes are
+        copied in, so a late loser never writes into `buffer`."""
+        def service(target: int) -> Any:
+            return self._storage(routing.target_node[target])
+
+        def read_from(target: int, destination: ReplyBuffer) -> int:
+            return _read_into(service(target), chain_id, target, chunk_id, offset, destination)
+
+        try:
+            inline = self._hedge_delay is None or getattr(type(service(targets[0])), "in_process", False)
+        except RETRYABLE:
+            inline = False
+        if inline:
+            error: Exception | None = None
+            for target in targets:
+                try:
+                    return read_from(target, ReplyBuffer(buffer))
+                except RETRYABLE as exc:
+                    error = exc
+            assert error is not None
+            raise error
+        guard = ReplyBuffer(buffer)
+        destinations = iter([guard])  # one request gets the caller's buffer, every other one its own
+
+        def hedged(target: int) -> tuple[ReplyBuffer, int]:
+            destination = next(destinations, None) or ReplyBuffer(bytearray(len(buffer)))
+            return destination, read_from(target, destination)
+
+        winner: ReplyBuffer | None = None
+        try:
+            winner, count = self._first_answer(targets, hedged)
+        finally:
+            if winner is not guard:
+                guard.revoke()  # from here on a request still receiving into `buffer` writes elsewhere
+        if winner is not guard:
+            buffer[:count] = winner.view[:count]
+        return count
+
     def read(self, layout: Layout, inode_id: int, offset: int, buffer: memoryview) -> bool:
         """Fills `buffer` ([n] bytes) with the file's bytes [offset, offset + n), zeros where storage holds
         nothing. Returns whether some chunk came back short: a hole, or a file that shrank or was removed
-        since the caller learnt its length (the caller tells them apart; see ``ThreeFSFile``)."""
-        short = []
-
-        def one(span: ChunkSpan) -> None:
-            data = self.read_chunk(span.chain_id, ChunkId(inode_id, span.chunk_index), span.offset_in_chunk,
-                                   span.length)
+        since the caller learnt its length (the caller tells them apart; see ``ThreeFSFile``). A read of
+        one chunk runs in the calling thread; several run in parallel on the IO threads."""
+        def one(span: ChunkSpan) -> bool:
             target = buffer[span.buffer_offset:span.buffer_offset + span.length]
-            target[:len(data)] = data
-            if len(data) < span.length:
-                target[len(data):] = bytes(span.length - len(data))
-                short.append(span)
+            count = self.read_chunk_into(span.chain_id, ChunkId(inode_id, span.chunk_index), span.offset_in_chunk,
+                                         target)
+            if count < span.length:
+                target[count:] = bytes(span.length - count)
+                return True
+            return False
 
-        self._parallel(one, layout.chunk_spans(offset, len(buffer)))
-        return bool(short)
+        spans = layout.chunk_spans(offset, len(buffer))
+        if len(spans) == 1:
+            return one(spans[0])
+        futures = [self._pool.submit(one, span) for span in spans]
+        return any([future.result() for future in futures])
 
     # ----------------------------------------------------------------------------- writes
 
@@ -280,3 +344,30 @@ class ChunkIO:
         chains = sorted(set(layout.chains))
         return max([one(chains[0])] + [f.result() for f in [self._pool.submit(one, c) for c in chains[1:]]])
 
+
+
+def _read_into(service: Any, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int,
+               destination: ReplyBuffer) -> int:
+    """One replica's ``read`` of [offset, offset + len(destination.view)) into `destination`; returns the
+    count. An RPC proxy receives the reply's bytes into it (``RpcClient.call_into``), an in-process
+    ``StorageService`` reads into it (``read_into``, under the destination's guard), anything else
+    answers ``read`` and the bytes are copied in (under the guard). A revoked destination is left alone
+    (the count is then meaningless: the caller stopped waiting for this request)."""
+    length = len(destination.view)
+    if hasattr(type(service), "call_into"):
+        data = service.call_into(destination, "read", chain_id, target_id, chunk_id, offset, length)
+        if destination.landed == len(data):
+            return len(data)  # received in place
+        return destination.write_with(lambda view: _copy_into(view, data))
+    if getattr(type(service), "in_process", False):
+        return destination.write_with(
+            lambda view: service.read_into(chain_id, target_id, chunk_id, offset, view))
+    data = service.read(chain_id, target_id, chunk_id, offset, length)
+    return destination.write_with(lambda view: _copy_into(view, data))
+
+
+def _copy_into(view: memoryview, data: bytes | memoryview) -> int:
+    if len(data) > len(view):
+        raise ValueError(f"a replica answered {len(data)} bytes for a read of {len(view)}")
+    view[:len(data)] = data
+    return len(data)

@@ -174,10 +174,13 @@ class IoRing:
 
     io_depth: 0 issues every submitted IO at once; ``n > 0`` issues exactly n-sized batches (a remainder
     waits for a later ``submit``); ``n < 0`` issues batches of at most ``-n``. workers: threads running the
-    IOs. One thread should prepare and submit; another may wait (as in 3FS).
+    IOs (default ``default_workers()``: about the core count, since more threads only contend for the
+    GIL; each worker keeps its own connection per storage node, so that many requests per node are in
+    flight). One thread should prepare and submit; another may wait (as in 3FS).
     """
 
-    def __init__(self, entries: int, for_read: bool = True, io_depth: int = 0, workers: int = 8):
+    def __init__(self, entries: int, for_read: bool = True, io_depth: int = 0, workers: int | None = None):
+        workers = default_workers() if workers is None else workers
         if not isinstance(entries, int) or entries <= 0:
             raise ValueError(f"entries={entries!r}: expected a positive ring size")
         if not isinstance(io_depth, int):
@@ -315,6 +318,16 @@ class IoRing:
             self._done.append(IoCompletion(io.index, int(result), io.userdata))
             self._in_flight -= 1
             self._cond.notify_all()
+
+
+def default_workers() -> int:
+    """An IoRing's worker threads when not told: the cores this process may run on, at least 2 (one IO
+    waits on storage while another copies), at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores))
 
 
 def register_fd(file: File | int, flags: int = 0) -> None:

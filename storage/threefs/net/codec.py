@@ -107,19 +107,43 @@ class Codec:
     def decode(self, buffer: bytes | bytearray | memoryview) -> Any:
         """The value encoded in the frame body ``buffer``; ``WireFormatError`` if it is malformed."""
         view = memoryview(buffer).cast("B")
-        if len(view) < _PREFIX.size:
-            raise WireFormatError(f"frame of {len(view)} bytes is shorter than its {_PREFIX.size}-byte prefix")
-        magic, header_length = _PREFIX.unpack_from(view)
+        header_length = self.header_length(view)
+        if header_length > len(view) - _PREFIX.size:
+            raise WireFormatError(f"header length {header_length} exceeds the frame")
+        end = _PREFIX.size + header_length
+        return self.decode_split(view[:end], view[end:])
+
+    @staticmethod
+    def header_length(prefix: bytes | bytearray | memoryview) -> int:
+        """The header length H a frame body announces in its first ``PREFIX_SIZE`` bytes (checked against
+        the magic and ``MAX_HEADER``), so a reader can receive the header and the segment area apart."""
+        if len(prefix) < _PREFIX.size:
+            raise WireFormatError(f"frame of {len(prefix)} bytes is shorter than its {_PREFIX.size}-byte prefix")
+        magic, header_length = _PREFIX.unpack_from(prefix)
         if magic != MAGIC:
             raise WireFormatError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-        if header_length > min(MAX_HEADER, len(view) - _PREFIX.size):
-            raise WireFormatError(f"header length {header_length} exceeds the limit or the frame")
-        end = _PREFIX.size + header_length
+        if header_length > MAX_HEADER:
+            raise WireFormatError(f"header length {header_length} exceeds the limit {MAX_HEADER}")
+        return header_length
+
+    def decode_split(self, head: bytes | bytearray | memoryview, segments: bytes | bytearray | memoryview, *,
+                     segment_views: bool = False) -> Any:
+        """``decode`` of a frame body received in two pieces: ``head`` (the prefix and the whole header)
+        and ``segments`` (the segment area). segment_views: bytes values come back as read-only
+        memoryviews of ``segments`` (no copy) instead of bytes."""
+        head = memoryview(head).cast("B")
+        header_length = self.header_length(head)
+        if header_length != len(head) - _PREFIX.size:
+            raise WireFormatError(f"header length {header_length} does not match the {len(head)}-byte head")
         try:
-            tree = json.loads(bytes(view[_PREFIX.size:end]).decode("utf-8"))
+            tree = json.loads(bytes(head[_PREFIX.size:]).decode("utf-8"))
         except (ValueError, RecursionError) as exc:
             raise WireFormatError(f"header is not valid JSON: {exc}") from exc
-        return _Decoder(self._by_name, view[end:]).value(tree, 0)
+        area = memoryview(segments).cast("B")
+        return _Decoder(self._by_name, area.toreadonly() if segment_views else area, segment_views).value(tree, 0)
+
+
+PREFIX_SIZE = _PREFIX.size
 
 
 class _Encoder:
@@ -181,9 +205,10 @@ class _Encoder:
 class _Decoder:
     """Rebuilds a value from a JSON tree, checking every node; bytes come from ``segments``."""
 
-    def __init__(self, registry: dict[str, type], segments: memoryview) -> None:
+    def __init__(self, registry: dict[str, type], segments: memoryview, views: bool = False) -> None:
         self.registry = registry
         self.segments = segments
+        self.views = views
 
     def value(self, node: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -208,7 +233,8 @@ class _Decoder:
             if offset < 0 or length < 0 or offset + length > len(self.segments):
                 raise WireFormatError(f"bytes [{offset}, {offset + length}) outside the {len(self.segments)}-byte"
                                       " segment area")
-            return bytes(self.segments[offset:offset + length])
+            piece = self.segments[offset:offset + length]
+            return piece if self.views else bytes(piece)
         if tag in ("o", "e", "x") and rest and isinstance(rest[0], str):
             return self.registered(tag, self.type_named(rest[0]), rest[1:], inner, node)
         raise WireFormatError(f"unknown or malformed node: {_clip(node)}")

@@ -41,6 +41,8 @@ from storage.threefs.storage.chunk_meta_db import ChunkMetaDb, ChunkStoreFormatE
 from storage.threefs.storage.fd_cache import FdCache
 from storage.threefs.storage.version_writer import Version, build_version, install_content
 
+__all__ = ["ChunkId", "ChunkMeta", "ChunkStore", "ChunkStoreFormatError", "ChunkVersionMismatch", "PendingVersionExists"]
+
 
 class PendingVersionExists(RuntimeError):
     """A chunk already holds a pending version (or one is being written); a target holds at most one."""

@@ -50,6 +50,31 @@ class CraqReads:
         """Committed bytes [offset, offset + length) of a chunk from a serving target (short past the end,
         b"" for a hole). A dirty chunk asks the tail which version is committed."""
         chunk_id = as_chunk_id(chunk_id)
+        return self._committed_read(
+            chain_id, target_id, chunk_id, offset, length, b"",
+            lambda store, version: store.read_version(chunk_id, version, offset, length),
+            lambda routing, tail: self._read_at_tail(routing, chain_id, tail, chunk_id, offset, length))
+
+    def read_into(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, buffer) -> int:
+        """`read` of [offset, offset + len(buffer)) written into `buffer` (a writable bytes-like, filled
+        by the chunk store itself when the bytes are local); returns how many bytes were written (short
+        past the end of the chunk, 0 for a hole). Bytes past that count are left as they were."""
+        chunk_id = as_chunk_id(chunk_id)
+        view = memoryview(buffer).cast("B")
+
+        def at_tail(routing: RoutingInfo, tail: int) -> int:
+            data = self._read_at_tail(routing, chain_id, tail, chunk_id, offset, len(view))
+            view[:len(data)] = data
+            return len(data)
+
+        return self._committed_read(chain_id, target_id, chunk_id, offset, len(view), 0,
+                                    lambda store, version: store.read_into(chunk_id, version, offset, view), at_tail)
+
+    def _committed_read(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, length: int,
+                        hole: Any, local: Any, at_tail: Any) -> Any:
+        """CRAQ's read (see the module docstring): `hole` for a chunk this target does not hold,
+        `local(store, version)` for the committed version read here (None: that version is gone, look
+        again), `at_tail(routing, tail)` when the tail must serve it."""
         if offset < 0 or length < 0:
             raise ValueError(f"offset and length must be >= 0, got offset={offset}, length={length}")
         for _ in range(16):
@@ -59,24 +84,24 @@ class CraqReads:
             store = self._service.require_state(routing, target_id, _READABLE, "serve reads")
             meta = store.meta(chunk_id)
             if meta is None:
-                return b""
+                return hole
             version = meta.committed_version
             if meta.pending_version:
                 tail, state = self._tail_state(routing, chain_id, target_id, chunk_id)
                 if state == store.pending_state(chunk_id):
                     version = meta.pending_version
                 elif state != (meta.committed_version, meta.checksum):
-                    return self._read_at_tail(routing, chain_id, tail, chunk_id, offset, length)
+                    return at_tail(routing, tail)
             if version == 0:
-                return b""
+                return hole
             try:
-                data = store.read_version(chunk_id, version, offset, length)
+                result = local(store, version)
             except ChecksumError:
                 with self._service.chunk_lock(target_id, chunk_id):
                     self.repair_locked(routing, chain_id, target_id, chunk_id)
                 continue
-            if data is not None:
-                return data
+            if result is not None:
+                return result
             # that version was committed over or aborted meanwhile: look again
         raise TargetNotServing(f"chunk {chunk_id} on target {target_id} kept changing during a read; retry")
 

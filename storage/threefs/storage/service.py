@@ -101,6 +101,8 @@ class StorageService:
         successor is reported and routed around (``cluster/deadlines.py``). Default `peer`.
     """
 
+    in_process = True  # a client may hand `read_into` its own buffer (ChunkIO does, for services in its process)
+
     def __init__(self, node_id: int, targets: dict[int, ChunkStore], routing: Callable[[], RoutingInfo],
                  peer: Callable[[int], Any], on_successor_failure: Callable[[int], Any] | None = None,
                  retry_timeout: float = 10.0, bulk_peer: Callable[[int], Any] | None = None) -> None:
@@ -169,6 +171,23 @@ class StorageService:
     def read(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, length: int) -> bytes:
         """Committed bytes [offset, offset + length) of a chunk from a serving target (``CraqReads.read``)."""
         return self._reads.read(chain_id, target_id, chunk_id, offset, length)
+
+    def read_into(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, buffer) -> int:
+        """``read`` of [offset, offset + len(buffer)) into `buffer` (a writable bytes-like, in this
+        process): the count of bytes written, short past the end of the chunk (``CraqReads.read_into``)."""
+        return self._reads.read_into(chain_id, target_id, chunk_id, offset, buffer)
+
+    def read_many(self, reads: list[tuple[int, int, ChunkId, int, int]]) -> list[bytes | Exception]:
+        """Several ``read`` requests in one call (one RPC for several chunks of this node), each
+        ``(chain_id, target_id, chunk_id, offset, length)``. Returns, in order, each read's bytes or the
+        exception it raised (one failing read does not fail the others)."""
+        results: list[bytes | Exception] = []
+        for chain_id, target_id, chunk_id, offset, length in reads:
+            try:
+                results.append(self._reads.read(chain_id, target_id, chunk_id, offset, length))
+            except Exception as exc:  # noqa: BLE001 - travels back as this read's result
+                results.append(exc)
+        return results
 
     def committed_version(self, target_id: int, chunk_id: ChunkId) -> int:
         """The committed version of a chunk on a local target (0 when it holds none)."""
