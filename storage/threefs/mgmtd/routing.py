@@ -53,12 +53,17 @@ class ChainTable:
 
 @dataclasses.dataclass(frozen=True)
 class RoutingInfo:
-    """Everything a client or service needs to route a chunk request, as of one mgmtd version."""
+    """Everything a client or service needs to route a chunk request, as of one mgmtd version.
+
+    A snapshot: never mutated once built, so the paths derived from it (`write_path`,
+    `readable_targets`) are computed once per chain and remembered (`_paths`, not a wire field).
+    """
 
     chain_table: ChainTable
     target_states: dict[int, TargetState]
     target_node: dict[int, int]
     node_addresses: dict[int, str]
+    _paths: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def chain(self, chain_id: int) -> Chain:
         try:
@@ -68,13 +73,23 @@ class RoutingInfo:
 
     def write_path(self, chain_id: int) -> tuple[int, ...]:
         """[targets] that take a write, head to tail: serving then syncing ones."""
-        writable = (TargetState.SERVING, TargetState.SYNCING, TargetState.LASTSRV)
-        return tuple(t for t in self.chain(chain_id).targets if self.target_states[t] in writable)
+        key = ("w", chain_id)
+        path = self._paths.get(key)
+        if path is None:
+            writable = (TargetState.SERVING, TargetState.SYNCING, TargetState.LASTSRV)
+            path = self._paths[key] = tuple(t for t in self.chain(chain_id).targets
+                                            if self.target_states[t] in writable)
+        return path
 
     def readable_targets(self, chain_id: int) -> tuple[int, ...]:
         """[targets] that may serve a read: serving ones only."""
-        readable = (TargetState.SERVING, TargetState.LASTSRV)
-        return tuple(t for t in self.chain(chain_id).targets if self.target_states[t] in readable)
+        key = ("r", chain_id)
+        path = self._paths.get(key)
+        if path is None:
+            readable = (TargetState.SERVING, TargetState.LASTSRV)
+            path = self._paths[key] = tuple(t for t in self.chain(chain_id).targets
+                                            if self.target_states[t] in readable)
+        return path
 
     def successor(self, chain_id: int, target_id: int) -> int | None:
         """The target after `target_id` on the chain's write path, or None when `target_id` is its tail."""

@@ -55,12 +55,14 @@ class ChunkVersionMismatch(RuntimeError):
 class _Chunk:
     """A chunk's state in memory (guarded by the store's lock). `stale`: the blocks where the spare slot
     differs from the committed content (None: unknown, all of them); `epoch` grows whenever a write
-    starts overwriting the spare slot (a read that raced with it then gives up instead of failing)."""
+    starts overwriting the spare slot (a read that raced with it then gives up instead of failing);
+    `paths`: the two slot files' paths, built on first use (a read then builds no path)."""
 
-    __slots__ = ("committed", "pending", "stale", "epoch")
+    __slots__ = ("committed", "pending", "stale", "epoch", "paths")
 
     def __init__(self, committed: Version | None, pending: Version | None = None) -> None:
         self.committed, self.pending, self.stale, self.epoch = committed, pending, None, 0
+        self.paths: tuple[str, str] | None = None
 
 
 def _check_nonnegative(name: str, value: object) -> int:
@@ -73,6 +75,23 @@ class _Located(NamedTuple):
     path: str
     version: Version
     epoch: int
+
+
+class _Where:
+    """A read's "where" for error messages (chunk, version, target, file), formatted only when a
+    message is built: a read that passes its checks never pays for the string."""
+
+    __slots__ = ("chunk_id", "version", "directory", "path")
+
+    def __init__(self, chunk_id: ChunkId, version: int, directory: Path, path: str) -> None:
+        self.chunk_id, self.version, self.directory, self.path = chunk_id, version, directory, path
+
+    def __str__(self) -> str:
+        return (f"chunk {self.chunk_id} version {self.version} on target {self.directory}: "
+                f"file {os.path.basename(self.path)}")
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 class ChunkStore:
@@ -90,6 +109,7 @@ class ChunkStore:
         self.directory = Path(directory)
         self._chunks_dir = self.directory / "chunks"
         self._chunks_dir.mkdir(parents=True, exist_ok=True)
+        self._chunks_prefix = os.path.join(str(self._chunks_dir), "")  # slot paths: prefix + name (no pathlib per IO)
         self._fsync = fsync
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()
@@ -180,7 +200,7 @@ class ChunkStore:
         return f"{chunk_id.hex()}.{slot}"
 
     def _slot_path(self, chunk_id: ChunkId, slot: int) -> str:
-        return str(self._chunks_dir / self._slot_name(chunk_id, slot))
+        return f"{self._chunks_prefix}{chunk_id.hex()}.{slot}"
 
     def _unlink_slot(self, chunk_id: ChunkId, slot: int) -> None:
         path = self._slot_path(chunk_id, slot)
@@ -196,7 +216,10 @@ class ChunkStore:
             return None
         for held in (chunk.committed, chunk.pending):
             if held is not None and held.version == version:
-                return _Located(self._slot_path(chunk_id, held.slot), held, chunk.epoch)
+                paths = chunk.paths
+                if paths is None:
+                    paths = chunk.paths = (self._slot_path(chunk_id, 0), self._slot_path(chunk_id, 1))
+                return _Located(paths[held.slot], held, chunk.epoch)
         return None
 
     def _read_located(self, chunk_id: ChunkId, located: _Located, read) -> object:
@@ -215,9 +238,8 @@ class ChunkStore:
                     return None
             raise
 
-    def _where(self, chunk_id: ChunkId, located: _Located) -> str:
-        return (f"chunk {chunk_id} version {located.version.version} on target {self.directory}: "
-                f"file {Path(located.path).name}")
+    def _where(self, chunk_id: ChunkId, located: _Located) -> _Where:
+        return _Where(chunk_id, located.version.version, self.directory, located.path)
 
     # ----------------------------------------------------------------------------- queries
 

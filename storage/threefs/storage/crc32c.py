@@ -4,7 +4,8 @@
 the GIL only for `bytes` of 1 MiB or more. Reads land in the caller's writable buffer, so for anything
 that is not `bytes` this module calls the extension's bundled C library (`crc32c_extend`) through
 ctypes, which releases the GIL for every call; where that library cannot be found it falls back to a
-copy into `bytes`. Every function returns the same value `google_crc32c.value` gives for those bytes.
+copy into `bytes`. Below `COPY_BELOW` bytes a copy into `bytes` plus the extension is cheaper than a
+ctypes call (~0.5 us against ~1.9 us for 4 KiB), so small buffers take that path. Every function returns the same value `google_crc32c.value` gives for those bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import google_crc32c
 from google_crc32c import _crc32c as _ext
+
+
+COPY_BELOW = 32 << 10  # smaller non-bytes buffers are copied into bytes (cheaper than a ctypes call)
 
 
 @functools.cache
@@ -38,7 +42,7 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     if type(data) is bytes:
         return _ext.extend(crc, data) if crc else _ext.value(data)
     view = memoryview(data).cast("B")
-    lib = _library()
+    lib = None if len(view) < COPY_BELOW else _library()
     if lib is None or view.readonly or not len(view):
         return _ext.extend(crc, bytes(view))
     address = ctypes.addressof(ctypes.c_char.from_buffer(view))
@@ -51,7 +55,7 @@ def crc32c_blocks(data: bytes | bytearray | memoryview, block_size: int) -> list
         value = _ext.value
         return [value(data[pos:pos + block_size]) for pos in range(0, len(data), block_size)]
     view = memoryview(data).cast("B")
-    lib = _library()
+    lib = None if len(view) < COPY_BELOW else _library()
     if lib is None or view.readonly:
         data = bytes(view)
         return [_ext.value(data[pos:pos + block_size]) for pos in range(0, len(data), block_size)]

@@ -117,6 +117,7 @@ class StorageService:
         self._recovering = {t: False for t in self._targets}  # saw itself out of the chain: needs a resync
         self._unsettled: set[tuple[int, int, ChunkId]] = set()  # (chain, target, chunk) left pending by a failure
         self._state_lock = threading.Lock()
+        self._observed: RoutingInfo | None = None  # the routing `_observe` saw last (seeing it again changes nothing)
         self._reads = CraqReads(self)
 
     def close_stores(self) -> None:
@@ -462,7 +463,10 @@ class StorageService:
 
     def _observe(self, routing: RoutingInfo) -> None:
         """A target that routing shows offline, waiting or syncing must resync before it reports
-        up-to-date again (3FS's returning service); serving again clears that."""
+        up-to-date again (3FS's returning service); serving again clears that. Observing the routing
+        observed last again is a no-op (routing snapshots are immutable), skipped without the lock."""
+        if routing is self._observed:
+            return
         with self._state_lock:
             for target in self._targets:
                 state = routing.target_states.get(target)
@@ -470,3 +474,4 @@ class StorageService:
                     self._recovering[target] = True
                 elif state is TargetState.SERVING:
                     self._recovering[target] = False
+            self._observed = routing
