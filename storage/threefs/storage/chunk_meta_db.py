@@ -8,7 +8,8 @@ store drops them anyway, so a CRAQ write costs one metadata statement, at commit
 
 Durability: WAL with `synchronous=NORMAL`. Every statement reaches the WAL file (the page cache) when it
 returns, so a killed process loses nothing; `checkpoint()` fsyncs the WAL (and the database), after
-which a power loss loses nothing either. A store in another format (format 2 wrote a file per chunk
+which a power loss loses nothing either. The checkpoint runs on a connection of its own, so it never
+waits for, or holds up, the statements of the writes (a WAL checkpoint runs alongside writers). A store in another format (format 2 wrote a file per chunk
 version, CRC32s and a row with pending columns) is refused with ChunkStoreFormatError.
 """
 
@@ -47,7 +48,8 @@ class CommittedRow(NamedTuple):
 
 
 class ChunkMetaDb:
-    """The `chunks` table of `path` (created if missing). Not thread-safe: the store serializes calls.
+    """The `chunks` table of `path` (created if missing). Not thread-safe: the store serializes calls,
+    except `checkpoint`, which may run alongside any other call but `close`.
 
     Args:
       durable: WAL + synchronous=NORMAL with fsyncs at `checkpoint()`; False never fsyncs.
@@ -55,9 +57,11 @@ class ChunkMetaDb:
 
     def __init__(self, path: Path, durable: bool) -> None:
         self.path = path
+        self._synchronous = 'NORMAL' if durable else 'OFF'
+        self._checkpointer: sqlite3.Connection | None = None  # checkpoint's own connection, opened on first use
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'NORMAL' if durable else 'OFF'}")
+        self._db.execute(f"PRAGMA synchronous={self._synchronous}")
         found = self._db.execute("PRAGMA user_version").fetchone()[0]
         if found != FORMAT and (found or self._db.execute("SELECT 1 FROM sqlite_master").fetchone()):
             self._db.close()
@@ -94,8 +98,14 @@ class ChunkMetaDb:
             self._db.execute("COMMIT")
 
     def checkpoint(self) -> None:
-        """Makes every statement so far durable (fsyncs the WAL, copies it into the database)."""
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Makes every statement so far durable (fsyncs the WAL, copies it into the database), on a
+        connection of its own: statements of other threads go on meanwhile."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._checkpointer.execute(f"PRAGMA synchronous={self._synchronous}")
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._db.close()

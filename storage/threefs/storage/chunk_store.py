@@ -158,9 +158,8 @@ class ChunkStore:
                     os.fsync(dir_fd)
                 finally:
                     os.close(dir_fd)
-            with self._lock:
-                if not self._closed.is_set():
-                    self._db.checkpoint()
+            if not self._closed.is_set():  # close() closes the database holding _sync_lock too
+                self._db.checkpoint()  # its own connection: writes and reads go on meanwhile
 
     def _sync_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):
@@ -177,7 +176,7 @@ class ChunkStore:
         try:
             self.sync()
         finally:
-            with self._lock:
+            with self._sync_lock, self._lock:
                 self._closed.set()
                 self._db.close()
             if self._syncer is not None:
