@@ -182,6 +182,42 @@ def summary_table(data: list[dict], batched: list[dict], meta: list[dict]) -> tu
     return table, summary
 
 
+# issue 15's goals: (label, backend, table, op, how the ratio is taken, before (2026-11-29), goal)
+GOALS = [("embedded sequential 1 MiB read", "embedded", "data", "seq read 1 MiB", "ratio", 0.34, 0.8),
+         ("embedded batched 1 MiB reads (IoRing) vs plain", "embedded", "batched", "read 1 MiB", "ring_vs_plain", 0.30,
+          0.8),
+         ("embedded random 4 KiB read", "embedded", "data", "rand read 4 KiB", "ratio", 0.072, 0.25),
+         ("embedded sequential write", "embedded", "data", "seq write 1 MiB", "ratio", 0.10, 0.2),
+         ("embedded random 4 KiB write", "embedded", "data", "rand write 4 KiB", "ratio", 0.0008, 0.02),
+         ("remove", "embedded", "metadata", "remove", "ratio", 0.015, 0.2),
+         ("TCP 1 MiB read", "processes", "data", "seq read 1 MiB", "ratio", 0.12, 0.5),
+         ("TCP sequential write", "processes", "data", "seq write 1 MiB", "ratio", 0.065, 0.15)]
+
+
+def goals_table(data: list[dict], batched: list[dict], meta: list[dict]) -> tuple[Table, list[dict]]:
+    """Issue 15's goals: same-run ratios to plain file IO, before and now. The batched row compares the
+    3FS ring's MiB/s with plain file IO's best (loop or ring) for the same 1 MiB reads."""
+    tables = {"data": data, "batched": batched, "metadata": meta}
+    table = Table(title="Goals (same-run ratio to plain file IO)")
+    for column in ("operation", "before", "now", "goal", "met"):
+        table.add_column(column, justify="left" if column == "operation" else "right")
+    out = []
+    for label, backend, where, op, how, before, goal in GOALS:
+        row = next((r for r in tables[where] if r["backend"] == backend and r["op"] == op), None)
+        plain = next((r for r in tables[where] if r["backend"] == "plain" and r["op"] == op), None)
+        if row is None:
+            continue
+        if how == "ring_vs_plain":
+            now = row["ring_mib_per_s"] / max(plain["loop_mib_per_s"], plain["ring_mib_per_s"]) if plain else None
+        else:
+            now = row["ratio_to_plain"]
+        met = now is not None and now >= goal
+        out.append({"operation": label, "before": before, "now": now, "goal": goal, "met": met})
+        table.add_row(label, f"{before:.2g}x", "-" if now is None else f"{now:.2g}x", f">= {goal:g}x",
+                      "yes" if met else "no")
+    return table, out
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
     for package in ("jaxseek", "rich"):
