@@ -113,7 +113,7 @@ class ChunkStore:
             self._durability.stop()
             self.sync()
         finally:
-            with self._lock:
+            with self._durability.exclusive(), self._lock:  # no sync's checkpoint meets a closed database
                 self._closed.set()
                 self._db.close()
             self._fds.close()

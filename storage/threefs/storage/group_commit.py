@@ -116,6 +116,11 @@ class GroupCommit:
                 raise
             return len(dirty)
 
+    def exclusive(self) -> threading.Lock:
+        """The lock syncs hold: held, no sync runs (a closing store closes its metadata under it, so no
+        checkpoint runs on a closed database)."""
+        return self._sync_lock
+
     def _loop(self, interval: float) -> None:
         while not self._stopped.wait(interval):
             if self._dirty or self._metadata_dirty:
