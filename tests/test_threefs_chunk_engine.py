@@ -216,17 +216,18 @@ def test_sync_makes_written_slots_durable(tmp_path):
     store = ChunkStore(tmp_path / "t", sync_interval=0)  # no background syncs: only explicit ones
     cid = ChunkId(5, 0)
     store.commit(cid, store.apply_write(cid, 0, b"durable", chain_version=1))
-    assert store._dirty  # noqa: SLF001 - what the next sync fsyncs
-    store.sync()
-    assert not store._dirty  # noqa: SLF001
+    assert store.unsynced_files() == [f"{cid.hex()}.0"] and store.metadata_unsynced()  # what the next sync fsyncs
+    assert store.sync() == 1
+    assert store.unsynced_files() == [] and not store.metadata_unsynced()
+    assert store.sync() == 0  # nothing written since: no fsync at all
     store.close()
     with ChunkStore(tmp_path / "t", sync_interval=0.01) as store:  # a background sync clears it by itself
         store.commit(cid, store.apply_write(cid, 7, b"!", chain_version=1))
         for _ in range(500):
-            if not store._dirty:  # noqa: SLF001
+            if not store.unsynced_files() and not store.metadata_unsynced():
                 break
             time.sleep(0.01)
-        assert not store._dirty  # noqa: SLF001
+        assert store.unsynced_files() == [] and not store.metadata_unsynced()
         assert store.read(cid, 0, 100) == b"durable!"
 
 

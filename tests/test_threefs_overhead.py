@@ -62,13 +62,13 @@ def test_a_service_observing_an_older_routing_again_still_notes_it(tmp_path):
     service = StorageService(1, {1: store}, lambda: up, peer=lambda node: None)
     try:
         recovering = lambda: service.local_states()[1].value  # noqa: E731
-        service._observe(down)
+        service._membership.observe(down)
         assert recovering() == "online"
-        service._observe(up)
+        service._membership.observe(up)
         assert recovering() == "up-to-date"
-        service._observe(up)  # the same snapshot again: nothing changes
+        service._membership.observe(up)  # the same snapshot again: nothing changes
         assert recovering() == "up-to-date"
-        service._observe(down)  # an older snapshot seen again after another one: noted again
+        service._membership.observe(down)  # an older snapshot seen again after another one: noted again
         assert recovering() == "online"
     finally:
         store.close()

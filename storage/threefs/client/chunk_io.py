@@ -7,7 +7,8 @@ serving replica, rotating over them and moving to the next on failure. Reads are
 replica has not answered within `hedge_delay` goes to the next serving replica too, and the first answer
 wins, so a hung node costs a read that delay, not an RPC deadline; the RPC deadlines themselves (the
 proxies' timeouts, ``cluster/deadlines.py``) end a write to a hung head, which then retries with fresh
-routing. Requests of one call run in parallel on the client's IO threads.
+routing. Requests of one call run in parallel on the client's IO threads. `sync_file` (a file's
+fsync/close) asks every replica on the file's write paths to make its writes durable (``file_sync.py``).
 
 Errors: the retryable ones (a stale chain version, a target that stopped serving, a dead or hung node,
 one damaged replica) are retried until `retry_timeout`, then raised as ``TimeoutError`` (ETIMEDOUT);
@@ -29,6 +30,7 @@ from storage.threefs.storage.chunk_store import ChunkId
 from storage.threefs.storage.crc32c import crc32c
 from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
                                     NotPrimary, TargetNotServing, timed_out)
+from storage.threefs.client.file_sync import sync_chains
 from storage.threefs.meta.layout import ChunkSpan, Layout
 from storage.threefs.mgmtd.routing import RoutingInfo
 from storage.threefs.net.transport import ReplyBuffer
@@ -317,6 +319,15 @@ class ChunkIO:
 
         for future in [self._pool.submit(one, chain) for chain in sorted(set(layout.chains))]:
             future.result()
+
+    # ----------------------------------------------------------------------------- durability
+
+    def sync_file(self, layout: Layout, inode_id: int, timeout: float | None = None) -> None:
+        """Makes the file's acknowledged writes durable on every replica of its chains' write paths
+        (``file_sync.sync_chains``: the nodes in parallel, with the bulk deadline; retried for `timeout`
+        seconds, default the client's retry timeout, then ETIMEDOUT)."""
+        sync_chains(layout.chains, self._routing, self._bulk_storage, self._hedges,
+                    self._retry_timeout if timeout is None else timeout, RETRYABLE, f"file {inode_id}")
 
     # ----------------------------------------------------------------------------- lengths
 

@@ -9,6 +9,15 @@ Appends (mode ``ab``) reserve their range in the meta service, so concurrent app
 Writes are synchronous (acknowledged by every replica of the chain before ``pwrite`` returns), so
 ``flush`` has nothing to do.
 
+Durability is POSIX's: an acknowledged write is in every replica's page cache (it survives the death of
+any process) and on their disks within a fraction of a second (group commit); ``fsync`` and the
+``close`` of a handle that wrote make it durable before they return, on every replica of the write
+paths of the file's chains (``ChunkIO.sync_file``; a replica that left its chain meanwhile no longer
+counts). A sync that fails (ETIMEDOUT after the client's retry timeout, or an fsync error on a storage
+node) makes ``fsync`` raise; ``close`` still closes the handle and its write session (the length is
+reported), then raises that error, as POSIX's close may report a deferred write error: the data is
+acknowledged but its durability is not known. ``Client.close`` logs such an error instead.
+
 A read never invents bytes. A handle keeps the length it learnt; when storage returns less than that
 (chunks shorter than asked), the handle asks metadata again: a removed file raises ``StaleFileHandle``
 (ESTALE), a file that another client truncated (``wb``, ``truncate``) reads short at its new end, and
@@ -53,6 +62,7 @@ class ThreeFSFile(StreamFile):
         self._length = inode.length  # what this handle knows: metadata's length, then its own writes
         self._written_end = 0  # end of this handle's writes, reported periodically and on fsync/close
         self._reported_end = 0  # what the last periodic report sent
+        self._unsynced = False  # written (or cut) since the last storage sync
         self._truncations = inode.truncations  # the file's truncation count this handle knows
         self._position = inode.length if open_mode.append else 0
         self.closed = False
@@ -113,6 +123,7 @@ class ThreeFSFile(StreamFile):
         self._check_offset(offset)
         view = memoryview(data).cast("B")
         if len(view):
+            self._unsynced = True  # before the write: a failed write may have reached some replicas
             self._chunk_io.write(self._layout, self._inode_id, offset, view)
             self._written_end = max(self._written_end, offset + len(view))
             self._length = max(self._length, offset + len(view))
@@ -130,6 +141,7 @@ class ThreeFSFile(StreamFile):
         old = max(self._length, self._stat().length,
                   self._chunk_io.file_length(self._layout, self._inode_id))  # unreported writes too
         if size < old:
+            self._unsynced = True
             self._chunk_io.cut(self._layout, self._inode_id, size, old)
         self._truncations = self._on_inode("truncate_inode", size).truncations
         self._length = size
@@ -137,9 +149,21 @@ class ThreeFSFile(StreamFile):
         return size
 
     def fsync(self) -> None:
-        """Makes metadata's length exact (stat sees every byte written through this handle)."""
+        """Makes every write to the file so far durable on every replica of its write paths (see the
+        module docstring; OSError when that fails), then metadata's length exact (stat sees every byte
+        written through this handle)."""
         self._check_io(writing=True)
+        self._sync_storage()
         self._on_inode("sync", self._written_end, self._truncations)
+
+    def _sync_storage(self) -> None:
+        """``ChunkIO.sync_file`` of this file; a failure leaves the handle unsynced (close tries again)."""
+        self._unsynced = False
+        try:
+            self._chunk_io.sync_file(self._layout, self._inode_id)
+        except BaseException:
+            self._unsynced = True
+            raise
 
     def _append_position(self, size: int) -> int:
         """An append's own range, reserved in the meta service (other clients may append concurrently)."""
@@ -154,10 +178,26 @@ class ThreeFSFile(StreamFile):
             self._reported_end = end
 
     def close(self) -> None:
+        """Makes this handle's writes durable (if it wrote since its last fsync), ends its write session
+        (reporting its length) and closes it; raises the sync's error, if any, once closed (see the
+        module docstring)."""
         if self.closed:
             return
         self.closed = True
         self._on_close(self)
+        sync_error = None
+        if self._session_id is not None and self._unsynced:
+            try:
+                self._sync_storage()
+            except Exception as exc:  # noqa: BLE001 - raised once the session is closed
+                sync_error = exc
+        try:
+            self._end_session()
+        finally:
+            if sync_error is not None:
+                raise sync_error
+
+    def _end_session(self) -> None:
         if self._session_id is not None:
             try:
                 self._meta.close(self._inode_id, self._session_id, self._written_end, self._truncations)

@@ -52,15 +52,18 @@ class EmbeddedCluster:
       heartbeat_timeout: seconds of silence before mgmtd marks a node's targets offline.
       session_lease: seconds a client's write session lives without renewal (its clients renew every
         third of that); the heartbeats end expired sessions, as 3FS's meta does for dead clients.
+      chunk_sync_interval: seconds between each target's group-commit fsyncs (0: only when asked, by a
+        client's fsync/close or ``ChunkStore.sync``).
     """
 
     def __init__(self, root: str | Path, shape: ClusterShape | None = None, *,
                  heartbeat_interval: float | None = 0.2, heartbeat_timeout: float = 2.0,
-                 session_lease: float = 30.0) -> None:
+                 session_lease: float = 30.0, chunk_sync_interval: float = 0.05) -> None:
         self.root = Path(root).expanduser().resolve()
         self._locks = [lock_directory(self.root, "EmbeddedCluster")]
         self.shape = ClusterShape.load_or_create(self.root, shape)
         self.session_lease = session_lease
+        self._chunk_sync_interval = chunk_sync_interval
         self._locks += [lock_directory(self.root / f"node-{node}", "EmbeddedCluster")
                         for node in self.shape.targets()]
         self._kv = open_kv(f"sqlite:///{self.root / 'meta.sqlite'}")
@@ -108,7 +111,8 @@ class EmbeddedCluster:
                 return
             for store in self._stores.pop(node, []):
                 store.close()
-            targets = {t: ChunkStore(target_dir(self.root, node, t)) for t in self.shape.targets()[node]}
+            targets = {t: ChunkStore(target_dir(self.root, node, t), sync_interval=self._chunk_sync_interval)
+                       for t in self.shape.targets()[node]}
             self._stores[node] = list(targets.values())
             self.services[node] = StorageService(node, targets, self.manager.routing, self.storage,
                                                  on_successor_failure=self.manager.mark_offline)

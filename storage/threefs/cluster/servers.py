@@ -205,7 +205,8 @@ def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node
     lease = RoutingLease(timings.heartbeat_timeout / 2)
     proxies, bulk_proxies = Proxies(root, deadlines.peer), Proxies(root, deadlines.bulk)
     manager = LeasedManager(mgmtd, lease)
-    targets = {t: ChunkStore(target_dir(root, node, t)) for t in shape.targets()[node]}
+    targets = {t: ChunkStore(target_dir(root, node, t), sync_interval=timings.chunk_sync_interval)
+               for t in shape.targets()[node]}
     service = StorageService(node, targets, lease.routing, storage_of(lease.last_routing, proxies),
                              on_successor_failure=manager.mark_offline,
                              bulk_peer=storage_of(lease.last_routing, bulk_proxies))

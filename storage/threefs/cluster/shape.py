@@ -79,11 +79,14 @@ class ServerTimings:
     heartbeat_interval: between a storage server's heartbeats (and mgmtd's checks for silent nodes).
     heartbeat_timeout: silence after which mgmtd marks a node's targets offline.
     session_lease: a client's write session lives this long without renewal (clients renew every third).
+    chunk_sync_interval: between a storage target's group-commit fsyncs of what it wrote (a client's
+      fsync/close syncs at once).
     """
 
     heartbeat_interval: float = 0.2
     heartbeat_timeout: float = 2.0
     session_lease: float = 30.0
+    chunk_sync_interval: float = 0.05
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -15,11 +15,12 @@ concurrently, and a connection never interleaves two calls). Exceptions raised b
 travel back and are re-raised in the caller with their own type if the codec knows it (a note names the
 server and method), else as a ``RuntimeError`` naming the type.
 
-Data path: a frame's parts go out in one ``sendmsg`` (large bytes values are never concatenated);
-``call_into(destination, ...)`` receives a reply's raw bytes (the codec's segment area) with ``recv_into``
-straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can revoke it (a hedged read that
-another replica answered first). Several requests per server are in flight as one connection per calling
-thread (an IoRing's workers each hold one); a connection carries one request at a time.
+Data path: a frame's parts go out in one ``sendmsg`` (large bytes values are never concatenated;
+``framing.py``); ``call_into(destination, ...)`` receives a reply's raw bytes (the codec's segment area)
+with ``recv_into`` straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can revoke it
+(a hedged read that another replica answered first; ``reply_buffer.py``). Several requests per server
+are in flight as one connection per calling thread (an IoRing's workers each hold one); a connection
+carries one request at a time.
 
 Failure rules:
   * A refused, reset, closed or timed-out connection raises ``errors.NodeUnavailable`` naming the address;
@@ -46,139 +47,17 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import struct
 import threading
 import weakref
 from typing import Any
 
 from storage.threefs.net.auth import (DEFAULT_TIMEOUT, AuthenticationError, PeerUnresponsive, client_handshake,
                                       server_handshake)
-from storage.threefs.net.codec import PREFIX_SIZE, Codec, WireFormatError
+from storage.threefs.net.codec import Codec, WireFormatError
+from storage.threefs.net.framing import recv_frame as _recv_frame, send_frame as _send_frame
+from storage.threefs.net.reply_buffer import ReplyBuffer, receive_reply_into  # ReplyBuffer: re-exported
 from storage.threefs.errors import NodeUnavailable
 
-_HEADER = struct.Struct(">Q")
-_MAX_FRAME = 1 << 40  # a header announcing more than this is a protocol error, not a payload
-_FIRST_ALLOCATION = 64 << 20  # frames up to this size are read into one buffer of their exact size
-
-
-def _send_frame(sock: socket.socket, parts: list[bytes | bytearray | memoryview]) -> None:
-    """Sends one frame whose body is ``parts`` (a codec's output: small values packed in the first part,
-    each large bytes value a part of its own), header and parts gathered by ``sendmsg``: no copy."""
-    pending = [memoryview(_HEADER.pack(sum(len(part) for part in parts)))] + [memoryview(p).cast("B") for p in parts]
-    while pending:
-        sent = sock.sendmsg(pending)
-        while pending and sent >= len(pending[0]):
-            sent -= len(pending[0])
-            pending.pop(0)
-        if sent:
-            pending[0] = pending[0][sent:]
-
-
-def _recv_into(sock: socket.socket, view: memoryview, frame_start: bool = False) -> bool:
-    """Fills ``view`` from ``sock``; False if the peer closed the connection before the first byte of a
-    frame (``frame_start``), ConnectionResetError if it closed anywhere else."""
-    got = 0
-    while got < len(view):
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            if got == 0 and frame_start:
-                return False
-            raise ConnectionResetError(f"connection closed after {got} of {len(view)} bytes")
-        got += k
-    return True
-
-
-def _recv_frame(sock: socket.socket) -> bytearray | None:
-    """One frame's body; None if the peer closed the connection between frames. The buffer grows as
-    bytes arrive, so a false length costs no more memory than the bytes actually sent."""
-    header = bytearray(_HEADER.size)
-    if not _recv_into(sock, memoryview(header), frame_start=True):
-        return None
-    (length,) = _HEADER.unpack(header)
-    if length > _MAX_FRAME:
-        raise WireFormatError(f"frame length {length} exceeds {_MAX_FRAME}: not this protocol")
-    return _recv_exact(sock, length)
-
-
-class ReplyBuffer:
-    """Where ``RpcClient.call_into`` receives a reply's raw bytes: the caller's writable ``buffer``.
-
-    ``landed``: after the call, how many bytes of the reply's segment area (its bytes values, in order)
-    were received into ``buffer[:landed]``; None when the area did not fit (the values then live in a
-    buffer of their own). ``revoke()``: from the moment it returns, nothing more is written into
-    ``buffer`` (a call still receiving drains the rest of its reply elsewhere), so a reader that stopped
-    waiting (a hedged read another replica answered first) can hand the buffer back to its owner.
-    """
-
-    __slots__ = ("view", "landed", "_lock", "_revoked")
-
-    def __init__(self, buffer) -> None:
-        self.view = memoryview(buffer).cast("B")
-        if self.view.readonly:
-            raise TypeError("ReplyBuffer needs a writable buffer")
-        self.landed: int | None = None
-        self._lock = threading.Lock()
-        self._revoked = False
-
-    def revoke(self) -> None:
-        with self._lock:
-            self._revoked = True
-
-    def write_with(self, fill: Any) -> int:
-        """``fill(view)`` under the guard (it writes into the buffer and returns a count); -1, running
-        nothing, once revoked."""
-        with self._lock:
-            return -1 if self._revoked else fill(self.view)
-
-    def receive(self, sock: socket.socket, size: int) -> memoryview:
-        """Receives `size` bytes from `sock` into the buffer's first bytes (elsewhere if they do not fit
-        or once revoked); returns a view of where they are."""
-        if size > len(self.view):
-            return memoryview(_recv_exact(sock, size))
-        view, got, scratch = self.view[:size], 0, None
-        timeout = sock.gettimeout()
-        sock.settimeout(0)  # recv_into returns at once; waiting happens in select, without the lock
-        try:
-            while got < size:
-                with self._lock:  # never held while waiting: a revoke waits at most one recv
-                    revoked = self._revoked
-                    try:
-                        k = -1 if revoked else sock.recv_into(view[got:])
-                    except BlockingIOError:
-                        k = -1
-                if revoked:
-                    scratch = scratch if scratch is not None else memoryview(bytearray(min(size, 1 << 20)))
-                    try:
-                        k = sock.recv_into(scratch[:min(len(scratch), size - got)])
-                    except BlockingIOError:
-                        k = -1
-                if k == 0:
-                    raise ConnectionResetError(f"connection closed after {got} of {size} bytes")
-                if k < 0:
-                    readable, _, _ = select.select([sock], [], [], timeout)
-                    if not readable:
-                        raise socket.timeout(f"no reply bytes within {timeout} s")
-                    continue
-                got += k
-        finally:
-            sock.settimeout(timeout)
-        with self._lock:
-            if self._revoked:
-                raise ConnectionAbortedError("the reply buffer was revoked during the call")
-            self.landed = size
-        return view
-
-
-def _recv_exact(sock: socket.socket, length: int) -> bytearray:
-    """`length` bytes from `sock`; the buffer grows as bytes arrive (a false length costs no more memory
-    than the bytes actually sent)."""
-    body, received = bytearray(min(length, _FIRST_ALLOCATION)), 0
-    while received < length:
-        if received == len(body):
-            body += bytes(min(len(body), length - len(body)))  # doubles, up to the announced length
-        _recv_into(sock, memoryview(body)[received:])
-        received = len(body)
-    return body
 
 
 def _check_secret(secret: bytes) -> bytes:
@@ -432,17 +311,7 @@ class RpcClient(RemoteMethods):
         sock = connection.sock
         try:
             _send_frame(sock, request)
-            head = bytearray(_HEADER.size + PREFIX_SIZE)
-            if not _recv_into(sock, memoryview(head), frame_start=True):
-                raise ConnectionResetError("server closed the connection before replying")
-            (length,) = _HEADER.unpack_from(head)
-            header_length = self._codec.header_length(memoryview(head)[_HEADER.size:])
-            if PREFIX_SIZE + header_length > length or length > _MAX_FRAME:
-                raise WireFormatError(f"frame of {length} bytes cannot hold a {header_length}-byte header")
-            head += _recv_exact(sock, header_length)
-            segments = destination.receive(sock, length - PREFIX_SIZE - header_length)
-            reply = self._codec.decode_split(memoryview(head)[_HEADER.size:], segments, segment_views=True)
-            status, value = self._check_reply(reply)
+            status, value = self._check_reply(receive_reply_into(sock, self._codec, destination))
         except OSError as exc:  # includes socket.timeout
             self._drop(connection)
             raise NodeUnavailable(f"{self._address}: call {method!r} failed: {exc!r}") from exc

@@ -14,13 +14,14 @@ chunk reads nothing old. Pending versions live in memory only; commit is one met
 (`chunk_meta_db.py`: a row per chunk, the committed version), after which the old committed slot is the
 spare. A reopened store drops pending versions and spare files and reads the last committed versions.
 
-Durability (group commit). A write returns once its bytes are in the page cache (pwrite, no fsync) and
-a commit once its row is in SQLite's WAL; both survive a SIGKILL of the process, so nothing a replica
-acknowledged is lost by a kill. `sync()` fsyncs every slot file written since the last sync and then
-the metadata; it runs every `sync_interval` seconds in a background thread (and whenever called, e.g.
-at a client's fsync/close). A power loss (or kernel crash) can lose what was written since the last
-sync: such a chunk may come back at an older committed version, or with blocks that fail their
-CRC32C (a ChecksumError: repaired from another replica, else EIO), never as wrong bytes.
+Durability (group commit, `group_commit.py`). A write returns once its bytes are in the page cache
+(pwrite, no fsync) and a commit once its row is in SQLite's WAL; both survive a SIGKILL of the process,
+so nothing a replica acknowledged is lost by a kill. `sync()` fsyncs every slot file written since the
+last sync and then the metadata; it runs every `sync_interval` seconds in a background thread and
+whenever called (a client's fsync/close, through ``StorageService.sync``); `unsynced_files()` says
+what a sync would still have to make durable. A power loss (or kernel crash) can lose what was written
+since the last sync: such a chunk may come back at an older committed version, or with blocks that
+fail their CRC32C (a ChecksumError: repaired from another replica, else EIO), never as wrong bytes.
 
 Reads take a cached open descriptor (`fd_cache.py`) and one pread/preadv, checking only the blocks that
 overlap the range (`block_checksums.py`); `read_into` reads straight into the caller's buffer. Rows are
@@ -32,49 +33,19 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 from storage.threefs.errors import ChecksumError
 from storage.threefs.storage.block_checksums import read_blocks, read_blocks_into
 from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id, inode_key_range  # re-exported
 from storage.threefs.storage.chunk_meta_db import ChunkMetaDb, ChunkStoreFormatError, CommittedRow  # re-exported
+from storage.threefs.storage.chunk_state import ChunkState as _Chunk, LocatedVersion as _Located
+from storage.threefs.storage.chunk_state import ChunkVersionMismatch, PendingVersionExists  # re-exported
+from storage.threefs.storage.chunk_state import check_nonnegative as _check_nonnegative
 from storage.threefs.storage.fd_cache import FdCache
+from storage.threefs.storage.group_commit import GroupCommit
 from storage.threefs.storage.version_writer import Version, build_version, install_content
 
 __all__ = ["ChunkId", "ChunkMeta", "ChunkStore", "ChunkStoreFormatError", "ChunkVersionMismatch", "PendingVersionExists"]
-
-
-class PendingVersionExists(RuntimeError):
-    """A chunk already holds a pending version (or one is being written); a target holds at most one."""
-
-
-class ChunkVersionMismatch(RuntimeError):
-    """An update carries a version that does not follow this target's committed version of the chunk."""
-
-
-class _Chunk:
-    """A chunk's state in memory (guarded by the store's lock). `stale`: the blocks where the spare slot
-    differs from the committed content (None: unknown, all of them); `epoch` grows whenever a write
-    starts overwriting the spare slot (a read that raced with it then gives up instead of failing);
-    `paths`: the two slot files' paths, built on first use (a read then builds no path)."""
-
-    __slots__ = ("committed", "pending", "stale", "epoch", "paths")
-
-    def __init__(self, committed: Version | None, pending: Version | None = None) -> None:
-        self.committed, self.pending, self.stale, self.epoch = committed, pending, None, 0
-        self.paths: tuple[str, str] | None = None
-
-
-def _check_nonnegative(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
-
-
-class _Located(NamedTuple):
-    path: str
-    version: Version
-    epoch: int
 
 
 class _Where:
@@ -100,7 +71,8 @@ class ChunkStore:
     Args:
       directory: the target's root; holds `chunks/` (slot files) and `chunkmeta.sqlite`.
       fsync: make writes durable by group commit (`sync`); False never fsyncs (tests, scratch).
-      sync_interval: seconds between background syncs of what was written (with `fsync`).
+      sync_interval: seconds between background syncs of what was written (with `fsync`; 0: only when
+        `sync` is called).
       open_files: descriptors kept open for reads and writes (an LRU).
     """
 
@@ -110,21 +82,15 @@ class ChunkStore:
         self._chunks_dir = self.directory / "chunks"
         self._chunks_dir.mkdir(parents=True, exist_ok=True)
         self._chunks_prefix = os.path.join(str(self._chunks_dir), "")  # slot paths: prefix + name (no pathlib per IO)
-        self._fsync = fsync
         self._lock = threading.RLock()
-        self._sync_lock = threading.Lock()
         self._db = ChunkMetaDb(self.directory / "chunkmeta.sqlite", durable=fsync)
         self._fds = FdCache(open_files)
         self._chunks: dict[ChunkId, _Chunk] = {}
         self._writing: set[ChunkId] = set()  # chunks whose spare slot a write is filling
-        self._dirty: set[str] = set()  # slot files written since the last sync
         self._closed = threading.Event()
         self._recover()
-        self._syncer = None
-        if fsync and sync_interval > 0:
-            self._syncer = threading.Thread(target=self._sync_loop, args=(sync_interval,), daemon=True,
-                                            name=f"chunk-sync {self.directory.name}")
-            self._syncer.start()
+        self._durability = GroupCommit(self._chunks_dir, self._fds, self._checkpoint, enabled=fsync,
+                                       interval=sync_interval, name=self.directory.name)
 
     # ----------------------------------------------------------------------------- open / close / sync
 
@@ -138,49 +104,35 @@ class ChunkStore:
             if path.name not in named:
                 path.unlink(missing_ok=True)
 
-    def sync(self) -> None:
+    def sync(self) -> int:
         """Makes everything written and committed so far durable: fsyncs the slot files written since the
-        last sync and the chunks directory, then the metadata (a no-op without `fsync`)."""
-        if not self._fsync:
-            return
-        with self._sync_lock:
-            with self._lock:
-                dirty, self._dirty = self._dirty, set()
-            for path in dirty:
-                try:
-                    with self._fds.use(path) as fd:
-                        os.fsync(fd)
-                except FileNotFoundError:
-                    pass  # removed meanwhile
-            if dirty:
-                dir_fd = os.open(self._chunks_dir, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            if not self._closed.is_set():  # close() closes the database holding _sync_lock too
-                self._db.checkpoint()  # its own connection: writes and reads go on meanwhile
+        last sync and the chunks directory, then the metadata (a no-op without `fsync`, and when nothing
+        was written since the last sync). Returns how many slot files it fsynced."""
+        return self._durability.sync()
 
-    def _sync_loop(self, interval: float) -> None:
-        while not self._closed.wait(interval):
-            if self._dirty:
-                try:
-                    self.sync()
-                except Exception:  # noqa: BLE001 - a closed store or a full disk: the next round retries
-                    pass
+    def unsynced_files(self) -> list[str]:
+        """Names of the slot files written since the last sync (what a power loss could lose), sorted."""
+        return [Path(path).name for path in self._durability.unsynced_files()]
+
+    def metadata_unsynced(self) -> bool:
+        """Whether a metadata change (a commit, a removal) since the last sync is not durable yet."""
+        return self._durability.metadata_unsynced()
+
+    def _checkpoint(self) -> None:
+        if not self._closed.is_set():  # close() closes the database holding the durability lock too
+            self._db.checkpoint()  # its own connection: writes and reads go on meanwhile
 
     def close(self) -> None:
         """Syncs, then closes the metadata database and the descriptors; the store is unusable afterwards."""
         if self._closed.is_set():
             return
         try:
+            self._durability.stop()
             self.sync()
         finally:
-            with self._sync_lock, self._lock:
+            with self._durability.exclusive(), self._lock:  # no sync's checkpoint meets a closed database
                 self._closed.set()
                 self._db.close()
-            if self._syncer is not None:
-                self._syncer.join()
             self._fds.close()
 
     def __enter__(self) -> ChunkStore:
@@ -204,8 +156,7 @@ class ChunkStore:
     def _unlink_slot(self, chunk_id: ChunkId, slot: int) -> None:
         path = self._slot_path(chunk_id, slot)
         self._fds.forget(path)
-        with self._lock:
-            self._dirty.discard(path)
+        self._durability.forgot(path)
         Path(path).unlink(missing_ok=True)
 
     def _locate(self, chunk_id: ChunkId, version: int) -> _Located | None:
@@ -393,7 +344,7 @@ class ChunkStore:
             if chunk is None:
                 chunk = self._chunks[chunk_id] = _Chunk(None)
             chunk.pending = pending
-            self._dirty.add(self._slot_path(chunk_id, slot))
+            self._durability.wrote(self._slot_path(chunk_id, slot))
         return new_version
 
     def commit(self, chunk_id: ChunkId, version: int, chain_version: int | None = None) -> None:
@@ -413,6 +364,7 @@ class ChunkStore:
                     f"it holds {held}")
             new = chunk.pending if chain_version is None else chunk.pending._replace(chain_version=chain_version)
             self._db.put(chunk_id.to_bytes(), CommittedRow(*new[:7]))
+            self._durability.metadata_changed()
             had_base = chunk.committed is not None
             chunk.committed, chunk.pending = new, None
             chunk.stale = set(range(*new.changed)) if new.changed is not None and had_base else None
@@ -457,8 +409,9 @@ class ChunkStore:
                 self._writing.discard(chunk_id)
         with self._lock:
             self._db.put(chunk_id.to_bytes(), CommittedRow(*new[:7]))
+            self._durability.metadata_changed()
             self._chunks[chunk_id] = _Chunk(new)
-            self._dirty.add(self._slot_path(chunk_id, slot))
+            self._durability.wrote(self._slot_path(chunk_id, slot))
         if old is not None:
             self._unlink_slot(chunk_id, old.slot)
 
@@ -477,6 +430,7 @@ class ChunkStore:
         with self._lock:
             held = [(c, self._chunks.pop(c)) for c in chunk_ids if c in self._chunks]
             self._db.delete(c.to_bytes() for c, chunk in held if chunk.committed is not None)
+            self._durability.metadata_changed()
             for _, chunk in held:
                 chunk.epoch += 1
         for chunk_id, _ in held:

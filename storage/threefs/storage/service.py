@@ -22,31 +22,38 @@ A forward that fails with an unknown outcome (a lost reply) keeps its pending ve
 says what became of it; the next write or heartbeat settles it (`settle_pending` in reads.py).
 
 File lengths come from storage: `last_chunk` answers, for one chain, the last chunk of a file that holds
-committed bytes (a chunk-id range query), from which the meta service computes a file's exact length.
+committed bytes (a chunk-id range query), from which the meta service computes a file's exact length;
+it and the removal of a file's chunks along the chain are `FileChunks` in `file_chunks.py`.
+
+Durability: a replica acknowledges a write once it is in its page cache (a SIGKILL loses nothing); its
+chunk store makes it durable by group commit (``group_commit.py``) within a fraction of a second, and at
+once when asked: `sync` is what a client's fsync/close calls on every node of the file's write paths.
 
 Reads (CRAQ's apportioned queries, with the tail version query and checksum repair) are `CraqReads`
 in `reads.py`; `StorageService` serves them (`read`, `committed_state`, `read_chunk`, ...).
 
 `tick(manager)` is the heartbeat: report local states, take the routing, and resync every syncing target
-whose predecessor lives here (see `resync.py`). Every method takes and returns plain values the wire
+whose predecessor lives here (``NodeMembership`` in `membership.py`; the transfers are `resync.py`). Every method takes and returns plain values the wire
 codec carries (net/wire_types.py), so a peer may be this object or an RPC proxy of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from storage.threefs.storage.chunk_id import ChunkId, ChunkMeta, as_chunk_id
 from storage.threefs.storage.chunk_store import ChunkStore
 from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
                                     TargetNotServing)
-from storage.threefs.storage.resync import ResyncReport, resync_target
+from storage.threefs.storage.resync import ResyncReport
 from storage.threefs.mgmtd.routing import LocalState, RoutingInfo, TargetState
 from storage.threefs.storage.reads import _READABLE, _WHOLE, CraqReads
+from storage.threefs.storage.chunk_locks import ChunkLocks  # re-exported
+from storage.threefs.storage.file_chunks import FileChunks
+from storage.threefs.storage.membership import NodeMembership
 from storage.threefs.storage.crc32c import crc32c
 
 _REWRITES = 3  # times a write adopts the tail's copy and applies again when the successors are past it
@@ -60,29 +67,6 @@ def check_payload(data: bytes, data_crc: int | None, what: str) -> int:
         raise ChecksumError(f"{what}: the payload of {len(data)} bytes has crc32c {actual:#010x}, "
                             f"the sender computed {data_crc:#010x} (damaged on the way)")
     return actual
-
-
-class ChunkLocks:
-    """Per-(target, chunk) mutexes, created on first use and dropped when nobody holds or waits."""
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._locks: dict[tuple[int, ChunkId], list[Any]] = {}  # key -> [lock, holders + waiters]
-
-    @contextlib.contextmanager
-    def hold(self, target_id: int, chunk_id: ChunkId) -> Iterator[None]:
-        key = (target_id, chunk_id)
-        with self._mutex:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._mutex:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._locks[key]
 
 
 class StorageService:
@@ -114,11 +98,9 @@ class StorageService:
         self._on_successor_failure = on_successor_failure
         self._retry_timeout = retry_timeout
         self._locks = ChunkLocks()
-        self._recovering = {t: False for t in self._targets}  # saw itself out of the chain: needs a resync
-        self._unsettled: set[tuple[int, int, ChunkId]] = set()  # (chain, target, chunk) left pending by a failure
-        self._state_lock = threading.Lock()
-        self._observed: RoutingInfo | None = None  # the routing `_observe` saw last (seeing it again changes nothing)
         self._reads = CraqReads(self)
+        self._membership = NodeMembership(self, self._reads, list(self._targets))
+        self._file_chunks = FileChunks(self, retry_timeout, on_successor_failure)
 
     def close_stores(self) -> None:
         """Closes this node's chunk stores (the service is unusable afterwards)."""
@@ -133,7 +115,7 @@ class StorageService:
     def routing_info(self) -> RoutingInfo:
         """The latest routing; notes any of this node's targets that left the chain (they must resync)."""
         routing = self._routing_source()
-        self._observe(routing)
+        self._membership.observe(routing)
         return routing
 
     def store(self, target_id: int) -> ChunkStore:
@@ -314,8 +296,7 @@ class StorageService:
             store.commit(chunk_id, version, chain_version)
         except BaseException:
             if store.pending_state(chunk_id)[0] == version:
-                with self._state_lock:
-                    self._unsettled.add((chain_id, target_id, chunk_id))
+                self._membership.note_unsettled(chain_id, target_id, chunk_id)
             raise
 
     def _forward(self, chain_id: int, target_id: int, chunk_id: ChunkId, offset: int, data: bytes,
@@ -375,103 +356,46 @@ class StorageService:
         with self._locks.hold(target_id, chunk_id):
             store.replace(chunk_id, content, version, chain_version)
 
+    # ----------------------------------------------------------------------------- a file's chunks (file_chunks.py)
+
     def remove_chunk(self, target_id: int, chunk_id: ChunkId) -> bool:
         """Deletes one chunk from a local target (resync removes chunks the predecessor lacks)."""
-        chunk_id = as_chunk_id(chunk_id)
-        store = self.store(target_id)
-        with self._locks.hold(target_id, chunk_id):
-            return store.remove(chunk_id)
+        return self._file_chunks.remove_chunk(target_id, chunk_id)
 
     def remove_chunks(self, chain_id: int, inode_id: int, target_id: int | None = None) -> int:
         """Deletes file `inode_id`'s chunks from this node's target of the chain (or `target_id`) and
         forwards the removal down the write path; returns how many chunks this target held."""
-        routing = self.routing_info()
-        target = routing.local_target(chain_id, self.node_id) if target_id is None else target_id
-        if target is None:
-            raise TargetNotServing(f"node {self.node_id} holds no target of chain {chain_id}")
-        store = self.store(target)
-        removed = 0
-        for meta in store.inode_chunks(inode_id):  # a chunk-id range query: that inode's rows only
-            with self._locks.hold(target, meta.chunk_id):
-                removed += store.remove(meta.chunk_id)
-        deadline = time.monotonic() + self._retry_timeout
-        while True:
-            routing = self.routing_info()
-            if target not in routing.write_path(chain_id):
-                return removed  # an offline target is cleaned by its resync
-            successor = routing.successor(chain_id, target)
-            if successor is None:
-                return removed
-            try:
-                self.bulk_service_of(routing, successor).remove_chunks(chain_id, inode_id, successor)
-                return removed
-            except NodeUnavailable:
-                if self._on_successor_failure is None or time.monotonic() > deadline:
-                    raise
-                self._on_successor_failure(successor)
+        return self._file_chunks.remove_chunks(chain_id, inode_id, target_id)
 
     def last_chunk(self, chain_id: int, target_id: int, inode_id: int) -> tuple[int, int] | None:
-        """(chunk index, committed length) of file `inode_id`'s last chunk on a serving local target of
-        the chain that holds committed bytes (an emptied chunk counts for nothing), or None: what the
-        file's exact length is computed from (``ChunkIO.file_length``). One chunk-id range query."""
-        routing = self.routing_info()
-        if target_id not in routing.chain(chain_id).targets:
-            raise TargetNotServing(f"target {target_id} is not in chain {chain_id}")
-        store = self.require_state(routing, target_id, _READABLE, "report chunk lengths")
-        for meta in reversed(store.inode_chunks(inode_id)):
-            if meta.length > 0:
-                return meta.chunk_id.chunk_index, meta.length
-        return None
+        """(chunk index, committed length) of file `inode_id`'s last chunk with committed bytes on a
+        serving local target of the chain, or None (``FileChunks.last_chunk``)."""
+        return self._file_chunks.last_chunk(chain_id, target_id, inode_id)
 
-    # ----------------------------------------------------------------------------- membership
+    # ----------------------------------------------------------------------------- durability
+
+    def sync(self, target_ids: list[int] | None = None) -> int:
+        """Makes durable what the local targets `target_ids` (default: all of this node's) wrote and
+        committed so far (``ChunkStore.sync``: fsyncs what was written since their last sync, nothing
+        when clean); returns how many slot files it fsynced. A client's fsync/close calls this on every
+        node of its file's write paths. TargetNotServing for a target not on this node; OSError when an
+        fsync fails (what it did not make durable stays to sync)."""
+        targets = sorted(self._targets) if target_ids is None else list(target_ids)
+        return sum(store.sync() for store in [self.store(t) for t in targets])
+
+    def unsynced(self, target_id: int) -> tuple[list[str], bool]:
+        """(names of the slot files written since the last sync, whether the metadata changed since) of a
+        local target: what a power loss could still lose there."""
+        store = self.store(target_id)
+        return store.unsynced_files(), store.metadata_unsynced()
+
+    # ----------------------------------------------------------------------------- membership (membership.py)
 
     def local_states(self) -> dict[int, LocalState]:
         """Each local target's local state: online while it has to resync, else up-to-date."""
-        with self._state_lock:
-            return {t: LocalState.ONLINE if r else LocalState.UPTODATE for t, r in self._recovering.items()}
+        return self._membership.local_states()
 
     def tick(self, manager: Any) -> list[ResyncReport]:
-        """One heartbeat: take the routing (noting targets that left their chains), send local states,
-        then resync every syncing target whose predecessor is on this node. Returns the resync reports."""
-        self._observe(manager.routing())
-        routing = manager.heartbeat(self.node_id, self.local_states())
-        self._observe(routing)
-        self._settle_leftovers(routing)
-        reports = []
-        for chain_id in routing.chain_table.chain_ids:
-            path = routing.write_path(chain_id)
-            for previous, target in zip(path, path[1:]):
-                if (routing.target_states[target] is TargetState.SYNCING
-                        and routing.target_node[previous] == self.node_id):
-                    try:
-                        reports.append(resync_target(self, chain_id, target, manager))
-                    except (NodeUnavailable, TargetNotServing, ChainVersionMismatch) as exc:
-                        reports.append(ResyncReport(chain_id, target, 0, 0, 0, f"{type(exc).__name__}: {exc}"))
-        return reports
-
-    def _settle_leftovers(self, routing: RoutingInfo) -> None:
-        """Settles the pending versions that failed writes left behind (kept when the tail does not answer)."""
-        with self._state_lock:
-            leftovers, self._unsettled = self._unsettled, set()
-        for chain_id, target_id, chunk_id in leftovers:
-            try:
-                with self._locks.hold(target_id, chunk_id):
-                    self._reads.settle_pending(routing, chain_id, target_id, chunk_id)
-            except Exception:  # noqa: BLE001 - the next heartbeat tries again
-                with self._state_lock:
-                    self._unsettled.add((chain_id, target_id, chunk_id))
-
-    def _observe(self, routing: RoutingInfo) -> None:
-        """A target that routing shows offline, waiting or syncing must resync before it reports
-        up-to-date again (3FS's returning service); serving again clears that. Observing the routing
-        observed last again is a no-op (routing snapshots are immutable), skipped without the lock."""
-        if routing is self._observed:
-            return
-        with self._state_lock:
-            for target in self._targets:
-                state = routing.target_states.get(target)
-                if state in (TargetState.OFFLINE, TargetState.WAITING, TargetState.SYNCING):
-                    self._recovering[target] = True
-                elif state is TargetState.SERVING:
-                    self._recovering[target] = False
-            self._observed = routing
+        """One heartbeat (``NodeMembership.tick``): routing in, local states out, leftovers settled, syncing
+        successors of local targets resynced. Returns the resync reports."""
+        return self._membership.tick(manager)
