@@ -121,6 +121,7 @@ def serve_mount(url: str, mountpoint: str | Path, *, threads: int = 4, cache_sec
     `ready` is set once the mount answers."""
     from storage.threefs.connect import connect
 
+    check_mountpoint(mountpoint)  # before connecting: a wrong mountpoint creates no cluster
     client = connect(url)
     try:
         operations = FuseOperations(client, _cluster_dir(url), cache_seconds)
