@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.threefs.cluster import ClusterShape, EmbeddedCluster
+from storage.threefs.cluster import ClusterShape, EmbeddedCluster, ProcessCluster
 from storage.threefs.fuse import protocol
 from storage.threefs.fuse.mount import fuse_unavailable_reason
 from storage.threefs.fuse.nodes import NodeTable
@@ -39,11 +39,11 @@ def fuse_usable():
 class Mount:
     """``python -m storage.threefs mount`` in a subprocess, until ``stop``."""
 
-    def __init__(self, cluster: Path, mountpoint: Path) -> None:
+    def __init__(self, cluster: Path, mountpoint: Path, scheme: str = "3fs+embedded") -> None:
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.path = mountpoint
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "storage.threefs", "mount", f"3fs+embedded://{cluster}", str(mountpoint)],
+            [sys.executable, "-m", "storage.threefs", "mount", f"{scheme}://{cluster}", str(mountpoint)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not os.path.ismount(mountpoint):
@@ -245,6 +245,39 @@ def test_the_client_sees_what_the_mount_wrote_and_the_mount_goes_with_its_proces
     assert client_view(cluster) == {"/in/from-client.bin": b"client bytes" * 1000,
                                     "/out/from-mount.bin": b"mount bytes" * 30_000,
                                     "/in/renamed.bin": b"renamed"}
+
+
+def test_a_tcp_cluster_mount_and_a_client_see_each_other_at_close_fsync_and_open(fuse_usable, tmp_path):
+    with ProcessCluster(tmp_path / "cluster", SHAPE, mgmtd_standbys=0) as cluster:
+        client = cluster.client()
+        mount = Mount(tmp_path / "cluster", tmp_path / "mnt", scheme="3fs+tcp")
+        try:
+            with client.open("/shared.bin", "wb") as f:
+                f.write(b"version 1")
+            assert (mount.path / "shared.bin").read_bytes() == b"version 1"
+            with client.open("/shared.bin", "wb") as f:
+                f.write(b"version 2, longer")
+            assert (mount.path / "shared.bin").read_bytes() == b"version 2, longer"  # close-to-open
+            client.rename("/shared.bin", "/moved.bin")
+            assert not (mount.path / "shared.bin").exists()
+            assert (mount.path / "moved.bin").read_bytes() == b"version 2, longer"
+
+            fd = os.open(mount.path / "growing.bin", os.O_WRONLY | os.O_CREAT)
+            try:
+                os.write(fd, b"a" * 100_000)
+                os.close(os.dup(fd))  # close(2) of a duplicate: FLUSH, the file stays open
+                assert client.stat("/growing.bin").size == 100_000
+                os.write(fd, b"b" * 50_000)
+                os.fsync(fd)
+                assert client.stat("/growing.bin").size == 150_000
+            finally:
+                os.close(fd)
+            with client.open("/growing.bin", "rb") as f:
+                assert f.read() == b"a" * 100_000 + b"b" * 50_000
+        finally:
+            status = mount.stop()
+            client.close()
+    assert status == 0, mount.process.stderr.read()
 
 
 def test_mounting_on_a_non_empty_directory_fails_with_the_reason(tmp_path):

@@ -227,8 +227,12 @@ class FuseOperations:
         """Every close(2): the file's length becomes exact in metadata (close-to-open consistency)."""
         handle = self.handles.get(p.RELEASE_IN.unpack_from(body)[0])
         if isinstance(handle, OpenFile) and handle.dirty:
-            handle.dirty = False
-            handle.file.fsync()
+            handle.dirty = False  # before: a write racing with this sync marks the handle dirty again
+            try:
+                handle.file.fsync()
+            except BaseException:
+                handle.dirty = True
+                raise
         return b""
 
     def fsync(self, h: p.Header, body: memoryview) -> bytes:
