@@ -25,6 +25,8 @@ from storage.threefs.fuse import protocol
 from storage.threefs.fuse.mount import fuse_unavailable_reason
 from storage.threefs.fuse.nodes import NodeTable
 
+pytestmark = pytest.mark.timeout(120)  # a hung request fails the test; the fixtures still unmount
+
 SHAPE = ClusterShape(nodes=3, targets_per_node=1, replicas=3, chunk_size=64 << 10, stripe=2)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -283,9 +285,13 @@ def test_a_tcp_cluster_mount_and_a_client_see_each_other_at_close_fsync_and_open
 def test_mounting_on_a_non_empty_directory_fails_with_the_reason(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/file").write_bytes(b"")
-    result = subprocess.run([sys.executable, "-m", "storage.threefs", "mount",
-                             f"3fs+embedded://{tmp_path / 'cluster'}", str(tmp_path / "busy")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    try:
+        result = subprocess.run([sys.executable, "-m", "storage.threefs", "mount",
+                                 f"3fs+embedded://{tmp_path / 'cluster'}", str(tmp_path / "busy")],
+                                cwd=REPO, capture_output=True, text=True, timeout=30)
+    finally:
+        if os.path.ismount(tmp_path / "busy"):  # it mounted after all: never leave a mount behind
+            subprocess.run(["umount", "-l", str(tmp_path / "busy")], check=False)
     assert result.returncode == 2
     assert "is not empty" in result.stderr
     assert not (tmp_path / "cluster").exists()  # refused before connecting

@@ -225,7 +225,13 @@ class FuseOperations:
 
     def flush(self, h: p.Header, body: memoryview) -> bytes:
         """Every close(2): the file's length becomes exact in metadata (close-to-open consistency)."""
-        handle = self.handles.get(p.RELEASE_IN.unpack_from(body)[0])
+        return self._sync(p.RELEASE_IN.unpack_from(body)[0])
+
+    def fsync(self, h: p.Header, body: memoryview) -> bytes:
+        return self._sync(p.FSYNC_IN.unpack_from(body)[0])
+
+    def _sync(self, fh: int) -> bytes:
+        handle = self.handles.get(fh)
         if isinstance(handle, OpenFile) and handle.dirty:
             handle.dirty = False  # before: a write racing with this sync marks the handle dirty again
             try:
@@ -234,9 +240,6 @@ class FuseOperations:
                 handle.dirty = True
                 raise
         return b""
-
-    def fsync(self, h: p.Header, body: memoryview) -> bytes:
-        return self.flush(h, body)
 
     def release(self, h: p.Header, body: memoryview) -> bytes:
         handle = self.handles.pop(p.RELEASE_IN.unpack_from(body)[0])
