@@ -9,6 +9,7 @@ root, no /dev/fuse). The node table and the wire structs are tested without a mo
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
@@ -38,6 +39,11 @@ def fuse_usable():
         pytest.skip(f"FUSE cannot be mounted here: {reason}")
 
 
+def _die_with_parent() -> None:
+    """In the mount's child process: SIGTERM it (so it unmounts) if the test process dies first."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Mount:
     """``python -m storage.threefs mount`` in a subprocess, until ``stop``."""
 
@@ -46,7 +52,7 @@ class Mount:
         self.path = mountpoint
         self.process = subprocess.Popen(
             [sys.executable, "-m", "storage.threefs", "mount", f"{scheme}://{cluster}", str(mountpoint)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while not os.path.ismount(mountpoint):
             if self.process.poll() is not None or time.monotonic() > deadline:
