@@ -26,7 +26,7 @@ from storage.threefs.fuse import protocol
 from storage.threefs.fuse.mount import fuse_unavailable_reason
 from storage.threefs.fuse.nodes import NodeTable
 
-pytestmark = pytest.mark.timeout(120)  # a hung request fails the test; the fixtures still unmount
+pytestmark = pytest.mark.timeout(90, method="thread")  # a hang (in a syscall) ends the run; the mounts go too
 
 SHAPE = ClusterShape(nodes=3, targets_per_node=1, replicas=3, chunk_size=64 << 10, stripe=2)
 REPO = Path(__file__).resolve().parents[1]
