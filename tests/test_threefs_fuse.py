@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,24 @@ def test_an_unlinked_open_file_stays_readable_and_writable(mounted):
         f.seek(0)
         assert f.read() == b"before and after"
         assert os.fstat(f.fileno()).st_size == len(b"before and after")
+
+
+def test_concurrent_writers_and_readers_and_a_long_listing(mounted):
+    """8 threads write and read back their own files at once; READDIR pages through 300 names."""
+    directory = mounted / "many"
+    directory.mkdir()
+
+    def write_and_read(index: int) -> bool:
+        data = random.Random(index).randbytes(150_000 + index)
+        (directory / f"thread-{index}.bin").write_bytes(data)
+        return (directory / f"thread-{index}.bin").read_bytes() == data
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(write_and_read, range(8)))
+    names = {f"thread-{i}.bin" for i in range(8)} | {f"name-{i:03d}-{'x' * 40}" for i in range(300)}
+    for name in names - {f"thread-{i}.bin" for i in range(8)}:
+        (directory / name).write_bytes(b"")
+    assert sorted(os.listdir(directory)) == sorted(names)
 
 
 def test_polars_scan_parquet_reads_what_polars_wrote_through_the_mount(mounted):
