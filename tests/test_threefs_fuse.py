@@ -356,3 +356,27 @@ def test_dirents_are_8_byte_aligned_and_carry_the_type():
     ino, offset, namelen, kind = protocol.DIRENT.unpack_from(record)
     assert (ino, offset, namelen, kind, record[24:27]) == (5, 3, 3, 8, b"abc")  # DT_REG
     assert len(protocol.dirent(5, 3, "x" * 8, 0o40755)) == 32
+
+
+def test_mount_errors_name_their_cause(tmp_path, monkeypatch):
+    from storage.threefs.fuse import mount as mount_module
+
+    class RefusingLibc:  # mount(2) as an unprivileged process gets it
+        @staticmethod
+        def mount(*args):
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+    (tmp_path / "mp").mkdir()
+    monkeypatch.setattr(mount_module, "_libc", RefusingLibc)
+    with pytest.raises(mount_module.MountError, match="root") as refused:
+        mount_module.mount_fuse(tmp_path / "mp")
+    assert refused.value.errno in (errno.EPERM, errno.EACCES)  # EACCES: /dev/fuse itself (not root here)
+    monkeypatch.setattr(mount_module, "FUSE_DEVICE", str(tmp_path / "no-such-device"))
+    with pytest.raises(mount_module.MountError, match="no-such-device is missing"):
+        mount_module.mount_fuse(tmp_path / "mp")
+    with pytest.raises(mount_module.MountError, match="does not exist"):
+        mount_module.mount_fuse(tmp_path / "absent")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(mount_module.MountError, match="not a directory"):
+        mount_module.mount_fuse(tmp_path / "file")
