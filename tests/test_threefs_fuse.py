@@ -169,6 +169,7 @@ def posix_script(root: Path) -> list[object]:
     attempt(os.rmdir, root / "a/other")             # ENOTDIR
     attempt(os.rename, root / "a/other", root / "a/b2")  # EISDIR
     attempt(os.listdir, root / "a/other")           # ENOTDIR
+    attempt(os.open, root / "a/other", os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # EEXIST
     os.rmdir(root / "a/b2/c")
     seen.append(sorted(os.listdir(root / "a/b2")))
     return seen
@@ -369,7 +370,7 @@ def test_mount_errors_name_their_cause(tmp_path, monkeypatch):
 
     (tmp_path / "mp").mkdir()
     monkeypatch.setattr(mount_module, "_libc", RefusingLibc)
-    with pytest.raises(mount_module.MountError, match="root") as refused:
+    with pytest.raises(mount_module.MountError, match="needs root") as refused:
         mount_module.mount_fuse(tmp_path / "mp")
     assert refused.value.errno in (errno.EPERM, errno.EACCES)  # EACCES: /dev/fuse itself (not root here)
     monkeypatch.setattr(mount_module, "FUSE_DEVICE", str(tmp_path / "no-such-device"))
