@@ -136,17 +136,26 @@ def serve_mount(url: str, mountpoint: str | Path, *, threads: int = 4, cache_sec
     from storage.threefs.connect import connect
 
     check_mountpoint(mountpoint)  # before connecting: a wrong mountpoint creates no cluster
-    client = connect(url)
-    try:
-        operations = FuseOperations(client, _cluster_dir(url), cache_seconds)
-        fd = mount_fuse(mountpoint)
-    except BaseException:
-        client.close()
-        raise
-    stop = threading.Event()
-    path = os.path.abspath(mountpoint)
-    atexit.register(unmount, path)  # however the process ends (short of SIGKILL), the mountpoint is freed
+    stop = threading.Event()  # signals from here on stop the mount (before it exists: right after mounting)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        client = connect(url)
+        try:
+            operations = FuseOperations(client, _cluster_dir(url), cache_seconds)
+            _serve(mount_fuse(mountpoint), os.path.abspath(mountpoint), operations, threads, read_ahead_kb,
+                   stop, ready, f"3FS {url} mounted at {os.path.abspath(mountpoint)}")
+        finally:
+            client.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(fd: int, path: str, operations: FuseOperations, threads: int, read_ahead_kb: int,
+           stop: threading.Event, ready: threading.Event | None, banner: str) -> None:
+    """Serves the mounted connection `fd` until `stop` or an external unmount; then unmounts, lets the
+    requests in flight finish and closes the handles still open, and the fd."""
+    atexit.register(unmount, path)  # however the process ends (short of SIGKILL), the mountpoint is freed
     server = FuseServer(fd, operations, threads)
     try:
         server.start()
@@ -155,7 +164,7 @@ def serve_mount(url: str, mountpoint: str | Path, *, threads: int = 4, cache_sec
         set_read_ahead(path, read_ahead_kb)
         if ready is not None:
             ready.set()
-        print(f"3FS {url} mounted at {path}", flush=True)
+        print(banner, flush=True)
         while not stop.wait(0.2) and server.running():
             pass
     finally:
@@ -164,10 +173,7 @@ def serve_mount(url: str, mountpoint: str | Path, *, threads: int = 4, cache_sec
             logging.getLogger(__name__).warning("files on %s still open %.0f s after unmounting: closing the "
                                                 "connection under them", path, STOP_GRACE_SECONDS)
         operations.close_all()
-        client.close()
         os.close(fd)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         atexit.unregister(unmount)
 
 
