@@ -126,6 +126,17 @@ def tree(root: Path) -> dict[str, object]:
     return found
 
 
+RENAME_NOREPLACE = 1
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    """renameat2(2) through glibc (Python's os has no flags argument)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), flags):  # -100: AT_FDCWD
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(src))
+
+
 def posix_script(root: Path) -> list[object]:
     """A sequence of POSIX calls under `root`; returns what each observed (values or errnos)."""
     rng = random.Random(7)
@@ -170,6 +181,9 @@ def posix_script(root: Path) -> list[object]:
     attempt(os.rename, root / "a/other", root / "a/b2")  # EISDIR
     attempt(os.listdir, root / "a/other")           # ENOTDIR
     attempt(os.open, root / "a/other", os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # EEXIST
+    attempt(os.utime, root / "a/other")             # touch: accepted
+    attempt(os.chmod, root / "a/other", 0o644)      # accepted
+    attempt(renameat2, root / "a/link", root / "a/other", RENAME_NOREPLACE)  # EEXIST
     os.rmdir(root / "a/b2/c")
     seen.append(sorted(os.listdir(root / "a/b2")))
     return seen
