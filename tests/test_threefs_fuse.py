@@ -4,7 +4,7 @@ The mount is served by a subprocess (a process must not use its own mount); the 
 plain POSIX calls and polars. References: the same operations on a plain local directory (results,
 errnos and the final tree must agree), a bytearray for random-offset IO, the 3FS client's view of the
 same cluster before and after the mount. Skipped, with the reason, where FUSE cannot be mounted (not
-root, no /dev/fuse). The node table and the wire structs are tested without a mount.
+root, no /dev/fuse). The parts that need no mount: ``test_threefs_fuse_units.py``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from pathlib import Path
 import pytest
 
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster, ProcessCluster
-from storage.threefs.fuse import protocol
 from storage.threefs.fuse.mount import fuse_unavailable_reason
-from storage.threefs.fuse.nodes import NodeTable
 
 pytestmark = pytest.mark.timeout(90, method="thread")  # a hang (in a syscall) ends the run; the mounts go too
 
@@ -259,6 +257,25 @@ def test_concurrent_writers_and_readers_and_a_long_listing(mounted):
     assert sorted(os.listdir(directory)) == sorted(names)
 
 
+def test_the_package_s_mount_client_runs_over_the_mount(mounted):
+    """``connect("3fs:///mountpoint")`` (``MountClient``, written for hf3fs_fuse mounts) works on this one."""
+    from storage.threefs import connect
+
+    client = connect(f"3fs://{mounted}")
+    try:
+        client.makedirs("/via-mount-client")
+        with client.open("/via-mount-client/f.bin", "wb") as f:
+            f.write(b"m" * 300_000)
+        assert client.stat("/via-mount-client/f.bin").size == 300_000
+        assert client.listdir("/via-mount-client") == ["f.bin"]
+        with client.open("/via-mount-client/f.bin", "rb") as f:
+            assert f.pread(10, 299_995) == b"m" * 5
+        client.remove("/via-mount-client", recursive=True)
+        assert not (mounted / "via-mount-client").exists()
+    finally:
+        client.close()
+
+
 def test_polars_scan_parquet_reads_what_polars_wrote_through_the_mount(mounted):
     polars = pytest.importorskip("polars")
     frame = polars.DataFrame({"id": list(range(5000)), "name": [f"row-{i}" for i in range(5000)],
@@ -335,63 +352,3 @@ def test_mounting_on_a_non_empty_directory_fails_with_the_reason(tmp_path):
     assert result.returncode == 2
     assert "is not empty" in result.stderr
     assert not (tmp_path / "cluster").exists()  # refused before connecting
-
-
-# -- without a mount ---------------------------------------------------------------------------------------
-
-
-def test_the_node_table_follows_renames_and_forgets():
-    nodes = NodeTable()
-    nodes.remember(1, "a", 10)
-    nodes.remember(10, "f", 11)
-    assert nodes.path(11) == "/a/f"
-    nodes.moved(1, "a", 1, "b")  # a directory rename moves what is below it
-    assert nodes.path(11) == "/b/f" and nodes.child_path(10, "g") == "/b/g"
-    nodes.remember(10, "g", 12)
-    nodes.moved(10, "f", 10, "g")  # replaces g: its node is detached
-    assert nodes.path(11) == "/b/g"
-    with pytest.raises(OSError) as stale:
-        nodes.path(12)
-    assert stale.value.errno == errno.ESTALE
-    nodes.removed(10, "g")
-    with pytest.raises(OSError):
-        nodes.path(11)
-    nodes.remember(1, "b", 10)
-    nodes.forget(10, 1)
-    assert nodes.path(10) == "/b"  # still one reference left
-    nodes.forget(10, 1)
-    with pytest.raises(OSError):
-        nodes.path(10)
-    assert nodes.known() == 3  # the root and the two detached files the kernel still holds
-
-
-def test_dirents_are_8_byte_aligned_and_carry_the_type():
-    record = protocol.dirent(5, 3, "abc", 0o100644)
-    assert len(record) == 32 and len(record) % 8 == 0
-    ino, offset, namelen, kind = protocol.DIRENT.unpack_from(record)
-    assert (ino, offset, namelen, kind, record[24:27]) == (5, 3, 3, 8, b"abc")  # DT_REG
-    assert len(protocol.dirent(5, 3, "x" * 8, 0o40755)) == 32
-
-
-def test_mount_errors_name_their_cause(tmp_path, monkeypatch):
-    from storage.threefs.fuse import mount as mount_module
-
-    class RefusingLibc:  # mount(2) as an unprivileged process gets it
-        @staticmethod
-        def mount(*args):
-            ctypes.set_errno(errno.EPERM)
-            return -1
-
-    (tmp_path / "mp").mkdir()
-    monkeypatch.setattr(mount_module, "_libc", RefusingLibc)
-    with pytest.raises(mount_module.MountError, match="needs root") as refused:
-        mount_module.mount_fuse(tmp_path / "mp")
-    assert refused.value.errno in (errno.EPERM, errno.EACCES)  # EACCES: /dev/fuse itself (not root here)
-    monkeypatch.setattr(mount_module, "FUSE_DEVICE", str(tmp_path / "no-such-device"))
-    with pytest.raises(mount_module.MountError, match="no-such-device is missing"):
-        mount_module.mount_fuse(tmp_path / "mp")
-    with pytest.raises(mount_module.MountError, match="does not exist"):
-        mount_module.mount_fuse(tmp_path / "absent")
-    (tmp_path / "file").write_bytes(b"")
-    with pytest.raises(mount_module.MountError, match="not a directory"):
-        mount_module.mount_fuse(tmp_path / "file")
