@@ -48,9 +48,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from storage.threefs.cluster import ClusterShape, EmbeddedCluster  # noqa: E402
 from storage.threefs.cluster.processes import ProcessCluster  # noqa: E402
 from storage.threefs.client.usrbio import IoRing, IoVec, default_workers  # noqa: E402
+from storage.threefs.fuse.mount import fuse_unavailable_reason  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the sibling modules below
-from storage_backends import MIB, SMALL, Plain, ThreeFS, aligned_offsets, timed  # noqa: E402
+from storage_backends import MIB, SMALL, FuseMount, Plain, ThreeFS, aligned_offsets, timed  # noqa: E402
 from storage_report import (batched_table, data_table, goals_table, median_rows, metadata_table, summary_table,  # noqa: E402
                             versions)
 
@@ -86,7 +87,7 @@ def data_round(backend, args, rng: random.Random, round_index: int) -> dict[str,
         assert small[i * SMALL:(i + 1) * SMALL] == source[offset:offset + SMALL], f"{backend.name}: random read"
     record("rand read 4 KiB", seconds, len(small), args.requests)
 
-    if isinstance(backend, Plain):  # the same reads with the file's pages evicted first
+    if getattr(backend, "cold_reads", False):  # the same reads with the file's pages evicted first
         backend.drop_cache(path)
         seconds, _ = timed(lambda: backend.read_sequential(path, out, MIB))
         record("cold seq read 1 MiB", seconds, args.size, args.size // MIB)
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="rounds; every number is their median (default 5; quick 1)")
     parser.add_argument("--root", type=pathlib.Path, help="directory for all data (default: a temp dir)")
     parser.add_argument("--no-processes", action="store_true", help="skip the process cluster")
+    parser.add_argument("--no-fuse", action="store_true", help="skip the FUSE mount's data rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "storage.json")
     args = parser.parse_args()
@@ -206,7 +208,7 @@ def main() -> None:
         else:
             root = args.root.resolve()
             root.mkdir(parents=True, exist_ok=True)
-        for sub in ("embedded", "processes", "plain"):
+        for sub in ("embedded", "processes", "plain", "fuse-cluster", "fuse-mount"):
             if (root / sub).exists():
                 raise SystemExit(f"{root / sub} exists: give an empty --root (clusters start fresh)")
         console.print(f"[bold]storage.threefs benchmark[/] on {root} ({shutil.disk_usage(root).free / 2**30:.0f} "
@@ -220,13 +222,21 @@ def main() -> None:
             client = stack.enter_context(processes.client())
             backends.append(ThreeFS("processes", client,
                                     [os.getpid(), *(p.pid for p in processes.processes.values())]))
-        for backend in backends:  # connections, routing caches
+        mounted = []  # the FUSE mount: data rows only
+        if not args.no_fuse:
+            reason = fuse_unavailable_reason()
+            if reason is None:
+                stack.enter_context(FuseMount(root / "fuse-cluster", root / "fuse-mount"))
+                mounted.append(Plain(root / "fuse-mount", name="fuse"))
+            else:
+                console.print(f"FUSE mount rows skipped: {reason}")
+        for backend in backends + mounted:  # connections, routing caches
             backend.makedirs("/warmup")
             backend.listdir("/")
         rng = random.Random(args.seed)
 
-        steps = args.repeats * len(backends) * 3
-        data_rounds = {b.name: [] for b in backends}
+        steps = args.repeats * (len(backends) * 3 + len(mounted))
+        data_rounds = {b.name: [] for b in backends + mounted}
         batched_rounds = {b.name: [] for b in backends}
         meta_rounds = {b.name: [] for b in backends}
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -238,7 +248,7 @@ def main() -> None:
                 progress.update(task, description=text)
 
             for round_index in range(args.repeats):
-                for backend in backends:
+                for backend in backends + mounted:
                     step(f"round {round_index + 1}/{args.repeats}: data IO, {backend.name}")
                     data_rounds[backend.name].append(data_round(backend, args, rng, round_index))
                     progress.advance(task)
@@ -290,7 +300,7 @@ def main() -> None:
                    "cluster_shape": {"nodes": SHAPE.nodes, "targets_per_node": SHAPE.targets_per_node,
                                      "replicas": SHAPE.replicas, "chunk_size": SHAPE.chunk_size,
                                      "stripe": SHAPE.stripe},
-                   "processes": not args.no_processes},
+                   "processes": not args.no_processes, "fuse_mount": bool(mounted)},
         "notes": ["Every figure is the median over rounds; *_all_rounds lists each round.",
                   "3FS writes are acknowledged after all 3 replicas (CRAQ) committed: each replica writes the "
                   "changed 4 KiB blocks into the chunk's spare slot file (copy-on-write per block) and commits "

@@ -9,6 +9,8 @@ import os
 import pathlib
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,11 +55,11 @@ def aligned_offsets(rng: random.Random, count: int, file_size: int, size: int) -
 
 
 class Plain:
-    """Plain Python file IO: os.pwrite/os.preadv on files under `root` (fsync once at the end of writes)."""
+    """Plain Python file IO: os.pwrite/os.preadv on files under `root` (fsync once at the end of writes).
+    `name` "fuse": the same calls on a 3FS FUSE mount (``FuseMount``)."""
 
-    name = "plain"
-
-    def __init__(self, root: pathlib.Path) -> None:
+    def __init__(self, root: pathlib.Path, name: str = "plain") -> None:
+        self.name = name
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.mount = MountClient(root)  # the same File API as the 3FS client, for IoRing
@@ -102,6 +104,11 @@ class Plain:
         finally:
             os.close(fd)
 
+    @property
+    def cold_reads(self) -> bool:
+        """Whether the benchmark also reads with the page cache dropped (plain files only)."""
+        return self.name == "plain"
+
     def drop_cache(self, path: str) -> None:
         """Asks the kernel to evict the (clean, fsynced) file from the page cache."""
         fd = os.open(self._path(path), os.O_RDONLY)
@@ -136,6 +143,37 @@ class Plain:
     def remove_all(self, paths: list[str]) -> None:
         for path in paths:
             os.unlink(self._path(path))
+
+
+class FuseMount:
+    """``python -m storage.threefs mount 3fs+embedded://CLUSTER MOUNTPOINT`` in a child process (a cluster of
+    its own: an embedded cluster's directory is locked by the process that opened it); unmounted on exit."""
+
+    def __init__(self, cluster: pathlib.Path, mountpoint: pathlib.Path) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.mountpoint = mountpoint
+        self.process = subprocess.Popen([sys.executable, "-m", "storage.threefs", "mount", f"3fs+embedded://{cluster}",
+                                         str(mountpoint)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the FUSE mount at {mountpoint} did not come up: {self.process.stderr.read()!r}")
+            time.sleep(0.05)
+
+    def __enter__(self) -> FuseMount:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: the mount unmounts itself
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["umount", "-l", str(self.mountpoint)], check=False)
 
 
 class ThreeFS:
