@@ -52,6 +52,9 @@ MGMTD_METHODS = {"routing", "heartbeat", "register_node", "mark_offline", "sync_
                  "create_chains"}
 
 
+STORAGE_VIEW_METHODS = frozenset({"write", "update", "full_chunk_replace"})  # payloads straight from the request buffer
+
+
 def address_file(root: Path, name: str) -> Path:
     return root / "addresses" / f"{name}.addr"
 
@@ -247,7 +250,9 @@ def serve(root: Path, role: str, node: int | None = None, name: str | None = Non
         name, allowed = f"storage-{node}", None
     else:
         raise ValueError(f"--role: expected mgmtd, meta or storage, got {role!r}")
-    server = RpcServer(obj, allowed=allowed, codec=threefs_codec(), secret=load_or_create_secret(root)).serve_in_thread()
+    views = STORAGE_VIEW_METHODS if role == "storage" else frozenset()
+    server = RpcServer(obj, allowed=allowed, codec=threefs_codec(), secret=load_or_create_secret(root),
+                       view_methods=views).serve_in_thread()
     if role == "mgmtd":
         threads = [_lead(root, shape, timings, obj, server.address)]
     if role == "storage":

@@ -131,16 +131,27 @@ class Codec:
         """``decode`` of a frame body received in two pieces: ``head`` (the prefix and the whole header)
         and ``segments`` (the segment area). segment_views: bytes values come back as read-only
         memoryviews of ``segments`` (no copy) instead of bytes."""
+        area = memoryview(segments).cast("B")
+        return self.build(self.parse_head(head), area.toreadonly() if segment_views else area, views=segment_views)
+
+    def parse_head(self, head: bytes | bytearray | memoryview) -> Any:
+        """The JSON tree of a frame's ``head`` (prefix and whole header), checked against the prefix, not
+        yet validated as a value: ``build`` does that (a reader may look at the tree first, e.g. a
+        request's method name, to choose how to build it)."""
         head = memoryview(head).cast("B")
         header_length = self.header_length(head)
         if header_length != len(head) - _PREFIX.size:
             raise WireFormatError(f"header length {header_length} does not match the {len(head)}-byte head")
         try:
-            tree = json.loads(bytes(head[_PREFIX.size:]).decode("utf-8"))
+            return json.loads(bytes(head[_PREFIX.size:]).decode("utf-8"))
         except (ValueError, RecursionError) as exc:
             raise WireFormatError(f"header is not valid JSON: {exc}") from exc
-        area = memoryview(segments).cast("B")
-        return _Decoder(self._by_name, area.toreadonly() if segment_views else area, segment_views).value(tree, 0)
+
+    def build(self, tree: Any, segments: bytes | bytearray | memoryview, *, views: bool = False) -> Any:
+        """The value of a parsed header ``tree`` (``parse_head``) over the segment area ``segments``, every
+        node checked. views: bytes values are memoryviews of ``segments`` as given (writable if it is:
+        pass ``toreadonly()`` for read-only ones) instead of bytes copies."""
+        return _Decoder(self._by_name, memoryview(segments).cast("B"), views).value(tree, 0)
 
 
 PREFIX_SIZE = _PREFIX.size

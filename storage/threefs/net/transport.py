@@ -15,12 +15,15 @@ concurrently, and a connection never interleaves two calls). Exceptions raised b
 travel back and are re-raised in the caller with their own type if the codec knows it (a note names the
 server and method), else as a ``RuntimeError`` naming the type.
 
-Data path: a frame's parts go out in one ``sendmsg`` (large bytes values are never concatenated;
-``framing.py``); ``call_into(destination, ...)`` receives a reply's raw bytes (the codec's segment area)
-with ``recv_into`` straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can revoke it
-(a hedged read that another replica answered first; ``reply_buffer.py``). Several requests per server
-are in flight as one connection per calling thread (an IoRing's workers each hold one); a connection
-carries one request at a time.
+Data path: a server connection receives each request's segment area into one buffer it reuses from
+request to request (``RequestBuffer``, ``request_buffer.py``: no zeroed allocation per request; reused only once no view of it
+survives); the ``view_methods`` it serves get their bytes arguments as views of it (a storage server's
+write payloads go to ``pwrite`` and to the successor without a copy). A frame's parts go out in one
+``sendmsg`` (large bytes values are never concatenated; ``framing.py``);
+``call_into(destination, ...)`` receives a reply's raw bytes (the codec's segment area) with ``recv_into``
+straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can revoke it (a hedged read that
+another replica answered first; ``reply_buffer.py``). Several requests per server are in flight as one connection per calling
+thread (an IoRing's workers each hold one); a connection carries one request at a time.
 
 Failure rules:
   * A refused, reset, closed or timed-out connection raises ``errors.NodeUnavailable`` naming the address;
@@ -53,11 +56,12 @@ from typing import Any
 
 from storage.threefs.net.auth import (DEFAULT_TIMEOUT, AuthenticationError, PeerUnresponsive, client_handshake,
                                       server_handshake)
-from storage.threefs.net.codec import Codec, WireFormatError
-from storage.threefs.net.framing import recv_frame as _recv_frame, send_frame as _send_frame
+from storage.threefs.net.codec import PREFIX_SIZE, Codec, WireFormatError
+from storage.threefs.net.framing import HEADER as _HEADER, MAX_FRAME as _MAX_FRAME, recv_exact as _recv_exact
+from storage.threefs.net.framing import recv_frame as _recv_frame, recv_into as _recv_into, send_frame as _send_frame
+from storage.threefs.net.request_buffer import RequestBuffer
 from storage.threefs.net.reply_buffer import ReplyBuffer, receive_reply_into  # ReplyBuffer: re-exported
 from storage.threefs.errors import NodeUnavailable
-
 
 
 def _check_secret(secret: bytes) -> bytes:
@@ -73,11 +77,17 @@ class RpcServer:
     may travel. secret: the cluster's secret; a client must prove it holds it within
     ``handshake_timeout`` seconds of connecting. Start with ``serve_in_thread()``; ``shutdown()`` closes
     the listener and every open connection, so clients see ``NodeUnavailable`` as if the process had died.
+    view_methods: methods whose bytes arguments arrive as writable memoryviews of the connection's
+    request buffer (no copy; a write's payload goes straight to ``pwrite``), valid during the call: the
+    method only reads them (a view it keeps past the call is safe, it merely stops the buffer's reuse:
+    ``RequestBuffer``). Every other method gets bytes.
     """
 
     def __init__(self, obj: Any, host: str = "127.0.0.1", port: int = 0, allowed: set[str] | None = None, *,
-                 codec: Codec, secret: bytes, handshake_timeout: float = DEFAULT_TIMEOUT):
+                 codec: Codec, secret: bytes, handshake_timeout: float = DEFAULT_TIMEOUT,
+                 view_methods: set[str] | frozenset[str] = frozenset()):
         self._codec, self._cluster_secret, self._handshake_timeout = codec, _check_secret(secret), handshake_timeout
+        self._view_methods = frozenset(view_methods)
         if allowed is not None:
             bad = sorted(name for name in allowed if name.startswith("_") or not callable(getattr(obj, name, None)))
             if bad:
@@ -163,16 +173,9 @@ class RpcServer:
             except AuthenticationError as exc:
                 self._refuse(peer, f"failed the handshake: {exc}")
                 return
-            while True:
-                try:
-                    request = _recv_frame(conn)
-                    if request is None:
-                        return
-                    method, args, kwargs = self._decode_request(request)
-                except WireFormatError as exc:
-                    self._refuse(peer, f"sent a malformed request: {exc}")
-                    return
-                _send_frame(conn, self._encode_reply(self._dispatch(method, args, kwargs)))
+            requests = RequestBuffer()
+            while self._answer_one(conn, peer, requests):
+                pass  # each request's values die with _answer_one's frame: the buffer is free for the next
         except OSError:
             return  # client went away or shutdown closed the socket
         finally:
@@ -185,8 +188,39 @@ class RpcServer:
             logging.getLogger(__name__).warning("RPC server %s: closing the connection from %s, which %s",
                                                 self.address, peer, why)
 
+    def _answer_one(self, conn: socket.socket, peer: str, requests: RequestBuffer) -> bool:
+        """Receives one request, runs it and sends the reply; False when the peer closed the connection
+        between frames or sent a malformed frame (refused)."""
+        try:
+            head = bytearray(_HEADER.size + PREFIX_SIZE)
+            if not _recv_into(conn, memoryview(head), frame_start=True):
+                return False
+            (length,) = _HEADER.unpack_from(head)
+            if length > _MAX_FRAME:
+                raise WireFormatError(f"frame length {length} exceeds {_MAX_FRAME}: not this protocol")
+            if length < PREFIX_SIZE:
+                raise WireFormatError(f"frame of {length} bytes is shorter than its {PREFIX_SIZE}-byte prefix")
+            header_length = self._codec.header_length(memoryview(head)[_HEADER.size:])
+            if PREFIX_SIZE + header_length > length:
+                raise WireFormatError(f"frame of {length} bytes cannot hold a {header_length}-byte header")
+            head += _recv_exact(conn, header_length)
+            tree = self._codec.parse_head(memoryview(head)[_HEADER.size:])
+            views = type(tree) is list and len(tree) > 1 and type(tree[1]) is str and tree[1] in self._view_methods
+            segments = requests.receive(conn, length - PREFIX_SIZE - header_length)
+            method, args, kwargs = self._check_request(self._codec.build(
+                tree, segments if views else segments.toreadonly(), views=views))
+            del segments
+        except WireFormatError as exc:
+            self._refuse(peer, f"sent a malformed request: {exc}")
+            return False
+        _send_frame(conn, self._encode_reply(self._dispatch(method, args, kwargs)))
+        return True
+
     def _decode_request(self, frame: bytearray) -> tuple[str, tuple, dict]:
-        request = self._codec.decode(frame)
+        return self._check_request(self._codec.decode(frame))
+
+    @staticmethod
+    def _check_request(request: Any) -> tuple[str, tuple, dict]:
         if not (type(request) is tuple and len(request) == 3 and type(request[0]) is str
                 and type(request[1]) is tuple and type(request[2]) is dict
                 and all(type(key) is str for key in request[2])):
