@@ -216,9 +216,6 @@ class RpcServer:
         _send_frame(conn, self._encode_reply(self._dispatch(method, args, kwargs)))
         return True
 
-    def _decode_request(self, frame: bytearray) -> tuple[str, tuple, dict]:
-        return self._check_request(self._codec.decode(frame))
-
     @staticmethod
     def _check_request(request: Any) -> tuple[str, tuple, dict]:
         if not (type(request) is tuple and len(request) == 3 and type(request[0]) is str
@@ -311,41 +308,33 @@ class RpcClient(RemoteMethods):
 
     def call(self, method: str, *args, **kwargs) -> Any:
         """Calls ``method`` remotely and returns its result, or re-raises its exception."""
-        if self._closed:
-            raise ValueError(f"RpcClient for {self._address} is closed")
-        request = self._codec.encode((method, args, kwargs))  # WireFormatError here: nothing was sent
-        connection = self._connection(method)
-        try:
-            _send_frame(connection.sock, request)
-            reply = _recv_frame(connection.sock)
+        def receive(sock: socket.socket) -> tuple[str, Any]:
+            reply = _recv_frame(sock)
             if reply is None:
                 raise ConnectionResetError("server closed the connection before replying")
-            status, value = self._decode_reply(reply)
-        except OSError as exc:  # includes socket.timeout
-            self._drop(connection)
-            raise NodeUnavailable(f"{self._address}: call {method!r} failed: {exc!r}") from exc
-        except WireFormatError as exc:
-            self._drop(connection)
-            raise WireFormatError(f"{self._address}: malformed reply to {method!r}: {exc}") from exc
-        if status == "ok":
-            return value
-        value.add_note(f"raised by {method!r} on the server at {self._address}")
-        raise value
+            return self._decode_reply(reply)
+
+        return self._exchange(method, args, kwargs, receive)
 
     def call_into(self, destination: ReplyBuffer | Any, method: str, *args, **kwargs) -> Any:
         """``call``, receiving the reply's raw bytes straight into `destination` (a ``ReplyBuffer`` or a
         writable buffer): no intermediate copy. The bytes values of the returned value are read-only
         memoryviews, of the destination's first bytes (in order) when the reply's segment area fits
         there (``ReplyBuffer.landed`` says how many), else of a buffer of their own."""
+        destination = destination if isinstance(destination, ReplyBuffer) else ReplyBuffer(destination)
+        return self._exchange(method, args, kwargs,
+                              lambda sock: self._check_reply(receive_reply_into(sock, self._codec, destination)))
+
+    def _exchange(self, method: str, args: tuple, kwargs: dict, receive: Any) -> Any:
+        """Sends one request on this thread's connection and takes its reply with `receive(sock)` ->
+        (status, value); transport failures become NodeUnavailable (the connection is dropped)."""
         if self._closed:
             raise ValueError(f"RpcClient for {self._address} is closed")
-        destination = destination if isinstance(destination, ReplyBuffer) else ReplyBuffer(destination)
-        request = self._codec.encode((method, args, kwargs))
+        request = self._codec.encode((method, args, kwargs))  # WireFormatError here: nothing was sent
         connection = self._connection(method)
-        sock = connection.sock
         try:
-            _send_frame(sock, request)
-            status, value = self._check_reply(receive_reply_into(sock, self._codec, destination))
+            _send_frame(connection.sock, request)
+            status, value = receive(connection.sock)
         except OSError as exc:  # includes socket.timeout
             self._drop(connection)
             raise NodeUnavailable(f"{self._address}: call {method!r} failed: {exc!r}") from exc
