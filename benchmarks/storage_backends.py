@@ -153,7 +153,8 @@ class FuseMount:
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.mountpoint = mountpoint
         self.process = subprocess.Popen([sys.executable, "-m", "storage.threefs", "mount", f"3fs+embedded://{cluster}",
-                                         str(mountpoint)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                         str(mountpoint), "--exit-with-parent"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while not os.path.ismount(mountpoint):
             if self.process.poll() is not None or time.monotonic() > deadline:

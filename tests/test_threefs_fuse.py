@@ -38,11 +38,6 @@ def fuse_usable():
         pytest.skip(f"FUSE cannot be mounted here: {reason}")
 
 
-def _die_with_parent() -> None:
-    """In the mount's child process: SIGTERM it (so it unmounts) if the test process dies first."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Mount:
     """``python -m storage.threefs mount`` in a subprocess, until ``stop``."""
 
@@ -50,8 +45,9 @@ class Mount:
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.path = mountpoint
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "storage.threefs", "mount", f"{scheme}://{cluster}", str(mountpoint)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+            [sys.executable, "-m", "storage.threefs", "mount", f"{scheme}://{cluster}", str(mountpoint),
+             "--exit-with-parent"],  # unmounts if the test process dies first
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not os.path.ismount(mountpoint):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -304,6 +300,30 @@ def test_the_client_sees_what_the_mount_wrote_and_the_mount_goes_with_its_proces
     assert client_view(cluster) == {"/in/from-client.bin": b"client bytes" * 1000,
                                     "/out/from-mount.bin": b"mount bytes" * 30_000,
                                     "/in/renamed.bin": b"renamed"}
+
+
+def test_a_mount_started_with_exit_with_parent_unmounts_when_its_parent_is_killed(fuse_usable, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    launcher = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', 'storage.threefs', 'mount', "
+                f"'3fs+embedded://{tmp_path / 'cluster'}', '{mountpoint}', '--exit-with-parent']); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            assert time.monotonic() < deadline, "the mount did not come up"
+            time.sleep(0.05)
+        parent.kill()  # SIGKILL: the launcher cannot clean up; the kernel tells the mount
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while os.path.ismount(mountpoint):
+            assert time.monotonic() < deadline, "the mount outlived its parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if os.path.ismount(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_a_tcp_cluster_mount_and_a_client_see_each_other_at_close_fsync_and_open(fuse_usable, tmp_path):

@@ -30,11 +30,13 @@ def main(argv: list[str] | None = None) -> None:
                               help="how long the kernel may cache names and attributes (default 0: always ask)")
     mount_parser.add_argument("--read-ahead-kb", type=int, default=1024,
                               help="the kernel's read-ahead on the mount (default 1024; the kernel's own is 128)")
+    mount_parser.add_argument("--exit-with-parent", action="store_true",
+                              help="unmount and exit when the process that started this one dies")
     args = parser.parse_args(argv)
     if args.command == "mount":
         from storage.threefs.fuse.mount import main as mount_main
         raise SystemExit(mount_main(args.url, args.mountpoint, args.threads, args.cache_seconds,
-                                    args.read_ahead_kb))
+                                    args.read_ahead_kb, args.exit_with_parent))
     serve(args.root, args.role, args.node, args.name)
 
 

@@ -184,9 +184,22 @@ def _cluster_dir(url: str) -> str | None:
     return path if path != "/" and os.path.isdir(path) else None
 
 
-def main(url: str, mountpoint: str, threads: int, cache_seconds: float, read_ahead_kb: int) -> int:
-    """The ``mount`` sub-command: 0 after a clean unmount, 2 (with the reason on stderr) if mounting failed."""
+def exit_with_parent() -> None:
+    """Asks the kernel to SIGTERM this process when its parent dies (Linux PR_SET_PDEATHSIG; the handler
+    then unmounts). Set here, after exec, rather than in a fork hook of a multithreaded parent."""
+    parent = os.getppid()
+    _libc().prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(url: str, mountpoint: str, threads: int, cache_seconds: float, read_ahead_kb: int,
+         with_parent: bool = False) -> int:
+    """The ``mount`` sub-command: 0 after a clean unmount, 2 (with the reason on stderr) if mounting failed.
+    `with_parent`: unmount and exit when the parent process dies (``exit_with_parent``)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if with_parent:
+        exit_with_parent()
     try:
         serve_mount(url, mountpoint, threads=threads, cache_seconds=cache_seconds, read_ahead_kb=read_ahead_kb)
     except (MountError, ValueError) as error:
