@@ -77,7 +77,7 @@ class ChunkDiverged(RuntimeError):
     """
 
     def __init__(self, message: str, committed_version: int = 0) -> None:
-        super().__init__(message, committed_version)  # both in args: the error survives a pickle round trip
+        super().__init__(message, committed_version)  # both in args: the codec rebuilds it as cls(*args)
         self.committed_version = committed_version
 
     def __str__(self) -> str:

@@ -55,7 +55,7 @@ class ChunkMeta(NamedTuple):
     pending_version: 0 when no write is pending, else committed_version + 1 (or the version a
       full-chunk replace will install).
     chain_version: the chain version stored with the committed version.
-    length, checksum: byte length and zlib.crc32 of the committed content.
+    length, checksum: byte length and version checksum (CRC32C of the block table) of the committed content.
     """
 
     chunk_id: ChunkId
