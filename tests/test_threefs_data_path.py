@@ -243,6 +243,35 @@ def test_read_many_equals_reads_one_by_one(cluster, client, secret, over_rpc):  
     assert isinstance(results[-1], TargetNotServing)
 
 
+def test_a_read_over_many_chunks_costs_one_rpc_per_node_and_falls_back_chunk_by_chunk(cluster, rpc_client,
+                                                                                      monkeypatch):  # noqa: F811
+    data = write_reference(rpc_client, "/wide", 11 * CHUNK + 123, seed=3)
+    calls = {"read_many": 0, "single": 0}
+    read_many, read = StorageService.read_many, StorageService.read
+
+    def counting_read_many(self, reads):
+        calls["read_many"] += 1
+        return read_many(self, reads)
+
+    def counting_read(self, *args):
+        calls["single"] += 1
+        return read(self, *args)
+
+    monkeypatch.setattr(StorageService, "read_many", counting_read_many)
+    monkeypatch.setattr(StorageService, "read", counting_read)
+    with rpc_client.open("/wide", "rb") as f:
+        assert f.pread(len(data), 0) == data
+        assert 1 <= calls["read_many"] <= len(cluster.services) and calls["single"] == 0
+        assert f.pread(5 * CHUNK, 3 * CHUNK + 7) == data[3 * CHUNK + 7:8 * CHUNK + 7]
+
+        def failing_read_many(self, reads):  # every batch fails: each chunk is read on its own
+            raise TargetNotServing("batches refused")
+
+        monkeypatch.setattr(StorageService, "read_many", failing_read_many)
+        calls["single"] = 0
+        assert f.pread(len(data), 0) == data and calls["single"] >= 12
+
+
 def test_an_ioring_has_about_as_many_workers_as_cores():
     assert 2 <= default_workers() <= 8
     with IoRing(4) as ring:

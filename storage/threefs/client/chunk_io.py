@@ -30,6 +30,7 @@ from storage.threefs.storage.chunk_store import ChunkId
 from storage.threefs.storage.crc32c import crc32c
 from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDiverged, NodeUnavailable,
                                     NotPrimary, TargetNotServing, timed_out)
+from storage.threefs.client.batched_reads import read_batched
 from storage.threefs.client.file_sync import sync_chains
 from storage.threefs.meta.layout import ChunkSpan, Layout
 from storage.threefs.mgmtd.routing import RoutingInfo
@@ -92,11 +93,14 @@ class ChunkIO:
       bulk_storage: like `storage`, for chunk removal (long deadlines); default `storage`.
       hedge_threads: threads for the reads in flight (hedges run there, never in `pool`, whose threads
         wait for them).
+      batch_reads: a read spanning several chunks asks each remote node once (``read_many``) before
+        reading what that missed one chunk at a time (``batched_reads.py``).
     """
 
     def __init__(self, routing: RoutingCache, storage: Callable[[int], Any], pool: ThreadPoolExecutor,
                  retry_timeout: float = 20.0, hedge_delay: float | None = 0.1,
-                 bulk_storage: Callable[[int], Any] | None = None, hedge_threads: int = 32) -> None:
+                 bulk_storage: Callable[[int], Any] | None = None, hedge_threads: int = 32,
+                 batch_reads: bool = True) -> None:
         if hedge_delay is not None and not hedge_delay > 0:
             raise ValueError(f"hedge_delay must be > 0 seconds or None, got {hedge_delay!r}")
         self._routing = routing
@@ -107,6 +111,7 @@ class ChunkIO:
         self._hedge_delay = hedge_delay
         self._hedges = ThreadPoolExecutor(hedge_threads, thread_name_prefix="3fs-read")
         self._rotation = itertools.count()
+        self._batch_reads = batch_reads
 
     def close(self) -> None:
         """Stops the read threads (reads still in flight end by their deadlines, unanswered)."""
@@ -246,7 +251,8 @@ class ChunkIO:
         """Fills `buffer` ([n] bytes) with the file's bytes [offset, offset + n), zeros where storage holds
         nothing. Returns whether some chunk came back short: a hole, or a file that shrank or was removed
         since the caller learnt its length (the caller tells them apart; see ``ThreeFSFile``). A read of
-        one chunk runs in the calling thread; several run in parallel on the IO threads."""
+        one chunk runs in the calling thread; several run in parallel on the IO threads, those that share
+        a remote storage node as one ``read_many`` (``batched_reads.py``)."""
         def one(span: ChunkSpan) -> bool:
             target = buffer[span.buffer_offset:span.buffer_offset + span.length]
             count = self.read_chunk_into(span.chain_id, ChunkId(inode_id, span.chunk_index), span.offset_in_chunk,
@@ -259,8 +265,12 @@ class ChunkIO:
         spans = layout.chunk_spans(offset, len(buffer))
         if len(spans) == 1:
             return one(spans[0])
+        short = False
+        if self._batch_reads:  # remote nodes: one read_many per node, the rest one by one
+            short, spans = read_batched(self._routing.get(), self._storage, self._pool, inode_id, spans, buffer,
+                                        self._rotation)
         futures = [self._pool.submit(one, span) for span in spans]
-        return any([future.result() for future in futures])
+        return any([future.result() for future in futures]) or short
 
     # ----------------------------------------------------------------------------- writes
 
