@@ -134,6 +134,27 @@ def test_a_standby_changes_nothing_while_the_leader_holds_its_lease(tmp_path):
         a.routing()
 
 
+def test_a_leader_that_wins_again_after_a_pause_serves_its_successor_s_state(tmp_path):
+    """a leads, is paused past its lease without noticing, b takes over and marks a target offline, b dies;
+    when a wins the lease again it must load b's state, not serve (and save) its own stale table."""
+    from storage.threefs.mgmtd.election import LeaderElection
+
+    path = str(tmp_path / "kv.sqlite")
+    wall_a, wall_b = FakeClock(), FakeClock()
+    a = Manager(SqliteKV(path), clock=FakeClock(), election=LeaderElection(SqliteKV(path), "a", 5.0, wall_a))
+    b = Manager(SqliteKV(path), clock=FakeClock(), election=LeaderElection(SqliteKV(path), "b", 5.0, wall_b))
+    assert a.campaign("127.0.0.1:1")
+    a.create_chains({1: [11], 2: [21], 3: [31]}, replicas=3)
+    version = a.routing().chain_table.version
+    wall_b.now = 5.5
+    assert b.campaign("127.0.0.1:2")  # a's lease lapsed while it was paused
+    b.mark_offline(21)
+    wall_a.now = wall_b.now = 11.0  # b died without resigning; its lease has lapsed too
+    assert a.campaign("127.0.0.1:1")
+    assert a.routing().target_states[21] is TargetState.OFFLINE
+    assert a.routing().chain_table.version > version
+
+
 def test_a_storage_routing_lease_runs_from_when_the_heartbeat_was_sent(tmp_path):
     """Storage serves on its last heartbeat's routing for T/2 counted from the send (never past the point
     mgmtd, counting T from the arrival, could declare it offline); routing from other calls is adopted

@@ -69,6 +69,10 @@ class Service:
     def add(self, a: int, b: int = 0) -> int:
         return a + b
 
+    def slow(self, seconds: float, value):
+        time.sleep(seconds)
+        return value
+
     def meta(self, inode: int) -> ChunkMeta:
         return ChunkMeta((inode, 3), version=7, checksum=0xDEADBEEF)
 
@@ -149,6 +153,29 @@ def test_unknown_private_and_disallowed_methods(served):
         serve(Service(), allowed={"echo", "nonexistent"})
     with pytest.raises(ValueError, match="host:port"):
         connect("localhost")
+
+
+def test_a_call_interrupted_mid_reply_leaves_no_reply_for_the_next_call(served):
+    """An exception that is not a transport error (here raised by a signal handler while the call waits)
+    drops the connection, so the abandoned call's late reply cannot answer the next call."""
+    import os
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_):
+        raise Interrupted
+
+    _, client = served
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(Interrupted):
+            client.slow(0.5, b"late")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert client.slow(0, b"next") == b"next"  # sent before the abandoned reply arrived
 
 
 def test_concurrent_calls_from_eight_threads(served):

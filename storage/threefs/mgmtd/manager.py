@@ -136,8 +136,9 @@ class Manager:
         if self._election is None:
             return True
         with self._lock:
+            unbroken = self._leading and self._election.holds()  # renewing a lease held without a break
             won = self._election.campaign(address)
-            if won and not self._leading:
+            if won and not unbroken:  # taking over: another leader may have changed the state meanwhile
                 self._load()
                 self._local = {}
                 self._leading = True
@@ -151,10 +152,6 @@ class Manager:
             with self._lock:
                 self._leading = False
                 self._election.resign()
-
-    def is_leader(self) -> bool:
-        with self._lock:
-            return self._election is None or self._leading and self._election.holds()
 
     def _require_leader(self) -> None:
         """Raises NotPrimary (naming the leader) unless this manager holds the lease now."""

@@ -341,6 +341,9 @@ class RpcClient(RemoteMethods):
         except WireFormatError as exc:
             self._drop(connection)
             raise WireFormatError(f"{self._address}: malformed reply to {method!r}: {exc}") from exc
+        except BaseException:  # interrupted mid-call (KeyboardInterrupt, ...): its reply must not answer the next
+            self._drop(connection)
+            raise
         if status == "ok":
             return value
         value.add_note(f"raised by {method!r} on the server at {self._address}")
