@@ -78,6 +78,40 @@ def test_writes_match_a_byte_model(tmp_path):
     store.close()
 
 
+def test_a_write_that_fails_half_way_never_leaks_into_the_next_version(tmp_path, monkeypatch):
+    """A write that failed after touching the spare slot (a full disk) leaves its bytes there; the next
+    write must not build on them, and a missing committed slot file reads as damage (ChecksumError, which
+    the service repairs), not as a bare FileNotFoundError."""
+    from storage.threefs.storage import chunk_store as chunk_store_module
+
+    store = ChunkStore(tmp_path / "t", fsync=False)
+    cid = ChunkId(4, 0)
+    model = random.Random(1).randbytes(6 * BLOCK_SIZE)
+    store.commit(cid, store.apply_write(cid, 0, model, chain_version=1))
+    store.commit(cid, store.apply_write(cid, 0, b"a" * BLOCK_SIZE, chain_version=1))  # the spare now lags by block 0
+    model = b"a" * BLOCK_SIZE + model[BLOCK_SIZE:]
+    build = chunk_store_module.build_version
+
+    def disk_full_after_writing(*args, **kwargs):
+        build(*args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chunk_store_module, "build_version", disk_full_after_writing)
+    with pytest.raises(OSError, match="No space"):
+        store.apply_write(cid, 3 * BLOCK_SIZE, b"x" * BLOCK_SIZE, chain_version=1)
+    monkeypatch.setattr(chunk_store_module, "build_version", build)
+    store.commit(cid, store.apply_write(cid, 5 * BLOCK_SIZE, b"z" * 10, chain_version=1))
+    model = model[:5 * BLOCK_SIZE] + b"z" * 10 + model[5 * BLOCK_SIZE + 10:]
+    assert store.read(cid, 0, 1 << 20) == model
+    store.close()
+    store = ChunkStore(tmp_path / "t", fsync=False)  # no descriptor of the slot files cached
+    for path in (tmp_path / "t" / "chunks").glob(f"{cid.hex()}*"):
+        path.unlink()
+    with pytest.raises(ChecksumError, match="missing"):
+        store.apply_write(cid, 0, b"q", chain_version=1)
+    store.close()
+
+
 def test_a_whole_chunk_overwrite_reads_nothing_old(tmp_path):
     store = ChunkStore(tmp_path / "t", fsync=False)
     cid = ChunkId(2, 0)

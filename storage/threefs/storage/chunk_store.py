@@ -334,6 +334,12 @@ class ChunkStore:
             with self._fds.use(self._slot_path(chunk_id, slot), create=True) as fd:
                 pending = build_version(fd, self._fds, base, base_path, stale, offset, data, full_replace,
                                         new_version, slot, chain_version, data_crc, where)
+        except FileNotFoundError as exc:  # the committed slot file is gone: a damaged copy, as reads say
+            self._forget_spare(chunk_id)
+            raise ChecksumError(f"{where}: its slot file is missing ({exc})") from exc
+        except BaseException:
+            self._forget_spare(chunk_id)
+            raise
         finally:
             with self._lock:
                 self._writing.discard(chunk_id)
@@ -346,6 +352,14 @@ class ChunkStore:
             chunk.pending = pending
             self._durability.wrote(self._slot_path(chunk_id, slot))
         return new_version
+
+    def _forget_spare(self, chunk_id: ChunkId) -> None:
+        """After a write into the spare slot failed part-way: its content is unknown, so the next write
+        copies every committed block into it (never builds on the failed write's bytes)."""
+        with self._lock:
+            chunk = self._chunks.get(chunk_id)
+            if chunk is not None:
+                chunk.stale = None
 
     def commit(self, chunk_id: ChunkId, version: int, chain_version: int | None = None) -> None:
         """Makes pending `version` the committed one (storing `chain_version`, by default the one given to
@@ -404,6 +418,9 @@ class ChunkStore:
         try:
             with self._fds.use(self._slot_path(chunk_id, slot), create=True) as fd:
                 new = install_content(fd, content, committed_version, slot, chain_version)
+        except BaseException:
+            self._forget_spare(chunk_id)
+            raise
         finally:
             with self._lock:
                 self._writing.discard(chunk_id)

@@ -48,10 +48,22 @@ def _copy(src: int, dst: int, begin: int, end: int) -> None:
         try:
             copied = os.copy_file_range(src, dst, end - pos, pos, pos)
         except OSError:  # not supported here: through user space
-            copied = os.pwrite(dst, os.pread(src, end - pos, pos), pos)
+            piece = os.pread(src, end - pos, pos)
+            _pwrite_all(dst, piece, pos)
+            copied = len(piece)
         if copied <= 0:
             raise OSError(f"copying bytes [{pos}, {end}) between chunk slot files stopped short")
         pos += copied
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Writes all of `data` at `offset` (a short write, say a full disk, is retried, then an OSError)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"writing {len(view)} bytes at {offset} of a chunk slot file stopped short")
+        view, offset = view[written:], offset + written
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
@@ -102,7 +114,7 @@ def build_version(fd: int, fds: FdCache, base: Version | None, base_path: str | 
                 for begin, end in runs:
                     _copy(base_fd, fd, begin * BLOCK_SIZE, min(end * BLOCK_SIZE, old_length))
     if region_end > region_begin:
-        os.pwrite(fd, content, region_begin)
+        _pwrite_all(fd, content, region_begin)
     if os.fstat(fd).st_size != length:
         os.ftruncate(fd, length)
 
@@ -122,7 +134,7 @@ def build_version(fd: int, fds: FdCache, base: Version | None, base_path: str | 
 def install_content(fd: int, content: bytes | bytearray | memoryview, version: int, slot: int,
                     chain_version: int) -> Version:
     """Writes the whole `content` of committed `version` into slot file `fd`; returns its Version."""
-    os.pwrite(fd, content, 0)
+    _pwrite_all(fd, content, 0)
     if os.fstat(fd).st_size != len(content):
         os.ftruncate(fd, len(content))
     table = block_checksums(content)
