@@ -116,6 +116,25 @@ def test_writers_report_their_length_while_they_write(cluster):
     writer.close(), reader.close()
 
 
+def test_one_file_s_failing_report_does_not_stop_the_others_or_the_renewals(cluster):
+    writer, reader = cluster.client(), cluster.client()
+    broken, kept = writer.open("/broken", "wb"), writer.open("/kept", "wb")
+
+    def fails():
+        raise ValueError("this report fails")
+
+    broken.report_length = fails  # whatever one file raises (a removed inode, a bug), the loop goes on
+    broken.write(b"b" * 10)
+    kept.write(b"k" * 7000)
+    wait_for(lambda: reader.stat("/kept").size == 7000, 3, "the other file's periodic report")
+    time.sleep(0.5)  # two more rounds: the renewal thread is still alive
+    kept.write(b"k" * 1000)
+    wait_for(lambda: reader.stat("/kept").size == 8000, 3, "a report after the failing ones")
+    del broken.report_length
+    broken.close(), kept.close()
+    writer.close(), reader.close()
+
+
 def test_a_storage_length_never_resurrects_bytes_a_wb_reopen_removed(quiet_cluster):
     cluster = quiet_cluster
     writer = cluster.client(session_renew_interval=None)

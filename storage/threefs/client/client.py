@@ -123,13 +123,19 @@ class Client:
         while not self._stopping.wait(interval):
             with self._lock:
                 writing = [f for f in self._open_files if f.writable()]
-            if writing:
+            if not writing:
+                continue
+            log = logging.getLogger(__name__)
+            try:
+                self.meta.renew_sessions(self.client_id)
+            except Exception as error:  # noqa: BLE001 - a meta server that is down: retried next interval
+                log.warning("3FS session renewal failed: %s", error)
+                continue
+            for file in writing:  # one file's failed report (removed meanwhile, ...) does not stop the others
                 try:
-                    self.meta.renew_sessions(self.client_id)
-                    for file in writing:
-                        file.report_length()
-                except (OSError, RuntimeError) as error:  # a meta server that is down: retried next interval
-                    logging.getLogger(__name__).warning("3FS session renewal failed: %s", error)
+                    file.report_length()
+                except Exception as error:  # noqa: BLE001 - reported again next interval, and on close
+                    log.warning("3FS length report of %s failed: %s", file.path, error)
 
     def forget(self, file: ThreeFSFile) -> None:
         """Called by a file as it closes."""

@@ -28,6 +28,7 @@ handle opened before the removal until garbage collection deletes its chunks (3F
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,7 @@ class ThreeFSFile(StreamFile):
         self._reported_end = 0  # what the last periodic report sent
         self._unsynced = False  # written (or cut) since the last storage sync
         self._truncations = inode.truncations  # the file's truncation count this handle knows
+        self._ends_lock = threading.Lock()  # _length, _written_end, _reported_end, _truncations change together
         self._position = inode.length if open_mode.append else 0
         self.closed = False
 
@@ -125,9 +127,16 @@ class ThreeFSFile(StreamFile):
         if len(view):
             self._unsynced = True  # before the write: a failed write may have reached some replicas
             self._chunk_io.write(self._layout, self._inode_id, offset, view)
-            self._written_end = max(self._written_end, offset + len(view))
-            self._length = max(self._length, offset + len(view))
+            with self._ends_lock:  # IoRing workers write one file from several threads
+                self._written_end = max(self._written_end, offset + len(view))
+                self._length = max(self._length, offset + len(view))
         return len(view)
+
+    def _report(self) -> tuple[int, int]:
+        """(this handle's write end, the truncation count it was written under), read together: a report
+        never pairs an end from before a truncate with the count from after it."""
+        with self._ends_lock:
+            return self._written_end, self._truncations
 
     def _end(self) -> int:
         """The file's current length (metadata's, which other writers' fsyncs update, or this handle's)."""
@@ -143,9 +152,12 @@ class ThreeFSFile(StreamFile):
         if size < old:
             self._unsynced = True
             self._chunk_io.cut(self._layout, self._inode_id, size, old)
-        self._truncations = self._on_inode("truncate_inode", size).truncations
-        self._length = size
-        self._written_end = min(self._written_end, size)
+        truncations = self._on_inode("truncate_inode", size).truncations
+        with self._ends_lock:
+            self._truncations = truncations
+            self._length = size
+            self._written_end = min(self._written_end, size)
+            self._reported_end = min(self._reported_end, size)
         return size
 
     def fsync(self) -> None:
@@ -154,7 +166,7 @@ class ThreeFSFile(StreamFile):
         written through this handle)."""
         self._check_io(writing=True)
         self._sync_storage()
-        self._on_inode("sync", self._written_end, self._truncations)
+        self._on_inode("sync", *self._report())
 
     def _sync_storage(self) -> None:
         """``ChunkIO.sync_file`` of this file; a failure leaves the handle unsynced (close tries again)."""
@@ -172,9 +184,9 @@ class ThreeFSFile(StreamFile):
     def report_length(self) -> None:
         """Reports this handle's write end if it grew since the last report (the client's lease thread
         calls this periodically, so a length is known before close)."""
-        end = self._written_end
+        end, truncations = self._report()
         if not self.closed and self._session_id is not None and end > self._reported_end:
-            self._meta.sync(self._inode_id, end, self._truncations)
+            self._meta.sync(self._inode_id, end, truncations)
             self._reported_end = end
 
     def close(self) -> None:
@@ -200,9 +212,9 @@ class ThreeFSFile(StreamFile):
     def _end_session(self) -> None:
         if self._session_id is not None:
             try:
-                self._meta.close(self._inode_id, self._session_id, self._written_end, self._truncations)
+                self._meta.close(self._inode_id, self._session_id, *self._report())
             except (ValueError, FileNotFoundError):  # the session's lease ran out (this client was paused)
                 try:
-                    self._meta.sync(self._inode_id, self._written_end, self._truncations)  # the length still counts
+                    self._meta.sync(self._inode_id, *self._report())  # the length still counts
                 except FileNotFoundError:
                     pass  # removed meanwhile, and collected once the lease ended
