@@ -39,13 +39,14 @@ def read_batched(routing: RoutingInfo, storage: Callable[[int], Any], pool: Thre
     """Reads `spans` of file `inode_id` into `buffer` with one ``read_many`` per node. Returns (whether some
     chunk came back short, the spans not read: the caller reads those one by one). Reads nothing, and
     returns every span, when no two spans share a node or a node's service is in this process."""
+    try:
+        readable = routing.readable_targets(spans[0].chain_id)
+        if not readable or getattr(type(storage(routing.target_node[readable[0]])), "in_process", False):
+            return False, spans  # an in-process cluster (every node is): read_into is already zero-copy
+    except Exception:  # noqa: BLE001 - a node that cannot be reached: the per-chunk path retries it
+        return False, spans
     groups = group_by_node(routing, spans, pick)
     if groups is None or len(groups) == len(spans):
-        return False, spans
-    try:
-        if any(getattr(type(storage(node)), "in_process", False) for node in groups):
-            return False, spans
-    except Exception:  # noqa: BLE001 - a node that cannot be reached: the per-chunk path retries it
         return False, spans
 
     def batch(node: int, items: list[tuple]) -> tuple[bool, list[ChunkSpan]]:

@@ -93,14 +93,11 @@ class ChunkIO:
       bulk_storage: like `storage`, for chunk removal (long deadlines); default `storage`.
       hedge_threads: threads for the reads in flight (hedges run there, never in `pool`, whose threads
         wait for them).
-      batch_reads: a read spanning several chunks asks each remote node once (``read_many``) before
-        reading what that missed one chunk at a time (``batched_reads.py``).
     """
 
     def __init__(self, routing: RoutingCache, storage: Callable[[int], Any], pool: ThreadPoolExecutor,
                  retry_timeout: float = 20.0, hedge_delay: float | None = 0.1,
-                 bulk_storage: Callable[[int], Any] | None = None, hedge_threads: int = 32,
-                 batch_reads: bool = True) -> None:
+                 bulk_storage: Callable[[int], Any] | None = None, hedge_threads: int = 32) -> None:
         if hedge_delay is not None and not hedge_delay > 0:
             raise ValueError(f"hedge_delay must be > 0 seconds or None, got {hedge_delay!r}")
         self._routing = routing
@@ -110,12 +107,13 @@ class ChunkIO:
         self._retry_timeout = retry_timeout
         self._hedge_delay = hedge_delay
         self._hedges = ThreadPoolExecutor(hedge_threads, thread_name_prefix="3fs-read")
+        self._syncs = ThreadPoolExecutor(8, thread_name_prefix="3fs-sync")  # long waits, never the reads' threads
         self._rotation = itertools.count()
-        self._batch_reads = batch_reads
 
     def close(self) -> None:
         """Stops the read threads (reads still in flight end by their deadlines, unanswered)."""
         self._hedges.shutdown(wait=False, cancel_futures=True)
+        self._syncs.shutdown(wait=False, cancel_futures=True)
 
     def _retrying(self, what: str, attempt: Callable[[RoutingInfo], Any], timeout: float | None = None) -> Any:
         timeout = self._retry_timeout if timeout is None else timeout
@@ -265,10 +263,9 @@ class ChunkIO:
         spans = layout.chunk_spans(offset, len(buffer))
         if len(spans) == 1:
             return one(spans[0])
-        short = False
-        if self._batch_reads:  # remote nodes: one read_many per node, the rest one by one
-            short, spans = read_batched(self._routing.get(), self._storage, self._pool, inode_id, spans, buffer,
-                                        self._rotation)
+        # remote nodes: one read_many per node; what a batch missed, one chunk at a time
+        short, spans = read_batched(self._routing.get(), self._storage, self._pool, inode_id, spans, buffer,
+                                    self._rotation)
         futures = [self._pool.submit(one, span) for span in spans]
         return any([future.result() for future in futures]) or short
 
@@ -336,7 +333,7 @@ class ChunkIO:
         """Makes the file's acknowledged writes durable on every replica of its chains' write paths
         (``file_sync.sync_chains``: the nodes in parallel, with the bulk deadline; retried for `timeout`
         seconds, default the client's retry timeout, then ETIMEDOUT)."""
-        sync_chains(layout.chains, self._routing, self._bulk_storage, self._hedges,
+        sync_chains(layout.chains, self._routing, self._bulk_storage, self._syncs,
                     self._retry_timeout if timeout is None else timeout, RETRYABLE, f"file {inode_id}")
 
     # ----------------------------------------------------------------------------- lengths
