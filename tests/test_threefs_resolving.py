@@ -79,3 +79,37 @@ def test_an_idempotent_call_is_resent_after_a_lost_reply_and_a_standby_redirects
         other.disconnect()
         for server in (old, new, standby):
             server.shutdown()
+
+
+class Relay:
+    """A service that fails the way a server fails when *its* own call to another server cannot connect."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def bump(self) -> str:
+        self.calls += 1
+        raise NodeUnavailable("127.0.0.1:9: cannot connect for 'read': ConnectionRefusedError(111)")
+
+
+def test_a_server_s_own_connect_failure_is_not_mistaken_for_a_request_that_never_left():
+    """The server ran the call (and failed inside it); its NodeUnavailable comes back with the words of a
+    connect failure, but only a failure in this process before sending counts as "never sent"."""
+    relay, other = serve(Relay()), serve(Counter("other"))
+    where = [relay.address]
+    client = ResolvingClient(lambda: where[0], connect)
+    try:
+        fail = relay.obj.bump
+
+        def move_then_fail():
+            where[0] = other.address  # the service "moved" while the call ran: a resend would go there
+            return fail()
+
+        relay.obj.bump = move_then_fail
+        with pytest.raises(NodeUnavailable, match="cannot connect for"):
+            client.bump()
+        assert relay.obj.calls == 1 and other.obj.calls == 0  # not resent: it had run
+    finally:
+        client.disconnect()
+        relay.shutdown()
+        other.shutdown()

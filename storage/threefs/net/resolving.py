@@ -27,10 +27,8 @@ _MAX_SWITCHES = 3
 
 
 def never_sent(error: NodeUnavailable) -> bool:
-    """Whether a transport failure happened before the request could reach the server."""
-    cause = error.__cause__
-    return isinstance(cause, ConnectionRefusedError) or any(
-        text in str(error) for text in ("cannot connect for", "handshake for"))
+    """Whether a transport failure happened before the request could reach the server (``not_sent``)."""
+    return getattr(error, "request_sent", True) is False
 
 
 class ResolvingClient(RemoteMethods):

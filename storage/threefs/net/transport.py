@@ -259,6 +259,14 @@ class _Connection:
         self.sock.close()
 
 
+def not_sent(error: NodeUnavailable) -> NodeUnavailable:
+    """Marks a transport failure that happened before the request left this process (connect or
+    handshake): it is safe to send again. The mark is an attribute the wire does not carry, so a
+    NodeUnavailable a server raised and sent back never looks unsent, whatever its message says."""
+    error.request_sent = False
+    return error
+
+
 class RemoteMethods:
     """Base of the client proxies: ``proxy.method(*args, **kw)`` is ``proxy.call("method", *args, **kw)``
     (names starting with ``_`` are never sent: ``AttributeError`` locally)."""
@@ -387,7 +395,7 @@ class RpcClient(RemoteMethods):
             try:
                 sock = socket.create_connection(self._endpoint, timeout=self._timeout)
             except OSError as exc:
-                raise NodeUnavailable(f"{self._address}: cannot connect for {method!r}: {exc!r}") from exc
+                raise not_sent(NodeUnavailable(f"{self._address}: cannot connect for {method!r}: {exc!r}")) from exc
             self._authenticate(sock, method)
             sock.settimeout(self._timeout)
             connection = _Connection(sock)
@@ -404,13 +412,13 @@ class RpcClient(RemoteMethods):
             client_handshake(sock, self._cluster_secret, DEFAULT_TIMEOUT if self._timeout is None else self._timeout)
         except PeerUnresponsive as exc:
             sock.close()
-            raise NodeUnavailable(f"{self._address}: no handshake for {method!r}: {exc}") from exc
+            raise not_sent(NodeUnavailable(f"{self._address}: no handshake for {method!r}: {exc}")) from exc
         except AuthenticationError as exc:
             sock.close()
             raise AuthenticationError(f"{self._address}: cannot authenticate for {method!r}: {exc}") from exc
         except OSError as exc:
             sock.close()
-            raise NodeUnavailable(f"{self._address}: handshake for {method!r} failed: {exc!r}") from exc
+            raise not_sent(NodeUnavailable(f"{self._address}: handshake for {method!r} failed: {exc!r}")) from exc
 
     @staticmethod
     def _stale(sock: socket.socket) -> bool:
