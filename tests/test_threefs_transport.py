@@ -178,6 +178,29 @@ def test_a_call_interrupted_mid_reply_leaves_no_reply_for_the_next_call(served):
     assert client.slow(0, b"next") == b"next"  # sent before the abandoned reply arrived
 
 
+def test_connections_on_descriptors_past_1024_are_reused_and_wait_for_replies(served):
+    """select() cannot watch a descriptor >= FD_SETSIZE: the idle check and the in-place receive must
+    not use it (they reconnected on every call, or raised ValueError mid-call)."""
+    import os
+
+    server, _ = served
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    client = connect(server.address, timeout=10)
+    try:
+        assert client.slow(0.05, b"first") == b"first"  # its socket is past descriptor 1100
+        connection = client._local.connection
+        assert connection.sock.fileno() > 1024
+        assert client.slow(0.05, b"second") == b"second"
+        assert client._local.connection is connection  # reused, not replaced after a failed idle check
+        payload = b"p" * (8 << 20)  # more than the socket buffers: the in-place receive has to wait
+        buffer = bytearray(len(payload))
+        assert bytes(client.call_into(buffer, "slow", 0, payload)) == payload
+    finally:
+        client.disconnect()
+        for fd in filler:
+            os.close(fd)
+
+
 def test_concurrent_calls_from_eight_threads(served):
     server, client = served
     errors: list[BaseException] = []

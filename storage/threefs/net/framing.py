@@ -8,6 +8,7 @@ actually sent; a length past `MAX_FRAME` is a protocol error); `recv_into` fills
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 
@@ -67,3 +68,11 @@ def recv_exact(sock: socket.socket, length: int) -> bytearray:
         recv_into(sock, memoryview(body)[received:])
         received = len(body)
     return body
+
+
+def wait_readable(sock: socket.socket, timeout: float | None) -> bool:
+    """Whether `sock` is readable within `timeout` seconds (0: now; None: forever). poll(), not select(),
+    which fails for descriptors past FD_SETSIZE (1024)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))

@@ -11,13 +11,12 @@ reply elsewhere and fails.
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from typing import Any
 
 from storage.threefs.net.codec import PREFIX_SIZE, Codec, WireFormatError
-from storage.threefs.net.framing import HEADER, MAX_FRAME, recv_exact, recv_into
+from storage.threefs.net.framing import HEADER, MAX_FRAME, recv_exact, recv_into, wait_readable
 
 
 class ReplyBuffer:
@@ -57,7 +56,7 @@ class ReplyBuffer:
             return memoryview(recv_exact(sock, size))
         view, got, scratch = self.view[:size], 0, None
         timeout = sock.gettimeout()
-        sock.settimeout(0)  # recv_into returns at once; waiting happens in select, without the lock
+        sock.settimeout(0)  # recv_into returns at once; waiting happens in poll, without the lock
         try:
             while got < size:
                 with self._lock:  # never held while waiting: a revoke waits at most one recv
@@ -75,8 +74,7 @@ class ReplyBuffer:
                 if k == 0:
                     raise ConnectionResetError(f"connection closed after {got} of {size} bytes")
                 if k < 0:
-                    readable, _, _ = select.select([sock], [], [], timeout)
-                    if not readable:
+                    if not wait_readable(sock, timeout):
                         raise socket.timeout(f"no reply bytes within {timeout} s")
                     continue
                 got += k
@@ -103,3 +101,4 @@ def receive_reply_into(sock: socket.socket, codec: Codec, destination: ReplyBuff
     head += recv_exact(sock, header_length)
     segments = destination.receive(sock, length - PREFIX_SIZE - header_length)
     return codec.decode_split(memoryview(head)[HEADER.size:], segments, segment_views=True)
+

@@ -48,7 +48,6 @@ loopback (the default) or a private network, as 3FS itself assumes of its RPC.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import weakref
@@ -59,6 +58,7 @@ from storage.threefs.net.auth import (DEFAULT_TIMEOUT, AuthenticationError, Peer
 from storage.threefs.net.codec import PREFIX_SIZE, Codec, WireFormatError
 from storage.threefs.net.framing import HEADER as _HEADER, MAX_FRAME as _MAX_FRAME, recv_exact as _recv_exact
 from storage.threefs.net.framing import recv_frame as _recv_frame, recv_into as _recv_into, send_frame as _send_frame
+from storage.threefs.net.framing import wait_readable
 from storage.threefs.net.request_buffer import RequestBuffer
 from storage.threefs.net.reply_buffer import ReplyBuffer, receive_reply_into  # ReplyBuffer: re-exported
 from storage.threefs.errors import NodeUnavailable
@@ -424,10 +424,9 @@ class RpcClient(RemoteMethods):
     def _stale(sock: socket.socket) -> bool:
         """An idle connection is readable only if the server closed it (EOF or reset)."""
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            return wait_readable(sock, 0)
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def _drop(self, connection: _Connection) -> None:
         if getattr(self._local, "connection", None) is connection:
