@@ -156,7 +156,7 @@ def _serve_mgmtd(root: Path, timings: ServerTimings, name: str) -> Any:
     return Manager(kv, heartbeat_timeout=timings.heartbeat_timeout, election=election)
 
 
-def _lead(root: Path, shape: ClusterShape, timings: ServerTimings, manager: Any, address: str) -> threading.Thread:
+def _lead(root: Path, shape: ClusterShape, timings: ServerTimings, manager: Any, address: str) -> _Every:
     """Campaigns now and then every heartbeat interval; while leading, publishes the leader's address,
     creates the chain table of a new cluster and marks silent nodes offline. Returns the loop's thread."""
     def round_() -> None:
@@ -176,7 +176,7 @@ def _lead(root: Path, shape: ClusterShape, timings: ServerTimings, manager: Any,
     return _every(timings.heartbeat_interval, round_)
 
 
-def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: Any) -> tuple[Any, list[threading.Thread]]:
+def _serve_meta(root: Path, shape: ClusterShape, timings: ServerTimings, mgmtd: Any) -> tuple[Any, list[_Every]]:
     """The meta service, which also asks storage for file lengths (closing and pruning sessions) and
     collects garbage in the background, so it holds a routing cache and storage proxies as clients do."""
     from concurrent.futures import ThreadPoolExecutor
@@ -216,15 +216,29 @@ def _serve_storage(root: Path, shape: ClusterShape, timings: ServerTimings, node
     return service, lambda: service.tick(manager)
 
 
-def _every(interval: float, fn) -> threading.Thread:
-    def loop() -> None:
-        while True:
-            time.sleep(interval)
+class _Every(threading.Thread):
+    """Runs `fn` every `interval` seconds until ``stop()`` (a failing round is reported and retried)."""
+
+    def __init__(self, interval: float, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self._interval, self._fn, self._stopping = interval, fn, threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self._interval):
             try:
-                fn()
+                self._fn()
             except Exception as exc:  # noqa: BLE001 - a server keeps beating through transient failures
                 print(f"heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    return threading.Thread(target=loop, daemon=True)
+
+    def stop(self) -> None:
+        """Ends the loop and waits for a round in progress (a mgmtd's campaign must not follow its resign)."""
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout=10)
+
+
+def _every(interval: float, fn: Callable[[], Any]) -> _Every:
+    return _Every(interval, fn)
 
 
 def serve(root: Path, role: str, node: int | None = None, name: str | None = None) -> None:
@@ -233,7 +247,7 @@ def serve(root: Path, role: str, node: int | None = None, name: str | None = Non
     root = root.resolve()
     shape = ClusterShape.load_or_create(root, None)
     timings = ServerTimings.load(root)
-    threads: list[threading.Thread] = []
+    threads: list[_Every] = []
     held = None
     if role == "mgmtd":
         name = name or "mgmtd"
@@ -266,6 +280,8 @@ def serve(root: Path, role: str, node: int | None = None, name: str | None = Non
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    for thread in threads:
+        thread.stop()
     if role == "mgmtd":
         obj.resign()  # a standby takes over now, not when the lease would have run out
     server.shutdown()
