@@ -17,6 +17,7 @@ for real process kills use ``ProcessCluster``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +80,6 @@ class EmbeddedCluster:
                                 storage_length=lambda inode: self._maintenance_io.file_length(inode.layout,
                                                                                               inode.inode_id))
         self.services: dict[int, StorageService] = {}
-        self._stores: dict[int, list[ChunkStore]] = {}
         self._stopped: set[int] = set()
         self._lock = threading.RLock()
         for node in self.shape.targets():
@@ -109,11 +109,10 @@ class EmbeddedCluster:
             old = self.services.get(node)
             if old is not None and node not in self._stopped:
                 return
-            for store in self._stores.pop(node, []):
-                store.close()
+            if old is not None:
+                old.close_stores()
             targets = {t: ChunkStore(target_dir(self.root, node, t), sync_interval=self._chunk_sync_interval)
                        for t in self.shape.targets()[node]}
-            self._stores[node] = list(targets.values())
             self.services[node] = StorageService(node, targets, self.manager.routing, self.storage,
                                                  on_successor_failure=self.manager.mark_offline)
             self.manager.register_node(node, f"embedded://{self.root}/node-{node}")
@@ -147,9 +146,10 @@ class EmbeddedCluster:
         while not self._closing.wait(interval):
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - keep beating; a failing round is retried next interval
+            except Exception as error:  # noqa: BLE001 - keep beating; a failing round is retried next interval
                 if self._closing.is_set():
                     return
+                logging.getLogger(__name__).warning("3FS embedded heartbeat round failed: %s", error)
 
     def wait_until_serving(self, timeout: float = 30.0) -> None:
         """Blocks until every target is serving (after a restart or a resync); TimeoutError otherwise."""
@@ -178,9 +178,8 @@ class EmbeddedCluster:
         if self._heartbeats is not None:
             self._heartbeats.join()
         with self._lock:
-            for stores in self._stores.values():
-                for store in stores:
-                    store.close()
+            for service in self.services.values():
+                service.close_stores()
         self._maintenance_pool.shutdown(wait=True)
         self._kv.close()
         for lock in self._locks:

@@ -51,7 +51,7 @@ from storage.threefs.errors import (ChainVersionMismatch, ChecksumError, ChunkDi
 from storage.threefs.storage.resync import ResyncReport
 from storage.threefs.mgmtd.routing import LocalState, RoutingInfo, TargetState
 from storage.threefs.storage.reads import _READABLE, _WHOLE, CraqReads
-from storage.threefs.storage.chunk_locks import ChunkLocks  # re-exported
+from storage.threefs.storage.chunk_locks import ChunkLocks
 from storage.threefs.storage.file_chunks import FileChunks
 from storage.threefs.storage.membership import NodeMembership
 from storage.threefs.storage.crc32c import crc32c
