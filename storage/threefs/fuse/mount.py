@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -155,7 +156,8 @@ def _serve(fd: int, path: str, operations: FuseOperations, threads: int, read_ah
            stop: threading.Event, ready: threading.Event | None, banner: str) -> None:
     """Serves the mounted connection `fd` until `stop` or an external unmount; then unmounts, lets the
     requests in flight finish and closes the handles still open, and the fd."""
-    atexit.register(unmount, path)  # however the process ends (short of SIGKILL), the mountpoint is freed
+    at_exit = functools.partial(unmount, path)
+    atexit.register(at_exit)  # however the process ends (short of SIGKILL), the mountpoint is freed
     server = FuseServer(fd, operations, threads)
     try:
         server.start()
@@ -169,12 +171,14 @@ def _serve(fd: int, path: str, operations: FuseOperations, threads: int, read_ah
             pass
     finally:
         unmount(path)
-        if not server.wait(STOP_GRACE_SECONDS):
-            logging.getLogger(__name__).warning("files on %s still open %.0f s after unmounting: closing the "
-                                                "connection under them", path, STOP_GRACE_SECONDS)
+        finished = server.wait(STOP_GRACE_SECONDS)
+        if not finished:
+            logging.getLogger(__name__).warning("requests on %s still running %.0f s after unmounting: "
+                                                "leaving the connection open under them", path, STOP_GRACE_SECONDS)
         operations.close_all()
-        os.close(fd)
-        atexit.unregister(unmount)
+        if finished:  # a worker still in readv/writev must never meet a reused descriptor number
+            os.close(fd)
+        atexit.unregister(at_exit)  # only this mount's (another mount in the process keeps its own)
 
 
 def _cluster_dir(url: str) -> str | None:

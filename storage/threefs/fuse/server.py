@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,9 +71,10 @@ class FuseServer:
         return any(thread.is_alive() for thread in self._threads)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Waits up to `timeout` seconds for every worker to end; True if they did."""
+        """Waits up to `timeout` seconds in all for every worker to end; True if they did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not self.running()
 
     # ----------------------------------------------------------------------------- the loop
