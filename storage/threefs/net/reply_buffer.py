@@ -5,8 +5,8 @@ bytes values, in order). `receive_reply_into` reads the frame header and the cod
 buffer and the segment area with ``recv_into`` into a ``ReplyBuffer``: the caller's memory when it fits
 (no intermediate copy; a reply's bytes values are then read-only views of it), a buffer of their own
 otherwise. A ``ReplyBuffer`` can be revoked by its owner (a hedged read that another replica answered
-first): from then on nothing more is written into it, and a call still receiving drains the rest of its
-reply elsewhere and fails.
+first): from then on nothing more is written into it, and a call still receiving stops and fails (its
+connection is dropped, with the rest of the reply unread).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class ReplyBuffer:
     ``landed``: after the call, how many bytes of the reply's segment area (its bytes values, in order)
     were received into ``buffer[:landed]``; None when the area did not fit (the values then live in a
     buffer of their own). ``revoke()``: from the moment it returns, nothing more is written into
-    ``buffer`` (a call still receiving drains the rest of its reply elsewhere), so a reader that stopped
+    ``buffer`` (a call still receiving stops and drops its connection), so a reader that stopped
     waiting (a hedged read another replica answered first) can hand the buffer back to its owner.
     """
 
@@ -50,25 +50,21 @@ class ReplyBuffer:
             return -1 if self._revoked else fill(self.view)
 
     def receive(self, sock: socket.socket, size: int) -> memoryview:
-        """Receives `size` bytes from `sock` into the buffer's first bytes (elsewhere if they do not fit
-        or once revoked); returns a view of where they are."""
+        """Receives `size` bytes from `sock` into the buffer's first bytes (elsewhere if they do not fit);
+        returns a view of where they are. Once revoked it stops at once with ConnectionAbortedError (an
+        OSError: the caller drops the connection, so the rest of the reply is never read)."""
         if size > len(self.view):
             return memoryview(recv_exact(sock, size))
-        view, got, scratch = self.view[:size], 0, None
+        view, got = self.view[:size], 0
         timeout = sock.gettimeout()
         sock.settimeout(0)  # recv_into returns at once; waiting happens in poll, without the lock
         try:
             while got < size:
                 with self._lock:  # never held while waiting: a revoke waits at most one recv
-                    revoked = self._revoked
+                    if self._revoked:
+                        raise ConnectionAbortedError("the reply buffer was revoked during the call")
                     try:
-                        k = -1 if revoked else sock.recv_into(view[got:])
-                    except BlockingIOError:
-                        k = -1
-                if revoked:
-                    scratch = scratch if scratch is not None else memoryview(bytearray(min(size, 1 << 20)))
-                    try:
-                        k = sock.recv_into(scratch[:min(len(scratch), size - got)])
+                        k = sock.recv_into(view[got:])
                     except BlockingIOError:
                         k = -1
                 if k == 0:
