@@ -21,6 +21,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -84,7 +85,7 @@ def main() -> int:
     failed = [r for r in results if not r.ok]
     report = {
         "command": "python benchmarks/threefs_faults.py " + " ".join(sys.argv[1:]),
-        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "shape": dataclasses.asdict(SHAPE), "timings": dataclasses.asdict(TIMINGS),
         "seconds": round(time.monotonic() - started, 1), "trials": len(results), "failed": len(failed),
         "lost_bytes": sum(r.lost_bytes for r in results), "invented_bytes": sum(r.invented_bytes for r in results),
