@@ -50,6 +50,14 @@ class Location(NamedTuple):
         joined = self.join(*parts)
         return Location(self.client, joined, self.url.rstrip("/") + "/" + "/".join(parts))
 
+    @property
+    def os_path(self) -> str | None:
+        """The directory as an OS path when the client is POSIX (a plain directory or a mount), else None:
+        tools that take only paths (TensorStore under Orbax, polars' native readers) can use it directly."""
+        if isinstance(self.client, MountClient):
+            return os.path.join(self.client.mount_point, self.path.lstrip("/"))
+        return None
+
     def close(self) -> None:
         self.client.close()
 

@@ -12,6 +12,7 @@ def test_plain_directory_and_file_url(tmp_path):
     assert (tmp_path / "run" / "a.txt").read_bytes() == b"hello"
     with open_location(f"file://{tmp_path}/run") as loc:
         assert loc.client.listdir(loc.path) == ["a.txt"]
+        assert loc.child("sub").os_path == str(tmp_path / "run" / "sub")
 
 
 def test_embedded_cluster_found_above_the_path(tmp_path):
@@ -25,6 +26,7 @@ def test_embedded_cluster_found_above_the_path(tmp_path):
         assert inner.path == "/data"
         assert inner.client.listdir(inner.path) == ["x.bin"]
         assert inner.child("sub").join("y") == "/data/sub/y"
+        assert inner.os_path is None
     with open_location(f"{url}/new/dir", create=True) as made:
         assert made.client.exists("/new/dir")
 
