@@ -150,12 +150,21 @@ class RecordSource:
 
     Thread-safe: single reads are positional reads on shared open files; batched reads take a lock
     around the source's one IoRing and IoVec. verify: check every record's CRC32C (a mismatch raises
-    ``CorruptRecords`` naming the shard file and record). On open, every shard's size is checked
-    against the index. ``close()`` closes the files (not the location's client).
+    ``CorruptRecords`` naming the shard file and record). io_workers: the IoRing's threads (more
+    overlap more round trips to remote storage servers); 0: no ring, the grouped positional reads run
+    in the calling thread; None: ``usrbio.default_workers()`` where reads wait on other processes (3FS
+    servers over TCP, a 3FS FUSE mount), else 0 (an embedded 3FS or a plain directory: in-process
+    reads, where threads only add hand-offs; benchmarks/adapters_data.py measures both). On open,
+    every shard's size is checked against the index. ``close()`` closes the files (not the location's
+    client).
     """
 
-    def __init__(self, location: Location, name: str, *, verify: bool = True):
-        self.location, self.name, self.verify = location, name, verify
+    def __init__(self, location: Location, name: str, *, verify: bool = True, io_workers: int | None = None):
+        self.location, self.name, self.verify, self.io_workers = location, name, verify, io_workers
+        if io_workers is None:  # threads pay off only where a read waits on another process
+            io_workers = None if location.url.startswith(("3fs+tcp:", "3fs:")) else 0
+        self._inline = io_workers == 0
+        self.io_workers = io_workers
         self.index = read_index(location, name)
         self._starts = self.index.shard_starts
         self._lock = threading.Lock()
@@ -240,17 +249,25 @@ class RecordSource:
         starts[1:] = (shards[1:] != shards[:-1]) | (rows[1:] != rows[:-1] + 1)
         run_first = np.flatnonzero(starts)  # [runs] index into unique
         run_length = np.diff(np.append(run_first, len(unique)))  # [runs] records
-        with self._batch_lock:
-            ring, iov = self._io(len(unique) * record_bytes, len(run_first))
-            try:
-                self._read_runs(ring, iov, shards, rows, run_first, run_length)
-            except BaseException:
-                ring.close()  # never leave prepared or unreaped IOs for the next batch
-                self._ring = None
-                raise
-            with memoryview(iov) as whole:
-                data = np.frombuffer(whole, dtype=self.index.dtype, count=len(unique) * record_len)
-                data = data.reshape(len(unique), record_len).copy()
+        if self._inline:
+            data = np.empty((len(unique), record_len), self.index.dtype)
+            with memoryview(data).cast("B") as view:
+                for first, length in zip(run_first.tolist(), run_length.tolist()):
+                    target = view[first * record_bytes:(first + length) * record_bytes]
+                    count = self._file(int(shards[first])).pread_into(target, int(rows[first]) * record_bytes)
+                    self._check_count(count, len(target), int(shards[first]), int(rows[first]))
+        else:
+            with self._batch_lock:
+                ring, iov = self._io(len(unique) * record_bytes, len(run_first))
+                try:
+                    self._read_runs(ring, iov, shards, rows, run_first, run_length)
+                except BaseException:
+                    ring.close()  # never leave prepared or unreaped IOs for the next batch
+                    self._ring = None
+                    raise
+                with memoryview(iov) as whole:
+                    data = np.frombuffer(whole, dtype=self.index.dtype, count=len(unique) * record_len)
+                    data = data.reshape(len(unique), record_len).copy()
         self._check(data, shards, rows)
         return data[inverse]
 
@@ -262,10 +279,15 @@ class RecordSource:
             ring.prepare(iov[first * record_bytes:(first + length) * record_bytes], True,
                          self._file(int(shards[first])), int(rows[first]) * record_bytes, userdata=run)
         for done in ring.submit().wait(min_results=len(run_first)):
-            first, expected = int(run_first[done.userdata]), int(run_length[done.userdata]) * record_bytes
-            if done.result != expected:
-                raise CorruptRecords(f"{self._where(shard_file(int(shards[first])))}: read of records from "
-                                     f"{int(rows[first])} returned {done.result} of {expected} bytes")
+            first = int(run_first[done.userdata])
+            self._check_count(done.result, int(run_length[done.userdata]) * record_bytes, int(shards[first]),
+                              int(rows[first]))
+
+    def _check_count(self, count: int, expected: int, shard: int, row: int) -> None:
+        """A read of the records of ``shard`` from ``row`` on returned ``count`` bytes (or -errno)."""
+        if count != expected:
+            raise CorruptRecords(f"{self._where(shard_file(shard))}: read of records from {row} returned "
+                                 f"{count} of {expected} bytes")
 
     def _getitems(self, keys: Sequence[int]) -> list[np.ndarray]:
         """Grain's batched-read hook (``SupportsBatchedReadRandomAccessDataSource``)."""
@@ -280,7 +302,7 @@ class RecordSource:
         if self._ring is None or self._ring.entries < entries:
             if self._ring is not None:
                 self._ring.close()
-            self._ring = IoRing(max(entries, 256), for_read=True)
+            self._ring = IoRing(max(entries, 256), for_read=True, workers=self.io_workers)
         return self._ring, self._iov
 
     def close(self) -> None:

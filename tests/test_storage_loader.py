@@ -44,6 +44,9 @@ def test_source_returns_exactly_the_written_records(written, records, tmp_path):
     np.testing.assert_array_equal(source.read_many(keys), records[keys])
     np.testing.assert_array_equal(source.read_many(np.arange(NUM)), records)  # runs merged across a whole shard
     assert source.read_many([]).shape == (0, LEN)
+    with RecordSource(source.location, "tokens", io_workers=2) as ring:  # batches on an IoRing
+        np.testing.assert_array_equal(ring.read_many(keys), records[keys])
+        np.testing.assert_array_equal(ring.read_many(keys[::-1]), records[keys[::-1]])
     with pytest.raises(IndexError, match="201"):
         source.read_many([3, NUM])
     with open_location(tmp_path / "plain", create=True) as plain:  # a plain directory works the same
@@ -111,6 +114,9 @@ def test_corrupt_truncated_or_missing_files_are_named(cluster, records):
         np.testing.assert_array_equal(source[104], records[104])
         with pytest.raises(CorruptRecords, match=r"bad/shard-00002.rec: record 5 fails"):
             source[105]
+        with pytest.raises(CorruptRecords, match=r"shard-00002.rec: record 5"):
+            source.read_many([1, 105, 7])
+    with RecordSource(cluster, "bad", io_workers=2) as source:
         with pytest.raises(CorruptRecords, match=r"shard-00002.rec: record 5"):
             source.read_many([1, 105, 7])
         np.testing.assert_array_equal(source.read_many([1, 7]), records[[1, 7]])  # the ring recovers
