@@ -44,9 +44,11 @@ def test_source_returns_exactly_the_written_records(written, records, tmp_path):
     np.testing.assert_array_equal(source.read_many(keys), records[keys])
     np.testing.assert_array_equal(source.read_many(np.arange(NUM)), records)  # runs merged across a whole shard
     assert source.read_many([]).shape == (0, LEN)
+    np.testing.assert_array_equal(source.read_many([10, 61, 112]), records[[10, 61, 112]])  # rows 10, 11, 12 of 3 shards
     with RecordSource(source.location, "tokens", io_workers=2) as ring:  # batches on an IoRing
         np.testing.assert_array_equal(ring.read_many(keys), records[keys])
         np.testing.assert_array_equal(ring.read_many(keys[::-1]), records[keys[::-1]])
+        np.testing.assert_array_equal(ring.read_many([10, 61, 112]), records[[10, 61, 112]])
     with pytest.raises(IndexError, match="201"):
         source.read_many([3, NUM])
     with open_location(tmp_path / "plain", create=True) as plain:  # a plain directory works the same
