@@ -94,7 +94,7 @@ def bench_tables(location, local: pathlib.Path, *, rows: int, repeats: int) -> l
 def bench_data(work_dir: pathlib.Path, *, quick: bool, console) -> list[dict]:
     """Loader and table rows (see the module docstring); ``work_dir`` holds the clusters and files."""
     work_dir = pathlib.Path(work_dir)
-    records, batches, rows = (4000, 20, 100_000) if quick else (40_000, 100, 1_000_000)
+    records, batches, rows = (4000, 20, 100_000) if quick else (20_000, 100, 300_000)
     rows_out = []
     with open_location(f"3fs+embedded://{work_dir}/data3fs", create=True) as fs, \
             open_location(work_dir / "plain", create=True) as plain, \
