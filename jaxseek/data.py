@@ -5,6 +5,11 @@ a stable hash of each file's relative path puts about 1 in 20 files in the held-
 streams are cut into non-overlapping windows of ``seq_len + 1 + mtp_depth`` bytes (inputs, the
 next-token target and the MTP look-ahead). Training batch ``i`` is a pure function of (seed, i), so a
 resumed run sees exactly the batches an uninterrupted run would.
+
+Two holders of the windows, with the same batches for the same (stream, window, batch_size, seed):
+``SequenceBatches`` keeps them in memory; ``StoredBatches`` keeps them as a record set on storage
+(``storage.loader``: shard files on 3FS or a directory, read in batches with checksums), written once
+per stream and window and read back by every later run and process.
 """
 
 from __future__ import annotations
@@ -12,9 +17,14 @@ from __future__ import annotations
 import pathlib
 import sysconfig
 import zlib
-from typing import NamedTuple
+import hashlib
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from storage.loader import RecordSource
+    from storage.location import Location
 
 HELD_OUT_EVERY = 20  # ~5% of the files are validation data
 FILE_SEPARATOR = b"\n\n"
@@ -61,8 +71,42 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int = 256) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+class WindowOrder:
+    """Which windows make batch ``i``: epoch e walks the permutation drawn from (seed, e).
+
+    Args:
+      num_windows: windows in the stream (>= batch_size).
+      batch_size: windows per batch.
+      seed: the shuffle seed.
+    """
+
+    def __init__(self, num_windows: int, batch_size: int, seed: int):
+        self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """[num_windows] int64, the order of epoch ``epoch`` (the latest one is cached)."""
+        if epoch not in self._permutations:
+            self._permutations = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)}
+        return self._permutations[epoch]
+
+    def rows(self, index: int) -> np.ndarray:
+        """[batch_size] int64, the windows of batch ``index``."""
+        samples = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
+        epochs, offsets = np.divmod(samples, self.num_windows)
+        return np.array([self.permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+
+def _count_windows(stream: np.ndarray, batch_size: int, window: int) -> int:
+    num_windows = len(stream) // window
+    if num_windows < batch_size:
+        raise ValueError(f"stream: {len(stream)} tokens hold {num_windows} windows of {window}, "
+                         f"fewer than batch_size={batch_size}")
+    return num_windows
+
+
 class SequenceBatches:
-    """Deterministic batches of fixed-length windows over one byte stream.
+    """Deterministic batches of fixed-length windows over one byte stream, in memory.
 
     Args:
       stream: [n] uint8 tokens.
@@ -72,27 +116,94 @@ class SequenceBatches:
     """
 
     def __init__(self, stream: np.ndarray, *, batch_size: int, window: int, seed: int):
-        self.num_windows = len(stream) // window
-        if self.num_windows < batch_size:
-            raise ValueError(f"stream: {len(stream)} tokens hold {self.num_windows} windows of {window}, "
-                             f"fewer than batch_size={batch_size}")
+        self.num_windows = _count_windows(stream, batch_size, window)
         self.windows = stream[: self.num_windows * window].reshape(self.num_windows, window)
         self.batch_size, self.seed = batch_size, seed
-        self._permutations: dict[int, np.ndarray] = {}
+        self.order = WindowOrder(self.num_windows, batch_size, seed)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            self._permutations = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)}
-        return self._permutations[epoch]
+        return self.order.permutation(epoch)
 
     def batch(self, index: int) -> np.ndarray:
         """[batch_size, window] int32, the ``index``-th batch of the shuffled stream."""
-        samples = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
-        epochs, offsets = np.divmod(samples, self.num_windows)
-        rows = [self._permutation(int(e))[o] for e, o in zip(epochs, offsets)]
-        return self.windows[rows].astype(np.int32)
+        return self.windows[self.order.rows(index)].astype(np.int32)
 
     def first(self, count: int) -> list[np.ndarray]:
         """The first ``count`` batches in stream order (no shuffle): fixed validation batches."""
         count = min(count, self.num_windows // self.batch_size)
         return [self.windows[i * self.batch_size:(i + 1) * self.batch_size].astype(np.int32) for i in range(count)]
+
+
+def windows_fingerprint(stream: np.ndarray, window: int) -> str:
+    """sha256 hex of the window length and the stream's bytes: the key of its record set on storage."""
+    digest = hashlib.sha256(f"jaxseek.windows:{window}:".encode())
+    digest.update(np.ascontiguousarray(stream, dtype=np.uint8).data)
+    return digest.hexdigest()
+
+
+class StoredBatches:
+    """The batches of ``SequenceBatches`` (the same arrays for the same arguments), read from a record set
+    of windows on storage. Build it with ``prepare``; ``close()`` closes the shard files.
+
+    Attributes: source (the ``storage.loader.RecordSource``), num_windows, batch_size, seed, order.
+    """
+
+    RECORDS_PER_SHARD_BYTES = 64 << 20  # shard files of about 64 MiB
+
+    def __init__(self, source: "RecordSource", *, batch_size: int, seed: int):
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.num_windows = len(source)
+        if self.num_windows < batch_size:
+            raise ValueError(f"source: {self.num_windows} windows, fewer than batch_size={batch_size}")
+        self.order = WindowOrder(self.num_windows, batch_size, seed)
+
+    @classmethod
+    def prepare(cls, location: "Location", stream: np.ndarray, *, batch_size: int, window: int,
+                seed: int) -> "StoredBatches":
+        """Batches of ``stream``'s windows kept at ``location`` (a ``storage.location.Location``).
+
+        The windows are written the first time, as the record set ``windows-<window>-<fingerprint>``
+        (fingerprint: ``windows_fingerprint(stream, window)``), so another corpus or window gets its
+        own set and is never mixed in; later calls, in this or another process, open the existing set.
+        Concurrent first calls are safe: one publication wins, the others open it.
+
+        Args:
+          location: the data directory (the trainer passes ``run_location.child("data")``).
+          stream: [n] uint8 tokens.
+          batch_size, window, seed: as for ``SequenceBatches``.
+        """
+        from storage.loader import RecordSource, write_records  # storage imports grain/pyarrow: only when used
+
+        stream = np.asarray(stream)
+        if stream.ndim != 1 or stream.dtype != np.uint8:
+            raise TypeError(f"stream: expected [n] uint8 tokens, got {stream.dtype}{list(stream.shape)}")
+        num_windows = _count_windows(stream, batch_size, window)
+        fingerprint = windows_fingerprint(stream[: num_windows * window], window)
+        name = f"windows-{window}-{fingerprint[:16]}"
+        location.client.makedirs(location.path, exist_ok=True)
+        if not location.client.exists(location.join(name)):
+            try:
+                write_records(location, name, stream[: num_windows * window].reshape(num_windows, window),
+                              records_per_shard=max(1, cls.RECORDS_PER_SHARD_BYTES // window),
+                              metadata={"window": window, "windows_fingerprint": fingerprint})
+            except FileExistsError:
+                pass  # another process published the same windows first
+        source = RecordSource(location, name)
+        if source.index.metadata.get("windows_fingerprint") != fingerprint or source.index.record_len != window:
+            source.close()
+            raise ValueError(f"{location.url}/{name}: holds other windows than this stream's (fingerprint "
+                             f"{source.index.metadata.get('windows_fingerprint')!r}, expected {fingerprint!r})")
+        return cls(source, batch_size=batch_size, seed=seed)
+
+    def batch(self, index: int) -> np.ndarray:
+        """[batch_size, window] int32, the ``index``-th batch (one batched read)."""
+        return self.source.read_many(self.order.rows(index)).astype(np.int32)
+
+    def first(self, count: int) -> list[np.ndarray]:
+        """The first ``count`` batches in stream order (no shuffle): fixed validation batches."""
+        count = min(count, self.num_windows // self.batch_size)
+        rows = self.source.read_many(np.arange(count * self.batch_size)).astype(np.int32)
+        return [rows[i * self.batch_size:(i + 1) * self.batch_size] for i in range(count)]
+
+    def close(self) -> None:
+        self.source.close()
