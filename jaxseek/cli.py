@@ -20,6 +20,9 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--storage", metavar="URL",
+                   help="where checkpoints and training records live: 3fs+embedded:///DIR, 3fs+tcp:///DIR, "
+                        "3fs:///MOUNT/PATH or a directory (default: an embedded 3FS in OUT/3fs; a multi-process run: OUT)")
     p.add_argument("--stop-after", type=int, help="stop after this many total steps, as if preempted")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
@@ -112,7 +115,7 @@ def _train(args, console: Console) -> int:
                   f"ep={mesh.shape['ep']}{pipeline} rules={args.rules} out={out}"
                   + (f" processes={processes.process_count}" if processes.process_count > 1 else ""))
     result = train(mc, tc, out, resume=args.resume, stop_after=args.stop_after, mesh=mesh, rules=args.rules,
-                   console=console, show_progress=not args.no_progress and processes.is_main)
+                   console=console, show_progress=not args.no_progress and processes.is_main, storage=args.storage)
     table = Table(title="run summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -130,7 +133,10 @@ def _train(args, console: Console) -> int:
         table.add_row(f"EPLB GPU balancedness at step {r['step']} (mean/max)",
                       f"{r['eplb_balancedness_before']:.3f} -> {r['eplb_balancedness_after']:.3f}")
     console.print(table)
-    console.print(f"wrote {result.out_dir}/metrics.parquet, {result.out_dir}/training.png, {result.out_dir}/checkpoints/")
+    from jaxseek.run_storage import recorded_storage_url
+
+    console.print(f"wrote {result.out_dir}/metrics.parquet, {result.out_dir}/training.png; checkpoints and "
+                  f"training records in {recorded_storage_url(result.out_dir) or result.out_dir}")
     return 0
 
 
