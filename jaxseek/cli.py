@@ -174,38 +174,33 @@ def _byte_size(text: str) -> int:
     return int(value)
 
 
-def _open_kv_store(args, model):
-    """The prefix store ``generate`` uses: None (in memory) with --no-kv-store, else a ThreeFSPrefixStore at
-    --kv-store or at the run's storage (``kvcache/``); the caller closes its location."""
+def _open_kv_location(args):
+    """Where ``generate`` keeps KV-cache pages: None (in memory) with --no-kv-store, else the location of
+    --kv-store or the run's storage's ``kvcache/`` (opened before the model loads: a bad URL fails at once)."""
     if args.no_kv_store:
         return None
-    from jaxseek.generate import cache_fingerprint
     from jaxseek.run_storage import open_run_storage
-    from storage.kvcache import ThreeFSPrefixStore
     from storage.location import open_location
 
-    location = (open_run_storage(args.checkpoint) if args.kv_store is None
-                else open_location(args.kv_store, create=True))
-    try:
-        return ThreeFSPrefixStore(location.child("kvcache") if args.kv_store is None else location,
-                                  capacity_bytes=args.kv_store_capacity,
-                                  fingerprint=cache_fingerprint(model, args.kv_cache))
-    except BaseException:
-        location.close()
-        raise
+    if args.kv_store is not None:
+        return open_location(args.kv_store, create=True)
+    return open_run_storage(args.checkpoint).child("kvcache")
 
 
 def _generate(args, console: Console) -> int:
-    from jaxseek.generate import SamplingConfig, load_model
+    from jaxseek.generate import SamplingConfig, cache_fingerprint, load_model
+    from storage.kvcache import ThreeFSPrefixStore
 
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    model = load_model(args.checkpoint)
-    store = _open_kv_store(args, model)
+    location = _open_kv_location(args)
     try:
+        model = load_model(args.checkpoint)
+        store = None if location is None else ThreeFSPrefixStore(
+            location, capacity_bytes=args.kv_store_capacity, fingerprint=cache_fingerprint(model, args.kv_cache))
         return _run_generation(args, console, model, store, sampling)
     finally:
-        if store is not None:
-            store.location.close()
+        if location is not None:
+            location.close()
 
 
 def _run_generation(args, console: Console, model, store, sampling) -> int:
@@ -243,7 +238,7 @@ def _run_generation(args, console: Console, model, store, sampling) -> int:
                   f"prefill and compilation included)[/]")
     where = "in memory" if store is None else f"from the KV store at {store.location.url}"
     console.print(f"[dim]prefill: {generator.prefill_tokens_computed} tokens computed, "
-                  f"{generator.prefill_tokens_reused} reused {where}[/]", highlight=False)
+                  f"{generator.prefill_tokens_reused} reused {where}[/]", highlight=False, soft_wrap=True)
     return 0
 
 
