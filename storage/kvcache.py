@@ -10,7 +10,7 @@ or foreign; a corrupt one is removed.
 Layout under the location's directory (``blocks/``)::
 
     KEY.kvb        a block: MAGIC | u32 header length | JSON header | rows | u32 CRC32C of all before it
-    KEY.use        the block's last use (its mtime); rewritten on every hit
+    KEY.use        an empty file: the block's last use is its mtime; replaced (by rename) on every hit
     .KEY.UUID.tmp  a block being written; published by an atomic rename to KEY.kvb
 
 The header records the format version, the fingerprint, the block's key and depth, and the rows' dtype
@@ -198,12 +198,13 @@ class ThreeFSPrefixStore:
 
     def _touch(self, keys: list[str]) -> None:
         """Marks a chain's blocks used now, deepest first (so a prefix is always newer than its extensions)."""
-        for key in reversed(keys):
+        for key in reversed(keys):  # a new empty file renamed over the old: metadata only, no chunks to free
+            temp = f"{self.directory}/.{key}.{uuid.uuid4().hex}.tmp"
             try:
-                with self.client.open(self._use_path(key), "wb") as file:
-                    file.write(struct.pack("<d", time.time()))
+                self.client.open(temp, "wb").close()
+                self.client.rename(temp, self._use_path(key), replace=True)
             except OSError:
-                pass  # the directory is gone or the block is being evicted: its use no longer matters
+                pass  # the directory is gone: its use no longer matters (a leftover temp ages out in scan)
 
     # -- store ----------------------------------------------------------------------------------------
 
