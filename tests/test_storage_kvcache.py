@@ -177,7 +177,10 @@ def test_a_hit_gives_the_tokens_of_no_cache_with_fewer_prefill_tokens(trained_ru
             Generator(model, prefix_store=store)
 
 
+@pytest.mark.slow
 def test_generate_in_a_second_process_reuses_the_prefix_the_first_stored(trained_run, tmp_path, capsys):
+    """``jaxseek generate`` in this process stores the prompt's pages at the run's storage; a second
+    ``python -m jaxseek generate`` on the run prints the same text, computing only the tokens after them."""
     command = ["generate", "--checkpoint", str(trained_run), "--prompt", PROMPT, "--max-new-tokens", "3"]
     assert cli.main(command) == 0  # the default store: the run's storage, kvcache/
     first = capsys.readouterr().out
