@@ -8,13 +8,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 from jaxseek import cli
 from jaxseek.generate import Generator, SamplingConfig, cache_fingerprint, load_model
-from jaxseek.kv_cache import InMemoryPrefixStore, RowFormat, empty_pages
+from jaxseek.kv_cache import RowFormat, empty_pages
 from storage.kvcache import ThreeFSPrefixStore, chain_keys, encode_block
 from storage.location import open_location
 
