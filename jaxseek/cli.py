@@ -157,21 +157,69 @@ def _add_generate(sub) -> None:
     p.add_argument("--kv-cache", choices=("model", "fp8"), default="model",
                    help="cache rows in the model's dtype (default) or FlashMLA's FP8 format (656 bytes a token "
                         "for DeepSeek-V3; needs kv_lora_rank %% 128 == 0)")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--kv-store", metavar="URL",
+                       help="keep prompts' KV-cache pages at this storage URL (3fs+embedded:///..., 3fs+tcp:///..., "
+                            "a 3FS mount or a directory) so a later run skips their prefill (default: the run's "
+                            "storage, under kvcache/)")
+    store.add_argument("--no-kv-store", action="store_true", help="keep prefixes in memory only (this process)")
+    p.add_argument("--kv-store-capacity", type=_byte_size, default=4 << 30, metavar="SIZE",
+                   help="bound on the KV store's size, LRU eviction beyond it (bytes, or with K/M/G; default 4G)")
+
+
+def _byte_size(text: str) -> int:
+    """'4096', '512M', '4G' -> bytes (argparse type)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4096, 512M or 4G, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)
+
+
+def _open_kv_location(args):
+    """Where ``generate`` keeps KV-cache pages: None (in memory) with --no-kv-store, else the location of
+    --kv-store or the run's storage's ``kvcache/`` (opened before the model loads: a bad URL fails at once)."""
+    if args.no_kv_store:
+        return None
+    from jaxseek.run_storage import open_run_storage
+    from storage.location import open_location
+
+    if args.kv_store is not None:
+        return open_location(args.kv_store, create=True)
+    return open_run_storage(args.checkpoint).child("kvcache")
 
 
 def _generate(args, console: Console) -> int:
+    from jaxseek.generate import SamplingConfig, cache_fingerprint, load_model
+    from storage.kvcache import ThreeFSPrefixStore
+
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    location = _open_kv_location(args)
+    try:
+        model = load_model(args.checkpoint)
+        store = None if location is None else ThreeFSPrefixStore(
+            location, capacity_bytes=args.kv_store_capacity, fingerprint=cache_fingerprint(model, args.kv_cache))
+        return _run_generation(args, console, model, store, sampling)
+    finally:
+        if location is not None:
+            location.close()
+
+
+def _run_generation(args, console: Console, model, store, sampling) -> int:
     import codecs
     import time
 
-    from jaxseek.generate import Generator, SamplingConfig, load_model
+    from jaxseek.generate import Generator
     from sharding.mesh import make_mesh
 
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    model = load_model(args.checkpoint)
     generator = Generator(model, max_blocks_per_seq=-(-(max(len(p.encode()) for p in args.prompt)
                                                         + sampling.max_new_tokens) // 64),
                           implementation=args.mla_implementation, kv_cache=args.kv_cache,
-                          mesh=make_mesh(ep=args.ep) if args.ep > 1 else None)
+                          mesh=make_mesh(ep=args.ep) if args.ep > 1 else None, prefix_store=store)
     prompts = [list(p.encode()) for p in args.prompt]
     stream = len(prompts) == 1
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -194,6 +242,9 @@ def _generate(args, console: Console) -> int:
     total = sum(len(o) for o in outputs)
     console.print(f"[dim]{total} tokens in {elapsed:.2f} s ({total / elapsed:,.1f} tokens/s, "
                   f"prefill and compilation included)[/]")
+    where = "in memory" if store is None else f"from the KV store at {store.location.url}"
+    console.print(f"[dim]prefill: {generator.prefill_tokens_computed} tokens computed, "
+                  f"{generator.prefill_tokens_reused} reused {where}[/]", highlight=False, soft_wrap=True)
     return 0
 
 

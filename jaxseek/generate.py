@@ -3,12 +3,14 @@
 ``Generator.generate`` prefills each request (its prompt in one causal pass over fresh pages, reusing a
 stored prefix when the ``PrefixStore`` has one), then decodes all requests together, one token per
 sequence per step, each sequence at its own length. Greedy when ``temperature == 0``, else temperature
-and top-p (nucleus) sampling.
+and top-p (nucleus) sampling. ``cache_fingerprint`` names what a cached row depends on (the weights and
+the cache's row format), so a store shared by several models or cache formats never mixes their rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 from typing import Callable
 
@@ -20,7 +22,7 @@ from flax import nnx
 from jaxseek.checkpoint import Checkpointer, load_configs
 from jaxseek.config import ModelConfig
 from jaxseek.decode import paged_forward_jit
-from jaxseek.kv_cache import InMemoryPrefixStore, KVPages, PageAllocator, PrefixStore, empty_pages
+from jaxseek.kv_cache import InMemoryPrefixStore, KVPages, PageAllocator, PrefixStore, RowFormat, empty_pages
 from jaxseek.model.experts import check_expert_parallel
 from jaxseek.model.transformer import Transformer
 from jaxseek.train_state import abstract_train_state, model_shardings, sharded_abstract_state
@@ -73,8 +75,42 @@ def load_model(run_dir: str | pathlib.Path) -> Transformer:
     return nnx.merge(graphdef, state.params, state.model_state)
 
 
+def cache_row_format(config: ModelConfig, kv_cache: str = "model") -> RowFormat:
+    """The rows a ``Generator(model, kv_cache=...)`` caches: the model's compute dtype, or "fp8"."""
+    if kv_cache not in ("model", "fp8"):
+        raise ValueError(f"kv_cache: expected 'model' or 'fp8', got {kv_cache!r}")
+    mla = config.mla
+    if kv_cache == "fp8":
+        if mla.kv_lora_rank % 128:
+            raise ValueError(f"kv_cache: 'fp8' scales groups of 128 latent values; this model's kv_lora_rank is "
+                             f"{mla.kv_lora_rank}")
+        return RowFormat("fp8", config.num_layers, mla.latent_dim, mla.kv_lora_rank)
+    dtype = "bfloat16" if config.compute_dtype == "bfloat16" else "float32"
+    return RowFormat(dtype, config.num_layers, mla.latent_dim, mla.latent_dim)
+
+
+def cache_fingerprint(model: Transformer, kv_cache: str = "model", samples_per_leaf: int = 4096) -> str:
+    """A sha256 hex digest of what cached rows depend on: the model's config, every state leaf's path, shape
+    and dtype with up to ``samples_per_leaf`` of its values (an even grid over each axis: a checkpoint of
+    another step or run differs there), and the cache's ``RowFormat``. Two models with the same fingerprint
+    compute the same rows for the same tokens (up to a collision in the sampled values)."""
+    digest = hashlib.sha256(repr((model.config, cache_row_format(model.config, kv_cache))).encode())
+    state = nnx.state(model)
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(state), key=lambda item: jax.tree_util.keystr(item[0])):
+        leaf = jnp.asarray(leaf)
+        per_axis = max(1, round(samples_per_leaf ** (1 / max(leaf.ndim, 1))))
+        grid = leaf[tuple(slice(None, None, max(1, -(-size // per_axis))) for size in leaf.shape)]
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype}".encode())
+        digest.update(np.ascontiguousarray(jax.device_get(grid)).tobytes())
+    return digest.hexdigest()
+
+
 class Generator:
-    """Serves generation requests from one model and one paged cache."""
+    """Serves generation requests from one model and one paged cache.
+
+    ``prefill_tokens_computed`` / ``prefill_tokens_reused`` count the prompt tokens run through the model
+    and those whose rows came from the prefix store, over this generator's life.
+    """
 
     def __init__(self, model: Transformer, *, num_blocks: int = 256, max_blocks_per_seq: int = 32,
                  prefix_store: PrefixStore | None = None, implementation: str | None = None,
@@ -89,18 +125,18 @@ class Generator:
         if self.mesh is not None:
             check_expert_parallel(self.config.moe, self.mesh)
             self.state = jax.device_put(self.state, model_shardings(self.state, self.mesh, get_rules("ep")))
-        if kv_cache not in ("model", "fp8"):
-            raise ValueError(f"kv_cache: expected 'model' or 'fp8', got {kv_cache!r}")
-        dtype = jnp.bfloat16 if self.config.compute_dtype == "bfloat16" else jnp.float32
-        mla = self.config.mla
-        if kv_cache == "fp8" and mla.kv_lora_rank % 128:
-            raise ValueError(f"kv_cache: 'fp8' scales groups of 128 latent values; this model's kv_lora_rank is "
-                             f"{mla.kv_lora_rank}")
-        self.pages: KVPages = empty_pages(self.config.num_layers, num_blocks, mla.latent_dim, dtype,
-                                          fp8_value_dim=mla.kv_lora_rank if kv_cache == "fp8" else None)
+        fmt = cache_row_format(self.config, kv_cache)
+        dtype = jnp.float32 if fmt.dtype == "fp8" else jnp.dtype(fmt.dtype)
+        self.pages: KVPages = empty_pages(fmt.num_layers, num_blocks, fmt.latent_dim, dtype,
+                                          fp8_value_dim=fmt.value_dim if fmt.dtype == "fp8" else None)
         self.allocator = PageAllocator(num_blocks, max_blocks_per_seq)
         self.prefix_store = prefix_store if prefix_store is not None else InMemoryPrefixStore()
+        expected = getattr(self.prefix_store, "fingerprint", None)
+        if expected is not None and expected != cache_fingerprint(model, kv_cache):
+            raise ValueError(f"prefix_store: its fingerprint {expected[:16]}... is not this model's with "
+                             f"kv_cache={kv_cache!r} (make it with cache_fingerprint(model, {kv_cache!r}))")
         self.implementation = implementation
+        self.prefill_tokens_computed = self.prefill_tokens_reused = 0
 
     def _forward(self, seq_ids, tokens, start, new_tokens):
         table = jnp.asarray(self.allocator.block_table(seq_ids))
@@ -110,10 +146,11 @@ class Generator:
                                                mesh=self.mesh)
         return logits
 
-    def _layer_rows(self, seq_id: int, length: int) -> np.ndarray:
-        """[num_layers, length, latent_dim] cached rows of a sequence (for the prefix store)."""
-        table = self.allocator.block_table([seq_id])[0][: -(-length // BLOCK_SIZE)]
-        return self.pages.rows(table)[:, :length]
+    def _packed_rows(self, seq_id: int, length: int) -> np.ndarray:
+        """[num_layers, length, row_bytes] uint8 packed rows of a sequence's first ``length`` tokens (a
+        multiple of 64), for the prefix store."""
+        table = self.allocator.block_table([seq_id])[0][: length // BLOCK_SIZE]
+        return self.pages.packed_rows(table)
 
     def prefill(self, seq_id: int, prompt: list[int]) -> jax.Array:
         """Caches the prompt; returns the [vocab] logits after its last token."""
@@ -121,14 +158,17 @@ class Generator:
         self.allocator.reserve(seq_id, len(prompt))
         if reused:
             table = self.allocator.block_table([seq_id])[0]
-            self.pages = self.pages.with_rows(table[: reused // BLOCK_SIZE], rows)
+            self.pages = self.pages.with_packed_rows(table[: reused // BLOCK_SIZE], rows)
         rest = prompt[reused:]
+        self.prefill_tokens_reused += reused
+        self.prefill_tokens_computed += len(rest)
         width = -(-len(rest) // PREFILL_BUCKET) * PREFILL_BUCKET
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(rest)] = rest
         logits = self._forward([seq_id], tokens, [reused], [len(rest)])
-        if len(prompt) >= BLOCK_SIZE:  # the store keeps whole pages only: shorter prompts need no copy
-            self.prefix_store.store(tuple(prompt), self._layer_rows(seq_id, len(prompt)))
+        whole = len(prompt) // BLOCK_SIZE * BLOCK_SIZE  # the store keeps whole pages only
+        if whole > reused:  # pages it has not seen yet
+            self.prefix_store.store(tuple(prompt[:whole]), self._packed_rows(seq_id, whole))
         return logits[0, len(rest) - 1]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig(),

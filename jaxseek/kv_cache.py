@@ -5,8 +5,10 @@ of 64 tokens (FlashMLA's block size) shared by all layers: ``pages[layer, page, 
 ``fp8_value_dim``, FlashMLA's FP8 format (an ``FP8KVCache`` with a leading layer axis, 656 bytes a token
 for DeepSeek-V3 instead of 1152 in bf16), which rows are quantised into as they are written. The
 allocator keeps a free list and one block table per sequence; ``PrefixStore`` is the hook a prefix
-cache (the storage package's 3FS-backed one, or ``InMemoryPrefixStore``) plugs into, so a new request
-whose prompt starts with a stored prefix skips recomputing it.
+cache (``storage.kvcache.ThreeFSPrefixStore`` on 3FS, or ``InMemoryPrefixStore``) plugs into, so a new
+request whose prompt starts with a stored prefix skips recomputing it. Stores keep *packed rows*
+(``KVPages.packed_rows``): each token's row as the bytes the pages hold it in (``RowFormat``), so FP8
+pages travel as their 656-byte FlashMLA rows, never dequantised and requantised.
 """
 
 from __future__ import annotations
@@ -18,9 +20,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mla_decode.fp8_cache import FP8KVCache, dequantize_kv_cache, quantize_kv_cache, quantize_rows
+from pallas_kernels.mla_decode.fp8_cache import (FP8KVCache, dequantize_kv_cache, fp8_row_bytes, pack_flashmla,
+                                                  quantize_kv_cache, quantize_rows, unpack_flashmla)
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
 from pallas_kernels.quant import FP8_DTYPE, GROUP
+
+
+class RowFormat(NamedTuple):
+    """How one token's cached row is laid out as bytes in packed rows (``KVPages.packed_rows``).
+
+    dtype: "float32" or "bfloat16" (the latent row in that dtype), or "fp8" (FlashMLA's row: ``value_dim``
+    e4m3 values | ``value_dim / 128`` float32 scales | ``latent_dim - value_dim`` bf16 RoPE values).
+    """
+
+    dtype: str
+    num_layers: int
+    latent_dim: int  # kv_lora_rank + qk_rope_head_dim (576 for DeepSeek-V3)
+    value_dim: int  # the e4m3 part of an "fp8" row (kv_lora_rank); latent_dim otherwise
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per token per layer: 656 for DeepSeek-V3 in "fp8", 1152 in "bfloat16"."""
+        if self.dtype == "fp8":
+            return fp8_row_bytes(self.latent_dim, self.value_dim)
+        return self.latent_dim * np.dtype(jnp.dtype(self.dtype)).itemsize
+
+    def describe(self) -> str:
+        return f"{self.dtype} layers={self.num_layers} d={self.latent_dim} dv={self.value_dim} row={self.row_bytes}B"
 
 
 class KVPages(NamedTuple):
@@ -49,6 +75,40 @@ class KVPages(NamedTuple):
             selected = jax.vmap(lambda c: dequantize_kv_cache(c, jnp.bfloat16))(selected)
         rows = np.asarray(selected[:, :, :, 0])  # [layers, pages, 64, latent]
         return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+
+    @property
+    def row_format(self) -> RowFormat:
+        if isinstance(self.data, FP8KVCache):
+            return RowFormat("fp8", self.data.values.shape[0], self.data.head_dim, self.data.head_dim_v)
+        return RowFormat(jnp.dtype(self.data.dtype).name, self.data.shape[0], self.data.shape[-1], self.data.shape[-1])
+
+    def packed_rows(self, pages: np.ndarray) -> np.ndarray:
+        """[num_layers, len(pages) * 64, row_format.row_bytes] uint8: the pages' rows as the bytes they hold
+        (FlashMLA's packed rows for FP8 pages: values | scales | RoPE; the raw dtype bytes otherwise)."""
+        selected = jax.tree.map(lambda x: x[:, pages], self.data)
+        if isinstance(selected, FP8KVCache):
+            packed = jax.vmap(pack_flashmla)(selected)[:, :, :, 0]  # [layers, pages, 64, row_bytes]
+        else:
+            packed = jax.lax.bitcast_convert_type(selected[:, :, :, 0], jnp.uint8)  # [layers, pages, 64, d, size]
+        packed = np.asarray(packed)
+        return packed.reshape(packed.shape[0], len(pages) * BLOCK_SIZE, -1)
+
+    def with_packed_rows(self, pages: np.ndarray, packed: np.ndarray) -> "KVPages":
+        """Writes [num_layers, len(pages) * 64, row_bytes] uint8 packed rows (``packed_rows``'s) into the given
+        pages, bit for bit. Raises ValueError if they are not rows of this cache's ``row_format``."""
+        fmt = self.row_format
+        expected = (fmt.num_layers, len(pages) * BLOCK_SIZE, fmt.row_bytes)
+        if packed.dtype != np.uint8 or packed.shape != expected:
+            raise ValueError(f"packed: expected uint8 {expected} rows of {fmt.describe()}, got {packed.dtype} "
+                             f"{packed.shape}")
+        packed = jnp.asarray(packed).reshape(fmt.num_layers, len(pages), BLOCK_SIZE, 1, fmt.row_bytes)
+        if isinstance(self.data, FP8KVCache):
+            rows = jax.vmap(lambda p: unpack_flashmla(p, fmt.latent_dim, fmt.value_dim))(packed)
+        else:
+            itemsize = np.dtype(self.data.dtype).itemsize
+            rows = jax.lax.bitcast_convert_type(packed.reshape(packed.shape[:-1] + (fmt.latent_dim, itemsize)),
+                                                self.data.dtype)
+        return KVPages(jax.tree.map(lambda x, r: x.at[:, pages].set(r), self.data, rows))
 
     def with_rows(self, pages: np.ndarray, rows: np.ndarray) -> "KVPages":
         """Writes [num_layers, len(pages) * 64, latent_dim] rows into the given pages."""
@@ -98,13 +158,16 @@ def write_rows(layer_pages: jax.Array | FP8KVCache, rows: jax.Array, block_table
 
 class PrefixStore(Protocol):
     """Where finished prompts' KV rows are kept for reuse, keyed by the tokens they encode. Prefixes are
-    whole pages (multiples of 64 tokens): the generator offers only prompts of at least one page."""
+    whole pages (multiples of 64 tokens): the generator offers only prompts of at least one page. Rows are
+    the generator's packed rows, ``[num_layers, n, row_bytes] uint8`` (``KVPages.packed_rows``); a store
+    returns them bit for bit. A store shared by several models must keep their rows apart (the 3FS store
+    takes the generator's ``cache_fingerprint``)."""
 
     def lookup(self, tokens: tuple[int, ...]) -> tuple[int, np.ndarray | None]:
-        """(n, rows [num_layers, n, latent_dim]) for the longest stored prefix of ``tokens`` (n may be 0)."""
+        """(n, rows [num_layers, n, row_bytes]) for the longest stored prefix of ``tokens`` (n may be 0)."""
 
     def store(self, tokens: tuple[int, ...], rows: np.ndarray) -> None:
-        """Keeps rows [num_layers, len(tokens), latent_dim] for the prefix ``tokens``."""
+        """Keeps rows [num_layers, len(tokens), row_bytes] for the prefix ``tokens``."""
 
 
 def prefix_key(tokens: tuple[int, ...]) -> str:

@@ -53,3 +53,19 @@ def compilation_cache(tmp_path):
     yield
     for name, value in saved.items():
         jax.config.update(name, value)
+
+
+@pytest.fixture(scope="session")
+def trained_run(micro_config, tmp_path_factory):
+    """A ``jaxseek train`` run directory of ``micro_config`` after 60 steps on stdlib code (~1 min to build:
+    shared by the generation and KV-store tests)."""
+    from rich.console import Console
+
+    from jaxseek.data import load_stdlib_corpus
+    from jaxseek.train import train
+    out = tmp_path_factory.mktemp("run")
+    tc = TrainConfig(steps=60, batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=5, checkpoint_every=60,
+                     eval_every=60)
+    train(micro_config, tc, out, corpus=load_stdlib_corpus(max_bytes=1_000_000), console=Console(quiet=True),
+          show_progress=False)
+    return out

@@ -10,29 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from rich.console import Console
 
-from jaxseek.config import TrainConfig
-from jaxseek.data import load_stdlib_corpus
 from jaxseek.decode import paged_forward
 from jaxseek.generate import Generator, SamplingConfig, load_model, sample
 from jaxseek.kv_cache import InMemoryPrefixStore, PageAllocator, empty_pages
 from jaxseek.model.transformer import Transformer
-from jaxseek.train import train
 from sharding.mesh import make_mesh
 
 PROMPTS = [list(b"import os\ndef main(argv):\n    "), list(b"class"),
            list(b"    def __init__(self, name, value=None):\n        self.name = name\n        self.value = v")]
-
-
-@pytest.fixture(scope="module")
-def trained_run(micro_config, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    tc = TrainConfig(steps=60, batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=5, checkpoint_every=60,
-                     eval_every=60)
-    train(micro_config, tc, out, corpus=load_stdlib_corpus(max_bytes=1_000_000), console=Console(quiet=True),
-          show_progress=False)
-    return out
 
 
 def reference_greedy(model, prompt, steps, width=128):
