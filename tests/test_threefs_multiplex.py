@@ -188,3 +188,16 @@ def test_the_server_bounds_the_requests_in_flight_per_connection():
         assert results == [pattern(k, 0, 8) for k in range(12)]
         assert service.most_running == 3  # never more than the bound, and the bound was used
         assert time.monotonic() - start >= 0.39  # 12 calls of 0.1 s, 3 at a time
+
+
+def test_large_replies_finishing_together_arrive_whole(served):
+    """Replies larger than the socket buffers, sent at once by several workers: frames never interleave."""
+    _, client = served
+
+    def caller(k: int) -> None:
+        for i in range(3):
+            assert client.payload(k, i, 4 << 20, 0) == pattern(k, i, 4 << 20)
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(caller, k) for k in range(8)]:
+            future.result()
