@@ -1,11 +1,14 @@
-"""A server connection whose requests run concurrently (``RpcServer``, ``transport.py``).
+"""A server connection whose requests run concurrently (``RpcServer``, ``server.py``).
 
-The connection's thread reads request frames one after another and hands each to a worker; workers
-(daemon threads, started as needed and kept for the connection's life) run the method and write the
-reply, with the request's id, under the connection's send lock: whole frames, never interleaved, in
-the order the methods finish. At most `max_in_flight` requests of one connection are received and not
-yet answered: past that the reading thread stops reading (TCP then stops the client), so one client
-cannot make a server hold unbounded work or memory.
+The connection's threads take turns reading (leader/follower): the thread holding the reading role reads
+one request frame, hands the role to an idle thread of the connection (starting one if none is idle) and
+runs the request itself, then writes the reply, with the request's id, under the connection's send lock:
+whole frames, never interleaved, in the order the methods finish. A request is thus never handed to
+another thread; while it runs, the next thread already watches the socket, so a second request arriving
+meanwhile runs at once beside it. Threads are daemons kept for the connection's life, at most
+`max_in_flight` + 1. At most `max_in_flight` requests of one connection are received and not yet
+answered: past that the reader stops reading (TCP then stops the client), so one client cannot make a
+server hold unbounded work or memory.
 
 Each request's segment area (a write's payload) is received into a ``RequestBuffer`` taken from the
 connection's pool and given back once the method returned and the request's values are dropped (at
@@ -15,13 +18,11 @@ one, or a method that kept one, makes the next request use a new buffer: ``reque
 
 from __future__ import annotations
 
-import queue
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from storage.threefs.net.framing import send_frame
+from storage.threefs.net.framing import send_frame, wait_readable
 from storage.threefs.net.request_buffer import RequestBuffer
 
 MAX_IN_FLIGHT = 32  # requests of one connection received and not yet answered
@@ -32,8 +33,9 @@ class ServedConnection:
 
     receive(conn, peer, request_buffer) -> (request id, method, args, kwargs), or None at the end (the
     peer closed, or sent a malformed frame: `receive` logs it). answer(method, args, kwargs) -> the
-    encoded reply (it never raises: errors are replies). ``serve()`` returns when the connection ends;
-    the socket is then closed (after any reply still being written).
+    encoded reply (it never raises: errors are replies). ``serve()`` runs on the connection's first
+    thread and returns when the connection ended; the socket is then shut, and closed once no reply is
+    being written.
     """
 
     def __init__(self, conn: socket.socket, peer: str, receive: Callable[..., tuple | None],
@@ -44,49 +46,59 @@ class ServedConnection:
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._send_lock = threading.Lock()
         self._buffers: list[RequestBuffer] = []  # free ones (list append/pop are atomic)
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards _idle and _workers
-        self._idle = 0
-        self._workers = 0
+        self._turn = threading.Condition(threading.Lock())  # guards the three below
+        self._reading = True  # a thread holds the reading role (the first one, in serve())
+        self._idle = 0  # threads waiting for the reading role
+        self._ended = False
 
     def serve(self) -> None:
-        try:
-            while True:
-                self._slots.acquire()  # backpressure: wait for a request of this connection to finish
-                buffer = self._buffers.pop() if self._buffers else RequestBuffer()
-                request = self._receive(self._conn, self._peer, buffer)
-                if request is None:
-                    return
-                self._dispatch(request, buffer)
-                del request
-        except OSError:
-            return  # the client went away, or the server's shutdown closed the socket
-        finally:
-            self._end()
+        self._take_turns(reading=True)
 
-    def _dispatch(self, request: tuple, buffer: RequestBuffer) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-                start = False
-            else:
-                self._workers += 1
-                start = True
-        self._work.put((request, buffer))
-        if start:
-            threading.Thread(target=self._work_loop, name=f"rpc-worker-{self._peer}", daemon=True).start()
-
-    def _work_loop(self) -> None:
+    def _take_turns(self, reading: bool) -> None:
+        """A thread of the connection: waits for the reading role, reads one request, passes the role on,
+        runs the request; again, until the connection ends."""
+        counted = not reading  # a thread started by _pass_turn is already counted as idle
         while True:
-            item = self._work.get()
-            if item is None:
+            if not reading and not self._wait_for_turn(counted):
                 return
-            request, buffer = item
-            del item
+            reading = counted = False
+            self._slots.acquire()  # backpressure: wait for a request of this connection to finish
+            try:
+                wait_readable(self._conn, None)  # a buffer is taken once a request arrives: the previous
+                buffer = self._buffers.pop() if self._buffers else RequestBuffer()  # one's is back by then
+                request = self._receive(self._conn, self._peer, buffer)
+            except (OSError, ValueError):  # the client went away, or the server's shutdown closed the socket
+                request = None
+            except BaseException:
+                self._end()
+                raise
+            if request is None:
+                self._end()
+                return
+            self._pass_turn()
             self._run(request, buffer)
             del request
-            with self._lock:
-                self._idle += 1
+
+    def _wait_for_turn(self, counted: bool) -> bool:
+        """Takes the reading role once it is free; False if the connection ended meanwhile."""
+        with self._turn:
+            self._idle += not counted
+            while self._reading and not self._ended:
+                self._turn.wait()
+            self._idle -= 1
+            if self._ended:
+                return False
+            self._reading = True
+            return True
+
+    def _pass_turn(self) -> None:
+        with self._turn:
+            self._reading = False
+            if self._idle:
+                self._turn.notify()
+                return
+            self._idle += 1  # the thread started below, until it takes the role
+        threading.Thread(target=self._take_turns, args=(False,), name=f"rpc-conn-{self._peer}", daemon=True).start()
 
     def _run(self, request: tuple, buffer: RequestBuffer) -> None:
         request_id, method, args, kwargs = request
@@ -98,7 +110,7 @@ class ServedConnection:
             with self._send_lock:
                 send_frame(self._conn, reply, request_id)
         except OSError:
-            self._shut()  # the reading thread sees it and ends the connection
+            self._shut()  # the reader sees it and ends the connection
         finally:
             self._slots.release()
 
@@ -109,13 +121,12 @@ class ServedConnection:
             pass
 
     def _end(self) -> None:
-        """Stops the workers (each after its current request) and closes the socket once no reply is being
-        written (a worker blocked sending to a client that stopped reading fails at once: the socket is
-        shut first)."""
-        with self._lock:
-            workers = self._workers
-        for _ in range(workers):
-            self._work.put(None)
+        """Ends the connection (called by the thread holding the reading role): idle threads leave, running
+        ones after their request (a reply blocked on a client that stopped reading fails at once: the
+        socket is shut first); the socket is closed once no reply is being written."""
+        with self._turn:
+            self._ended = True
+            self._turn.notify_all()
         self._shut()
         with self._send_lock:
             self._conn.close()
