@@ -5,6 +5,7 @@ late replies answer nobody, a dead connection fails every call on it, and the se
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from storage.threefs.errors import NodeUnavailable
+from storage.threefs.net.auth import server_handshake
 from storage.threefs.net.codec import Codec
+from storage.threefs.net.framing import HEADER, recv_frame
 from storage.threefs.net.transport import ReplyBuffer, RpcClient, RpcServer
 
 CODEC = Codec()
@@ -201,3 +204,60 @@ def test_large_replies_finishing_together_arrive_whole(served):
     with ThreadPoolExecutor(8) as pool:
         for future in [pool.submit(caller, k) for k in range(8)]:
             future.result()
+
+
+def test_a_call_that_times_out_while_another_caller_receives_its_reply_leaves_its_buffer_alone():
+    """A hand-written server dribbles the reply of a call_into (pauses shorter than the socket's timeout):
+    another caller, the connection's reader, is receiving it into the caller's buffer when the caller's
+    deadline passes. From the moment the call raised, its buffer must not change (the call revokes it;
+    the reader discards the rest)."""
+    size, first, chunk = 1 << 20, 256 << 10, 128 << 10
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests: list[str] = []
+    got_hold = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            server_handshake(conn, SECRET, 5)
+            while True:
+                frame = recv_frame(conn)
+                if frame is None:
+                    return
+                request_id, body = frame
+                method = CODEC.decode(body)[0]
+                requests.append(method)
+                if method == "hold":  # never answered: its caller is the reader meanwhile
+                    got_hold.set()
+                    continue
+                parts = b"".join(bytes(part) for part in CODEC.encode(("ok", pattern(7, 7, size))))
+                frame_bytes = HEADER.pack(len(parts), request_id) + parts
+                start = len(frame_bytes) - size + first
+                conn.sendall(frame_bytes[:start])
+                while start < len(frame_bytes):
+                    time.sleep(0.3)  # shorter than the socket's timeout: the connection stays up
+                    conn.sendall(frame_bytes[start:start + chunk])
+                    start += chunk
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = RpcClient(f"127.0.0.1:{listener.getsockname()[1]}", timeout=1.0, codec=CODEC, secret=SECRET)
+    buffer = bytearray(size)
+    try:
+        holder = ThreadPoolExecutor(1)
+        held = holder.submit(client.hold)  # its caller takes the receive lock and waits for frames
+        assert got_hold.wait(5)
+        time.sleep(0.1)
+        with pytest.raises(NodeUnavailable, match="no reply within"):
+            client.call_into(buffer, "big")
+        snapshot = bytes(buffer)
+        assert snapshot[:first] == pattern(7, 7, size)[:first]  # the reader was receiving into it
+        with pytest.raises(NodeUnavailable):
+            held.result(10)  # the reader reads the dribbled frame to its end, then times out itself
+        server.join(0.1)
+        time.sleep(0.7)  # the rest of the frame has arrived meanwhile
+        assert bytes(buffer) == snapshot  # nothing landed after the call returned
+        holder.shutdown()
+    finally:
+        client.disconnect()
+        listener.close()

@@ -46,22 +46,22 @@ class ServedConnection:
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._send_lock = threading.Lock()
         self._buffers: list[RequestBuffer] = []  # free ones (list append/pop are atomic)
-        self._turn = threading.Condition(threading.Lock())  # guards the three below
-        self._reading = True  # a thread holds the reading role (the first one, in serve())
-        self._idle = 0  # threads waiting for the reading role
+        self._role = threading.Lock()  # held by the thread reading now; idle threads block on it
+        self._counter_lock = threading.Lock()  # guards _idle
+        self._idle = 0  # threads blocked on (or about to take) the reading role
         self._ended = False
 
     def serve(self) -> None:
-        self._take_turns(reading=True)
+        self._role.acquire()
+        self._take_turns()
 
-    def _take_turns(self, reading: bool) -> None:
-        """A thread of the connection: waits for the reading role, reads one request, passes the role on,
-        runs the request; again, until the connection ends."""
-        counted = not reading  # a thread started by _pass_turn is already counted as idle
+    def _take_turns(self) -> None:
+        """A thread of the connection, holding the reading role: reads one request, passes the role on,
+        runs the request, waits for the role again; until the connection ends."""
         while True:
-            if not reading and not self._wait_for_turn(counted):
+            if self._ended:
+                self._role.release()  # wakes the next idle thread, which leaves too
                 return
-            reading = counted = False
             self._slots.acquire()  # backpressure: wait for a request of this connection to finish
             try:
                 wait_readable(self._conn, None)  # a buffer is taken once a request arrives: the previous
@@ -74,31 +74,32 @@ class ServedConnection:
                 raise
             if request is None:
                 self._end()
-                return
+                continue
             self._pass_turn()
             self._run(request, buffer)
             del request
+            self._count_idle(1)
+            self._role.acquire()  # a C-level lock: an idle thread waits without the GIL
+            self._count_idle(-1)
 
-    def _wait_for_turn(self, counted: bool) -> bool:
-        """Takes the reading role once it is free; False if the connection ended meanwhile."""
-        with self._turn:
-            self._idle += not counted
-            while self._reading and not self._ended:
-                self._turn.wait()
-            self._idle -= 1
-            if self._ended:
-                return False
-            self._reading = True
-            return True
+    def _count_idle(self, change: int) -> int:
+        with self._counter_lock:
+            self._idle += change
+            return self._idle
 
     def _pass_turn(self) -> None:
-        with self._turn:
-            self._reading = False
-            if self._idle:
-                self._turn.notify()
-                return
-            self._idle += 1  # the thread started below, until it takes the role
-        threading.Thread(target=self._take_turns, args=(False,), name=f"rpc-conn-{self._peer}", daemon=True).start()
+        """Releases the reading role to an idle thread, starting one if none is idle."""
+        start = self._count_idle(0) == 0
+        if start:
+            self._count_idle(1)  # the new thread counts as idle until it holds the role
+        self._role.release()
+        if start:
+            threading.Thread(target=self._start_thread, name=f"rpc-conn-{self._peer}", daemon=True).start()
+
+    def _start_thread(self) -> None:
+        self._role.acquire()
+        self._count_idle(-1)
+        self._take_turns()
 
     def _run(self, request: tuple, buffer: RequestBuffer) -> None:
         request_id, method, args, kwargs = request
@@ -121,12 +122,11 @@ class ServedConnection:
             pass
 
     def _end(self) -> None:
-        """Ends the connection (called by the thread holding the reading role): idle threads leave, running
-        ones after their request (a reply blocked on a client that stopped reading fails at once: the
-        socket is shut first); the socket is closed once no reply is being written."""
-        with self._turn:
-            self._ended = True
-            self._turn.notify_all()
+        """Ends the connection (called by the thread holding the reading role, which keeps it until it
+        leaves; each idle thread then takes it in turn and leaves): running threads leave after their
+        request (a reply blocked on a client that stopped reading fails at once: the socket is shut
+        first); the socket is closed once no reply is being written."""
+        self._ended = True
         self._shut()
         with self._send_lock:
             self._conn.close()
