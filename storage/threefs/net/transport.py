@@ -11,24 +11,24 @@ RDMA or TCP). This is the same idea at its smallest:
 Both ends take a ``Codec`` (its registry says which types may travel: ``wire_types.threefs_codec()`` for
 3FS) and the cluster's secret (``auth.load_or_create_secret(root)``). ``RpcServer`` lives in ``server.py``
 (re-exported here). Many requests are in flight on one connection: a client's calling threads share one
-connection per server (``connections`` to have a few), each call tagged with its own request id; the
-callers take turns reading the replies, each reader handing every reply to the call with its id until its
-own arrives (``multiplexer.py``: no reader thread, so a lone caller reads its own reply). The server runs
-each request on the thread that read it while another thread of the connection takes over the reading,
-each reply written whole under a send lock in the order the methods finish, at most ``max_in_flight``
-per connection (past that it stops reading: backpressure; ``served_connection.py``). Exceptions raised by the served object
+connection per server (``connections`` to have a few), each call tagged with its own request id; the callers
+take turns reading the replies, each reader handing every reply to the call with its id until its own
+arrives (``multiplexer.py``: no reader thread, so a lone caller reads its own reply). The server runs each
+request on the thread that read it while another thread of the connection takes over the reading, each reply
+written whole under a send lock in the order the methods finish, at most ``max_in_flight`` per connection
+(past that it stops reading: backpressure; ``served_connection.py``). Exceptions raised by the served object
 travel back and are re-raised in the caller with their own type if the codec knows it (a note names the
 server and method), else as a ``RuntimeError`` naming the type.
 
-Data path: a server connection receives each request's segment area into a buffer of a small pool it
-reuses from request to request (``RequestBuffer``, ``request_buffer.py``: no zeroed allocation per
-request; a buffer is reused only once its request finished and no view of it survives); the ``view_methods`` it serves get their bytes arguments as views of it (a storage server's
-write payloads go to ``pwrite`` and to the successor without a copy). A frame's parts go out in one
-``sendmsg`` (large bytes values are never concatenated; ``framing.py``);
-``call_into(destination, ...)`` receives a reply's raw bytes (the codec's segment area) with ``recv_into``
-straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can revoke it (a hedged read that
-another replica answered first; ``reply_buffer.py``): with several calls in flight, the reply for
-request id k lands in the buffer registered for k.
+Data path: a server connection receives each request's segment area into a buffer of a small pool it reuses
+from request to request (``RequestBuffer``, ``request_buffer.py``: no zeroed allocation per request; a
+buffer is reused only once its request finished and no view of it survives); the ``view_methods`` it serves
+get their bytes arguments as views of it (a storage server's write payloads go to ``pwrite`` and to the
+successor without a copy). A frame's parts go out in one ``sendmsg`` (large bytes values are never
+concatenated; ``framing.py``); ``call_into(destination, ...)`` receives a reply's raw bytes (the codec's
+segment area) with ``recv_into`` straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can
+revoke it (a hedged read that another replica answered first; ``reply_buffer.py``): with several calls in
+flight, the reply for request id k lands in the buffer registered for k.
 
 Failure rules:
   * A refused, reset, closed or timed-out connection raises ``errors.NodeUnavailable`` naming the address;
