@@ -109,7 +109,7 @@ def test_a_method_name_that_is_not_a_string_is_refused_and_the_server_serves_on(
     host, port = client.address.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
         client_handshake(sock, SECRET, 5.0)
-        sock.sendall(struct.pack(">Q", len(body)) + body)
+        sock.sendall(struct.pack(">QQ", len(body), 1) + body)
         sock.settimeout(5.0)
         assert sock.recv(1) == b""  # closed: refused as malformed
     assert any("malformed request" in record.getMessage() for record in caplog.records)
@@ -122,7 +122,7 @@ def test_a_frame_shorter_than_its_prefix_is_refused(pair):
     host, port = client.address.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
         client_handshake(sock, SECRET, 5.0)
-        sock.sendall(struct.pack(">Q", 3) + b"3FW1\0\0\0\0")
+        sock.sendall(struct.pack(">QQ", 3, 1) + b"3FW1\0\0\0\0")
         sock.settimeout(5.0)
         assert sock.recv(1) == b""
     assert client.digest(b"x" * 40) == b"x" * 32

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from storage.threefs.errors import NodeUnavailable
-from storage.threefs.net.auth import AuthenticationError, client_handshake, load_or_create_secret
+from storage.threefs.net.auth import HANDSHAKE_MAGIC, AuthenticationError, client_handshake, load_or_create_secret
 from storage.threefs.net.codec import Codec
 from storage.threefs.net.transport import RpcClient, RpcServer
 
@@ -188,10 +188,10 @@ def test_connections_on_descriptors_past_1024_are_reused_and_wait_for_replies(se
     client = connect(server.address, timeout=10)
     try:
         assert client.slow(0.05, b"first") == b"first"  # its socket is past descriptor 1100
-        connection = client._local.connection
+        [connection] = client._open
         assert connection.sock.fileno() > 1024
         assert client.slow(0.05, b"second") == b"second"
-        assert client._local.connection is connection  # reused, not replaced after a failed idle check
+        assert client._open == [connection]  # reused, not replaced after a failed idle check
         payload = b"p" * (8 << 20)  # more than the socket buffers: the in-place receive has to wait
         buffer = bytearray(len(payload))
         assert bytes(client.call_into(buffer, "slow", 0, payload)) == payload
@@ -231,12 +231,14 @@ def test_concurrent_calls_from_eight_threads(served):
     assert time.monotonic() - start < 1.6
 
 
-def test_connections_of_finished_threads_are_closed(served):
+def test_threads_share_one_connection_closed_by_disconnect(served):
     server, client = served
     threads = [threading.Thread(target=client.add, args=(k, k)) for k in range(20)]
     for t in threads:
         t.start()
-        t.join()  # one at a time: each thread opens its own connection, then ends
+        t.join()  # one at a time: every thread uses the one connection
+    assert server.open_connections == 1 and client.open_connections == 1
+    client.disconnect()
     deadline = time.monotonic() + 5
     while server.open_connections > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -380,7 +382,7 @@ def test_a_client_without_the_secret_is_refused_and_logged_and_others_are_served
     wait_for_warning(caplog, "failed the handshake")
     sock, peer = raw_connection(server.address)
     with sock:
-        assert sock.recv(36, socket.MSG_WAITALL)[:4] == b"3FA1"  # magic + nonce
+        assert sock.recv(36, socket.MSG_WAITALL)[:4] == HANDSHAKE_MAGIC  # magic + nonce
         sock.sendall(b"GET / HTTP/1.1\r\n" + b"\r\n" * 24)  # 64 bytes of garbage for a proof
         assert closed_by_server(sock)
     assert "client's proof" in wait_for_warning(caplog, peer)
@@ -427,7 +429,7 @@ def test_a_malformed_frame_after_the_handshake_is_refused_and_logged(served, cap
     caplog.set_level(logging.WARNING, logger="storage.threefs.net.transport")
     sock, peer = authenticated_connection(server.address)
     with sock:
-        sock.sendall(struct.pack(">Q", len(body)) + body)
+        sock.sendall(struct.pack(">QQ", len(body), 1) + body)
         assert closed_by_server(sock)
     assert "malformed request" in wait_for_warning(caplog, peer)
     assert client.echo("still serving") == "still serving"
@@ -446,7 +448,7 @@ def test_a_pickle_is_never_unpickled(served, caplog, tmp_path):
     caplog.set_level(logging.WARNING, logger="storage.threefs.net.transport")
     marker = tmp_path / "pwned"
     payload = pickle.dumps(("echo", (_CreatesFile(marker),), {}))
-    frame = struct.pack(">Q", len(payload)) + payload
+    frame = struct.pack(">QQ", len(payload), 1) + payload
     sock, _ = raw_connection(server.address)  # the old protocol: a pickle frame straight away
     with sock:
         sock.sendall(frame)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import pytest
 
-from storage.threefs.net.auth import (AuthenticationError, PeerUnresponsive, client_handshake,
+from storage.threefs.net.auth import (HANDSHAKE_MAGIC, AuthenticationError, PeerUnresponsive, client_handshake,
                                       load_or_create_secret, server_handshake)
 from storage.threefs.net.codec import MAX_DEPTH, Codec, WireFormatError, wire_name
 
@@ -333,7 +333,7 @@ def test_client_refuses_a_server_that_cannot_prove_the_secret():
     secret = os.urandom(32)
     left, right = socket.socketpair()
     with left, right:
-        left.sendall(b"3FA1" + os.urandom(32))  # a server that has no secret: it answers garbage
+        left.sendall(HANDSHAKE_MAGIC + os.urandom(32))  # a server that has no secret: it answers garbage
         thread = threading.Thread(target=lambda: (left.recv(64), left.sendall(os.urandom(32))))
         thread.start()
         with pytest.raises(AuthenticationError, match="server's proof does not match"):

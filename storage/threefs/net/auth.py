@@ -3,7 +3,7 @@
 The secret is 32 random bytes in ``<cluster root>/secret`` (mode 0600): any process that can read the
 cluster root may join the cluster; other local users may not. The handshake (before any RPC frame)::
 
-    server -> client   b"3FA1" + server_nonce (32 random bytes)
+    server -> client   b"3FA2" + server_nonce (32 random bytes)
     client -> server   HMAC-SHA256(secret, b"client" + server_nonce) + client_nonce (32 random bytes)
     server -> client   HMAC-SHA256(secret, b"server" + client_nonce)      (only if the client's MAC matched)
 
@@ -29,7 +29,7 @@ from pathlib import Path
 SECRET_BYTES = 32
 NONCE_BYTES = 32
 MAC_BYTES = hashlib.sha256().digest_size
-HANDSHAKE_MAGIC = b"3FA1"
+HANDSHAKE_MAGIC = b"3FA2"  # 2: frames carry request ids (several requests in flight per connection)
 DEFAULT_TIMEOUT = 5.0
 
 

@@ -1,9 +1,12 @@
 """Frames on a stream socket, the unit of this 3FS's RPC (``transport.py``).
 
-A frame is an 8-byte big-endian body length (`HEADER`), then the body. `send_frame` gathers the header
-and a codec's parts into one ``sendmsg`` (large bytes values are never concatenated); `recv_frame` reads
-one body into a buffer that grows as bytes arrive (a false length costs no more memory than the bytes
-actually sent; a length past `MAX_FRAME` is a protocol error); `recv_into` fills a caller's view.
+A frame is a 16-byte header (`HEADER`: the body's length and the request id, both 64-bit big-endian),
+then the body. The request id pairs a reply with its request: a connection carries several requests at
+once and the server answers them in any order, each reply with the id of the request it answers.
+`send_frame` gathers the header and a codec's parts into one ``sendmsg`` (large bytes values are never
+concatenated); `recv_frame` reads one body into a buffer that grows as bytes arrive (a false length costs
+no more memory than the bytes actually sent; a length past `MAX_FRAME` is a protocol error); `recv_into`
+fills a caller's view; `drain` reads and discards a body nobody waits for.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ import struct
 
 from storage.threefs.net.codec import WireFormatError
 
-HEADER = struct.Struct(">Q")
+HEADER = struct.Struct(">QQ")  # body length, request id
 MAX_FRAME = 1 << 40  # a header announcing more than this is a protocol error, not a payload
 FIRST_ALLOCATION = 64 << 20  # frames up to this size are read into one buffer of their exact size
 
 
-def send_frame(sock: socket.socket, parts: list[bytes | bytearray | memoryview]) -> None:
-    """Sends one frame whose body is ``parts`` (a codec's output: small values packed in the first part,
-    each large bytes value a part of its own), header and parts gathered by ``sendmsg``: no copy."""
-    pending = [memoryview(HEADER.pack(sum(len(part) for part in parts)))] + [memoryview(p).cast("B") for p in parts]
+def send_frame(sock: socket.socket, parts: list[bytes | bytearray | memoryview], request_id: int) -> None:
+    """Sends one frame of request `request_id` whose body is ``parts`` (a codec's output: small values
+    packed in the first part, each large bytes value a part of its own), header and parts gathered by
+    ``sendmsg``: no copy. Callers sharing a socket hold one lock around it (frames never interleave)."""
+    pending = [memoryview(HEADER.pack(sum(len(part) for part in parts), request_id))]
+    pending += [memoryview(p).cast("B") for p in parts]
     while pending:
         sent = sock.sendmsg(pending)
         while pending and sent >= len(pending[0]):
@@ -46,16 +51,24 @@ def recv_into(sock: socket.socket, view: memoryview, frame_start: bool = False) 
     return True
 
 
-def recv_frame(sock: socket.socket) -> bytearray | None:
-    """One frame's body; None if the peer closed the connection between frames. The buffer grows as
-    bytes arrive, so a false length costs no more memory than the bytes actually sent."""
+def recv_frame(sock: socket.socket) -> tuple[int, bytearray] | None:
+    """One frame: (request id, body); None if the peer closed the connection between frames. The buffer
+    grows as bytes arrive, so a false length costs no more memory than the bytes actually sent."""
     header = bytearray(HEADER.size)
     if not recv_into(sock, memoryview(header), frame_start=True):
         return None
-    (length,) = HEADER.unpack(header)
+    length, request_id = HEADER.unpack(header)
     if length > MAX_FRAME:
         raise WireFormatError(f"frame length {length} exceeds {MAX_FRAME}: not this protocol")
-    return recv_exact(sock, length)
+    return request_id, recv_exact(sock, length)
+
+
+def drain(sock: socket.socket, size: int) -> None:
+    """Reads and discards `size` bytes (the rest of a frame nobody waits for), 64 KiB at a time."""
+    scratch = memoryview(bytearray(min(size, 1 << 16)))
+    while size > 0:
+        recv_into(sock, scratch[:min(size, len(scratch))])
+        size -= min(size, len(scratch))
 
 
 def recv_exact(sock: socket.socket, length: int) -> bytearray:

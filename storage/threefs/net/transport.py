@@ -4,33 +4,41 @@
 RDMA or TCP). This is the same idea at its smallest:
 
   connection = the handshake of ``auth.py`` (both ends prove they hold the cluster's secret), then frames
-  frame      = 8-byte big-endian body length, then the body: one value in ``codec.py``'s format
+  frame      = 16-byte header (body length, request id), then the body: one value in ``codec.py``'s format
   request    = (method_name: str, args: tuple, kwargs: dict)
-  reply      = ("ok", return_value) | ("err", exception)
+  reply      = ("ok", return_value) | ("err", exception), with the id of the request it answers
 
 Both ends take a ``Codec`` (its registry says which types may travel: ``wire_types.threefs_codec()`` for
-3FS) and the cluster's secret (``auth.load_or_create_secret(root)``). The server runs one thread per
-connection; the client keeps one connection per calling thread (so calls from many threads run
-concurrently, and a connection never interleaves two calls). Exceptions raised by the served object
+3FS) and the cluster's secret (``auth.load_or_create_secret(root)``). ``RpcServer`` lives in ``server.py``
+(re-exported here). Many requests are in flight on one connection: a client's calling threads share one
+connection per server (``connections`` to have a few), each call tagged with its own request id; the callers
+take turns reading the replies, each reader handing every reply to the call with its id until its own
+arrives (``multiplexer.py``: no reader thread, so a lone caller reads its own reply). The server runs each
+request on the thread that read it while another thread of the connection takes over the reading, each reply
+written whole under a send lock in the order the methods finish, at most ``max_in_flight`` per connection
+(past that it stops reading: backpressure; ``served_connection.py``). Exceptions raised by the served object
 travel back and are re-raised in the caller with their own type if the codec knows it (a note names the
 server and method), else as a ``RuntimeError`` naming the type.
 
-Data path: a server connection receives each request's segment area into one buffer it reuses from
-request to request (``RequestBuffer``, ``request_buffer.py``: no zeroed allocation per request; reused only once no view of it
-survives); the ``view_methods`` it serves get their bytes arguments as views of it (a storage server's
-write payloads go to ``pwrite`` and to the successor without a copy). A frame's parts go out in one
-``sendmsg`` (large bytes values are never concatenated; ``framing.py``);
-``call_into(destination, ...)`` receives a reply's raw bytes (the codec's segment area) with ``recv_into``
-straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can revoke it (a hedged read that
-another replica answered first; ``reply_buffer.py``). Several requests per server are in flight as one connection per calling
-thread (an IoRing's workers each hold one); a connection carries one request at a time.
+Data path: a server connection receives each request's segment area into a buffer of a small pool it reuses
+from request to request (``RequestBuffer``, ``request_buffer.py``: no zeroed allocation per request; a
+buffer is reused only once its request finished and no view of it survives); the ``view_methods`` it serves
+get their bytes arguments as views of it (a storage server's write payloads go to ``pwrite`` and to the
+successor without a copy). A frame's parts go out in one ``sendmsg`` (large bytes values are never
+concatenated; ``framing.py``); ``call_into(destination, ...)`` receives a reply's raw bytes (the codec's
+segment area) with ``recv_into`` straight into the caller's buffer, behind a ``ReplyBuffer`` whose owner can
+revoke it (a hedged read that another replica answered first; ``reply_buffer.py``): with several calls in
+flight, the reply for request id k lands in the buffer registered for k.
 
 Failure rules:
   * A refused, reset, closed or timed-out connection raises ``errors.NodeUnavailable`` naming the address;
     so does a server that accepts the connection but never answers the handshake (down or hung). A call
     is never retried by this layer once its request may have reached the server (the caller decides
     whether the operation is safe to repeat); an idle pooled connection the server has already closed is
-    detected before use and replaced, which sends nothing twice.
+    detected before use and replaced, which sends nothing twice. A connection that dies (EOF, reset, a
+    frame stalled past the timeout, an interrupted send) fails every call in flight on it at once.
+  * A call that times out or is interrupted forgets its request id (and revokes its ``ReplyBuffer``):
+    its late reply is read and discarded, never taken as another call's; the connection stays up.
   * A server that answers the handshake but refuses the client's secret, or cannot prove its own, raises
     ``auth.AuthenticationError`` naming the address: not a ``NodeUnavailable``, so callers that retry an
     unavailable node do not retry this.
@@ -45,218 +53,22 @@ secret file may call a server. Frames after the handshake are neither encrypted 
 loopback (the default) or a private network, as 3FS itself assumes of its RPC.
 """
 
+
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import weakref
 from typing import Any
 
-from storage.threefs.net.auth import (DEFAULT_TIMEOUT, AuthenticationError, PeerUnresponsive, client_handshake,
-                                      server_handshake)
-from storage.threefs.net.codec import PREFIX_SIZE, Codec, WireFormatError
-from storage.threefs.net.framing import HEADER as _HEADER, MAX_FRAME as _MAX_FRAME, recv_exact as _recv_exact
-from storage.threefs.net.framing import recv_frame as _recv_frame, recv_into as _recv_into, send_frame as _send_frame
-from storage.threefs.net.framing import wait_readable
-from storage.threefs.net.request_buffer import RequestBuffer
-from storage.threefs.net.reply_buffer import ReplyBuffer, receive_reply_into  # ReplyBuffer: re-exported
+from storage.threefs.net.auth import DEFAULT_TIMEOUT, AuthenticationError, PeerUnresponsive, client_handshake
+from storage.threefs.net.codec import Codec, WireFormatError
+from storage.threefs.net.multiplexer import MultiplexedConnection, NotSent
+from storage.threefs.net.reply_buffer import ReplyBuffer  # re-exported
+from storage.threefs.net.server import RpcServer, check_secret  # RpcServer re-exported
 from storage.threefs.errors import NodeUnavailable
 
-
-def _check_secret(secret: bytes) -> bytes:
-    if not isinstance(secret, bytes) or len(secret) < 16:
-        raise ValueError("secret: expected the cluster's secret, at least 16 bytes (auth.load_or_create_secret)")
-    return secret
-
-
-class RpcServer:
-    """Serves the public methods of ``obj`` (names not starting with ``_``; only ``allowed`` if given).
-
-    host/port: where to listen (port 0 picks a free port; ``address`` tells which). codec: the types that
-    may travel. secret: the cluster's secret; a client must prove it holds it within
-    ``handshake_timeout`` seconds of connecting. Start with ``serve_in_thread()``; ``shutdown()`` closes
-    the listener and every open connection, so clients see ``NodeUnavailable`` as if the process had died.
-    view_methods: methods whose bytes arguments arrive as writable memoryviews of the connection's
-    request buffer (no copy; a write's payload goes straight to ``pwrite``), valid during the call: the
-    method only reads them (a view it keeps past the call is safe, it merely stops the buffer's reuse:
-    ``RequestBuffer``). Every other method gets bytes.
-    """
-
-    def __init__(self, obj: Any, host: str = "127.0.0.1", port: int = 0, allowed: set[str] | None = None, *,
-                 codec: Codec, secret: bytes, handshake_timeout: float = DEFAULT_TIMEOUT,
-                 view_methods: set[str] | frozenset[str] = frozenset()):
-        self._codec, self._cluster_secret, self._handshake_timeout = codec, _check_secret(secret), handshake_timeout
-        self._view_methods = frozenset(view_methods)
-        if allowed is not None:
-            bad = sorted(name for name in allowed if name.startswith("_") or not callable(getattr(obj, name, None)))
-            if bad:
-                raise ValueError(f"allowed={bad}: not public methods of {type(obj).__name__}")
-        self.obj = obj
-        self.allowed = frozenset(allowed) if allowed is not None else None
-        self._listener = socket.create_server((host, port))
-        bound_host, bound_port = self._listener.getsockname()[:2]
-        self.address = f"{bound_host}:{bound_port}"
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._stopped = threading.Event()
-        self._accept_thread: threading.Thread | None = None
-
-    @property
-    def open_connections(self) -> int:
-        """How many client connections are being served now."""
-        with self._lock:
-            return len(self._connections)
-
-    def serve_in_thread(self) -> RpcServer:
-        """Starts accepting connections on a daemon thread; returns self."""
-        if self._accept_thread is not None:
-            raise RuntimeError(f"RpcServer {self.address} is already serving")
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"rpc-accept-{self.address}",
-                                               daemon=True)
-        self._accept_thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Serves on the calling thread until ``shutdown`` (for a server process's main thread)."""
-        self.serve_in_thread()
-        self._stopped.wait()
-
-    def shutdown(self) -> None:
-        """Stops serving: closes the listener and all connections (idempotent)."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
-            self._accept_thread.join(timeout=5)
-
-    def __enter__(self) -> RpcServer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.shutdown()
-
-    def _accept_loop(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                return  # listener closed by shutdown
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                if self._stopped.is_set():
-                    conn.close()
-                    return
-                self._connections.add(conn)
-            peer_address = f"{peer[0]}:{peer[1]}"
-            threading.Thread(target=self._serve_connection, args=(conn, peer_address),
-                             name=f"rpc-conn-{self.address}", daemon=True).start()
-
-    def _serve_connection(self, conn: socket.socket, peer: str) -> None:
-        """Authenticates the peer, then answers its requests until it closes or sends a malformed frame."""
-        try:
-            try:
-                server_handshake(conn, self._cluster_secret, self._handshake_timeout)
-            except AuthenticationError as exc:
-                self._refuse(peer, f"failed the handshake: {exc}")
-                return
-            requests = RequestBuffer()
-            while self._answer_one(conn, peer, requests):
-                pass  # each request's values die with _answer_one's frame: the buffer is free for the next
-        except OSError:
-            return  # client went away or shutdown closed the socket
-        finally:
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
-
-    def _refuse(self, peer: str, why: str) -> None:
-        if not self._stopped.is_set():  # shutdown interrupting a handshake is no news
-            logging.getLogger(__name__).warning("RPC server %s: closing the connection from %s, which %s",
-                                                self.address, peer, why)
-
-    def _answer_one(self, conn: socket.socket, peer: str, requests: RequestBuffer) -> bool:
-        """Receives one request, runs it and sends the reply; False when the peer closed the connection
-        between frames or sent a malformed frame (refused)."""
-        try:
-            head = bytearray(_HEADER.size + PREFIX_SIZE)
-            if not _recv_into(conn, memoryview(head), frame_start=True):
-                return False
-            (length,) = _HEADER.unpack_from(head)
-            if length > _MAX_FRAME:
-                raise WireFormatError(f"frame length {length} exceeds {_MAX_FRAME}: not this protocol")
-            if length < PREFIX_SIZE:
-                raise WireFormatError(f"frame of {length} bytes is shorter than its {PREFIX_SIZE}-byte prefix")
-            header_length = self._codec.header_length(memoryview(head)[_HEADER.size:])
-            if PREFIX_SIZE + header_length > length:
-                raise WireFormatError(f"frame of {length} bytes cannot hold a {header_length}-byte header")
-            head += _recv_exact(conn, header_length)
-            tree = self._codec.parse_head(memoryview(head)[_HEADER.size:])
-            views = type(tree) is list and len(tree) > 1 and type(tree[1]) is str and tree[1] in self._view_methods
-            segments = requests.receive(conn, length - PREFIX_SIZE - header_length)
-            method, args, kwargs = self._check_request(self._codec.build(
-                tree, segments if views else segments.toreadonly(), views=views))
-            del segments
-        except WireFormatError as exc:
-            self._refuse(peer, f"sent a malformed request: {exc}")
-            return False
-        _send_frame(conn, self._encode_reply(self._dispatch(method, args, kwargs)))
-        return True
-
-    @staticmethod
-    def _check_request(request: Any) -> tuple[str, tuple, dict]:
-        if not (type(request) is tuple and len(request) == 3 and type(request[0]) is str
-                and type(request[1]) is tuple and type(request[2]) is dict
-                and all(type(key) is str for key in request[2])):
-            raise WireFormatError(f"a request is (method: str, args: tuple, kwargs: dict[str, ...]), "
-                                  f"not {type(request).__qualname__} {str(request)[:100]}")
-        return request
-
-    def _encode_reply(self, reply: tuple[str, Any]) -> list[bytes | bytearray | memoryview]:
-        try:
-            return self._codec.encode(reply)
-        except WireFormatError as exc:  # a return value of an unregistered type becomes an error reply
-            error = RuntimeError(f"reply of type {type(reply[1]).__qualname__} cannot be encoded: {exc}")
-            return self._codec.encode(("err", error))
-
-    def _dispatch(self, method: str, args: tuple, kwargs: dict) -> tuple[str, Any]:
-        try:
-            if method.startswith("_") or (self.allowed is not None and method not in self.allowed):
-                raise AttributeError(f"{type(self.obj).__name__} at {self.address} exposes no method {method!r}")
-            function = getattr(self.obj, method, None)
-            if not callable(function):
-                raise AttributeError(f"{type(self.obj).__name__} at {self.address} has no method {method!r}")
-            return ("ok", function(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - every error goes back to the caller (the codec replaces
-            return ("err", exc)   # one it cannot encode by a RuntimeError naming its type)
-
-
-class _Connection:
-    """One pooled socket; closed when its thread ends (the thread-local drops it) or the client closes."""
-
-    __slots__ = ("sock", "__weakref__")
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __del__(self) -> None:
-        self.sock.close()
+__all__ = ["ReplyBuffer", "RemoteMethods", "RpcClient", "RpcServer", "not_sent"]
 
 
 def not_sent(error: NodeUnavailable) -> NodeUnavailable:
@@ -288,77 +100,79 @@ class RemoteMethods:
 class RpcClient(RemoteMethods):
     """A proxy for the object served at ``address`` ("host:port"): ``client.method(*args, **kw)``.
 
-    timeout: seconds for connecting, for the handshake (None: ``auth.DEFAULT_TIMEOUT``) and for each
-    reply (None waits forever). codec: the types that may travel. secret: the cluster's secret. Each
-    calling thread has its own connection, opened (and authenticated) on first use and reopened after a
-    failure. A transport failure raises ``NodeUnavailable`` naming the address and method; a server that
-    refuses the secret raises ``AuthenticationError``; the call is not retried. Names starting with
-    ``_`` are never sent (``AttributeError`` locally); a name the server does not expose raises
-    ``AttributeError`` from the server.
+    timeout: seconds for connecting, for the handshake (None: ``auth.DEFAULT_TIMEOUT``), for each reply
+    (None waits forever) and for each read or send of a frame once it started. codec: the types that may
+    travel. secret: the cluster's secret. connections: how many connections to the server the calling
+    threads share (opened and authenticated on first use, reopened after a failure; a new one only while
+    every open one has calls in flight); each carries many calls at once (``multiplexer.py``). A
+    transport failure raises ``NodeUnavailable`` naming the address and method; a server that refuses
+    the secret raises ``AuthenticationError``; the call is not retried. Names starting with ``_`` are
+    never sent (``AttributeError`` locally); a name the server does not expose raises ``AttributeError``
+    from the server.
     """
 
-    def __init__(self, address: str, timeout: float | None = 30.0, *, codec: Codec, secret: bytes):
+    def __init__(self, address: str, timeout: float | None = 30.0, *, codec: Codec, secret: bytes,
+                 connections: int = 1):
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"address={address!r}: expected 'host:port'")
-        self._codec, self._cluster_secret = codec, _check_secret(secret)
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
+        self._codec, self._cluster_secret = codec, check_secret(secret)
         self._address = address
         self._endpoint = (host, int(port))
         self._timeout = timeout
-        self._local = threading.local()
+        self._max_connections = connections
         self._lock = threading.Lock()
-        self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._connect_lock = threading.Lock()  # one thread connects at a time: callers share what it opens
+        self._open: list[MultiplexedConnection] = []
+        weakref.finalize(self, _close_all, self._open)  # a client dropped without disconnect() closes them
         self._closed = False
 
     @property
     def address(self) -> str:
         return self._address
 
+    @property
+    def open_connections(self) -> int:
+        """How many live connections this client holds now."""
+        with self._lock:
+            return sum(connection.alive for connection in self._open)
+
     def call(self, method: str, *args, **kwargs) -> Any:
         """Calls ``method`` remotely and returns its result, or re-raises its exception."""
-        def receive(sock: socket.socket) -> tuple[str, Any]:
-            reply = _recv_frame(sock)
-            if reply is None:
-                raise ConnectionResetError("server closed the connection before replying")
-            return self._decode_reply(reply)
-
-        return self._exchange(method, args, kwargs, receive)
+        return self._exchange(method, args, kwargs, None)
 
     def call_into(self, destination: ReplyBuffer | Any, method: str, *args, **kwargs) -> Any:
         """``call``, receiving the reply's raw bytes straight into `destination` (a ``ReplyBuffer`` or a
         writable buffer): no intermediate copy. The bytes values of the returned value are read-only
         memoryviews, of the destination's first bytes (in order) when the reply's segment area fits
-        there (``ReplyBuffer.landed`` says how many), else of a buffer of their own."""
+        there (``ReplyBuffer.landed`` says how many), else of a buffer of their own. A call that fails or
+        times out revokes `destination`: nothing is written into it after the call returned."""
         destination = destination if isinstance(destination, ReplyBuffer) else ReplyBuffer(destination)
-        return self._exchange(method, args, kwargs,
-                              lambda sock: self._check_reply(receive_reply_into(sock, self._codec, destination)))
+        return self._exchange(method, args, kwargs, destination)
 
-    def _exchange(self, method: str, args: tuple, kwargs: dict, receive: Any) -> Any:
-        """Sends one request on this thread's connection and takes its reply with `receive(sock)` ->
-        (status, value); transport failures become NodeUnavailable (the connection is dropped)."""
+    def _exchange(self, method: str, args: tuple, kwargs: dict, destination: ReplyBuffer | None) -> Any:
+        """Sends one request on a shared connection and waits for its reply (into `destination` if given);
+        transport failures become NodeUnavailable."""
         if self._closed:
             raise ValueError(f"RpcClient for {self._address} is closed")
         request = self._codec.encode((method, args, kwargs))  # WireFormatError here: nothing was sent
         connection = self._connection(method)
         try:
-            _send_frame(connection.sock, request)
-            status, value = receive(connection.sock)
-        except OSError as exc:  # includes socket.timeout
-            self._drop(connection)
+            head, segments = connection.call(request, destination, self._timeout)
+            status, value = self._check_reply(self._codec.decode_split(head, segments, segment_views=True)
+                                              if destination is not None else self._codec.decode_split(head, segments))
+        except NotSent as exc:
+            raise not_sent(NodeUnavailable(f"{self._address}: call {method!r} not sent: {exc}")) from exc
+        except OSError as exc:  # includes socket.timeout and a revoked ReplyBuffer (ReplyRevoked)
             raise NodeUnavailable(f"{self._address}: call {method!r} failed: {exc!r}") from exc
         except WireFormatError as exc:
-            self._drop(connection)
             raise WireFormatError(f"{self._address}: malformed reply to {method!r}: {exc}") from exc
-        except BaseException:  # interrupted mid-call (KeyboardInterrupt, ...): its reply must not answer the next
-            self._drop(connection)
-            raise
         if status == "ok":
             return value
         value.add_note(f"raised by {method!r} on the server at {self._address}")
         raise value
-
-    def _decode_reply(self, frame: bytearray) -> tuple[str, Any]:
-        return self._check_reply(self._codec.decode(frame))
 
     @staticmethod
     def _check_reply(reply: Any) -> tuple[str, Any]:
@@ -368,14 +182,10 @@ class RpcClient(RemoteMethods):
         return reply
 
     def disconnect(self) -> None:
-        """Closes every connection this client opened (from any thread). Not ``close``: that name is
-        left to the served object (a metadata service closes files)."""
+        """Closes every connection this client opened (calls in flight fail with NodeUnavailable). Not
+        ``close``: that name is left to the served object (a metadata service closes files)."""
         self._closed = True
-        with self._lock:
-            connections = list(self._open)
-            self._open.clear()
-        for connection in connections:
-            connection.close()
+        _close_all(self._open)
 
     def __enter__(self) -> RpcClient:
         return self
@@ -386,23 +196,38 @@ class RpcClient(RemoteMethods):
     def __repr__(self) -> str:
         return f"RpcClient({self._address!r})"
 
-    def _connection(self, method: str) -> _Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None and self._stale(connection.sock):
-            self._drop(connection)
-            connection = None
-        if connection is None:
+    def _pick(self) -> MultiplexedConnection | None:
+        """The live connection with the fewest calls in flight; None when a new one should be opened."""
+        with self._lock:
+            for connection in [c for c in self._open if not c.alive or (not c.in_flight and c.closed_by_server())]:
+                connection.close()  # a connection the server closed while idle: replaced, nothing resent
+                self._open.remove(connection)
+            best = min(self._open, key=lambda c: c.in_flight, default=None)
+            if best is None or (best.in_flight and len(self._open) < self._max_connections):
+                return None
+            return best
+
+    def _connection(self, method: str) -> MultiplexedConnection:
+        connection = self._pick()
+        if connection is not None:
+            return connection
+        with self._connect_lock:
+            connection = self._pick()  # another thread may have opened one meanwhile
+            if connection is not None:
+                return connection
             try:
                 sock = socket.create_connection(self._endpoint, timeout=self._timeout)
             except OSError as exc:
                 raise not_sent(NodeUnavailable(f"{self._address}: cannot connect for {method!r}: {exc!r}")) from exc
             self._authenticate(sock, method)
             sock.settimeout(self._timeout)
-            connection = _Connection(sock)
-            self._local.connection = connection
+            connection = MultiplexedConnection(sock, self._codec, self._address)
             with self._lock:
-                self._open.add(connection)
-        return connection
+                if self._closed:
+                    connection.close()
+                    raise ValueError(f"RpcClient for {self._address} is closed")
+                self._open.append(connection)
+            return connection
 
     def _authenticate(self, sock: socket.socket, method: str) -> None:
         """The handshake on a new connection (closed on failure): NodeUnavailable if the server does not
@@ -420,17 +245,8 @@ class RpcClient(RemoteMethods):
             sock.close()
             raise not_sent(NodeUnavailable(f"{self._address}: handshake for {method!r} failed: {exc!r}")) from exc
 
-    @staticmethod
-    def _stale(sock: socket.socket) -> bool:
-        """An idle connection is readable only if the server closed it (EOF or reset)."""
-        try:
-            return wait_readable(sock, 0)
-        except (OSError, ValueError):
-            return True
 
-    def _drop(self, connection: _Connection) -> None:
-        if getattr(self._local, "connection", None) is connection:
-            self._local.connection = None
-        with self._lock:
-            self._open.discard(connection)
+def _close_all(connections: list[MultiplexedConnection]) -> None:
+    for connection in list(connections):
         connection.close()
+    connections.clear()
