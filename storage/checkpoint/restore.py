@@ -151,9 +151,9 @@ def restore_tree(client: FileClient, directory: str, target: Any, pool: Executor
     names = [jax.tree_util.keystr(path) for path, _ in flat]
     missing, unexpected = sorted(set(names) - set(index)), sorted(set(index) - set(names))
     if missing or unexpected:
+        listed = lambda names: ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") or "-"  # noqa: E731
         raise ValueError(f"checkpoint: the target does not match the tree saved in {directory}: "
-                         f"not saved {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"not in the target {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+                         f"not saved: {listed(missing)}; not in the target: {listed(unexpected)}")
     plans, wanted = [], []
     for name, (_, like) in zip(names, flat):
         entry = manifest.leaves[index[name]]
