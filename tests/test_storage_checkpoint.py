@@ -125,6 +125,8 @@ def test_round_trip_onto_another_mesh(location, devices):
         _assert_equal(restored, tree)
         assert restored["params"]["e"].sharding == target["params"]["e"].sharding
         assert restored["opt"]["mu"].sharding == target["opt"]["mu"].sharding
+        pointers = {shard.data.unsafe_buffer_pointer() for shard in restored["params"]["b"].addressable_shards}
+        assert len(pointers) == 8  # a replicated leaf: every device owns its buffer (donation stays safe)
         assert restored["step"] == 7 and isinstance(restored["host"]["table"], np.ndarray)
         same = manager.restore(args=ocp.args.StandardRestore(jax.tree.map(  # Orbax's args work too; latest
             lambda x: x if not isinstance(x, jax.Array) else ocp.utils.to_shape_dtype_struct(x), tree)))

@@ -5,7 +5,9 @@ of the global array) is filled from the saved shards it overlaps. Saved shards a
 overlap's rows along the saved shard's first axis are one contiguous byte range; that range, widened to
 whole checksum blocks, is read with one positional read and every block in it is verified before its
 bytes are used. A region that is exactly one saved shard (restoring onto the sharding it was saved with)
-is read straight into its buffer. Reads run on a thread pool (each fans out over chunks in the client).
+is read straight into its buffer, 64-byte aligned, which XLA:CPU adopts as the device buffer without a
+copy (a replicated region is copied for its second and later devices, so no two devices share memory).
+Reads run on a thread pool (each fans out over chunks in the client).
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ def read_manifest(client: FileClient, directory: str) -> tuple[Manifest, list[Sh
             raise CheckpointCorruptionError(index_path, "CRC32C differs from the one in the manifest")
         shards += shards_from_body(decode_json(data, index_path), index_path)
     return manifest, shards
+
+
+ALIGN = 64  # XLA:CPU adopts a host buffer this aligned without a copy
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting at a multiple of ``ALIGN`` bytes."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 class _Region(NamedTuple):
@@ -108,7 +121,7 @@ def read_regions(client: FileClient, directory: str, manifest: Manifest, shards:
     regions, tasks = {}, []
     for leaf, box in dict.fromkeys(wanted):
         entry = manifest.leaves[leaf]
-        region = _Region(leaf, box, np.empty(box_shape(box), np.dtype(entry.dtype)))
+        region = _Region(leaf, box, aligned_empty(box_shape(box), np.dtype(entry.dtype)))
         covered = 0
         for shard in by_leaf.get(leaf, ()):
             part = overlap(region.box, shard.box) if box else ()
@@ -179,9 +192,15 @@ def _leaf(regions: dict, entry: LeafEntry, leaf: int, like: Any, sharding: Any) 
         dtype = like.dtype
         if entry.kind == "scalar":
             return jax.device_put(np.asarray(entry.value, dtype), sharding)
-        shape = tuple(like.shape)
-        return jax.make_array_from_callback(shape, sharding, lambda idx: regions[(leaf, box_of(idx, shape))].astype(
-            dtype, copy=False))
+        shape, handed_out = tuple(like.shape), set()
+
+        def region(index) -> np.ndarray:  # a device adopts the aligned buffer; a second device gets a copy
+            box = box_of(index, shape)
+            array = regions[(leaf, box)].astype(dtype, copy=False)
+            first = box not in handed_out
+            handed_out.add(box)
+            return array if first else array.copy()
+        return jax.make_array_from_callback(shape, sharding, region)
     if entry.kind == "scalar":
         return type(like)(entry.value) if type(like) in SCALAR_TYPES.values() else entry.value
     array = regions[(leaf, _full(entry))]
