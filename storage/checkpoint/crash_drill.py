@@ -112,7 +112,9 @@ def check_after_kill(work_dir: str, allowed: set[int | None] | None, trial: int)
 
 def crash_trials(n: int, work_dir: str | pathlib.Path, *, seed: int = 0, max_delay: float = 0.5) -> CrashReport:
     """Runs ``n`` kill-and-check trials under ``work_dir`` (see the module docstring); the children are
-    killed ``uniform(0, max_delay)`` seconds after they report ready (or during start-up)."""
+    killed ``uniform(0, max_delay)`` seconds after they report ready (or during start-up). The children
+    come from a ``forkserver``, which imports the caller's main module: call this from a test, or from
+    a script under ``if __name__ == "__main__":``."""
     work_dir = str(pathlib.Path(work_dir).absolute())
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["storage.checkpoint.crash_drill"])
