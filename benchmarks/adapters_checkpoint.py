@@ -82,7 +82,8 @@ def bench_checkpoint(work_dir: pathlib.Path, *, quick: bool, console=None) -> li
                 times[f"{name} blocking"].append(time.perf_counter() - start)
                 manager.wait_until_finished()
                 times[f"{name} save"].append(time.perf_counter() - start)
-            for name, manager, restore in (("3fs", threefs, ThreeFSRestore), ("orbax", orbax, ocp.args.StandardRestore)):
+            for name, manager, restore in (("3fs", threefs, ThreeFSRestore),
+                                           ("orbax", orbax, ocp.args.StandardRestore)):
                 restored = {}
                 times[f"{name} restore"].append(_timed(lambda: restored.update(
                     jax.block_until_ready(manager.restore(step, args=restore(target))))))

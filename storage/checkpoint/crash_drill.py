@@ -76,7 +76,8 @@ def _equal(restored, expected) -> bool:
         return isinstance(restored, dict) and restored.keys() == expected.keys() and all(
             _equal(restored[k], expected[k]) for k in expected)
     if isinstance(expected, np.ndarray):
-        return isinstance(restored, np.ndarray) and restored.dtype == expected.dtype and np.array_equal(restored, expected)
+        return (isinstance(restored, np.ndarray) and restored.dtype == expected.dtype
+                and np.array_equal(restored, expected))
     return type(restored) is type(expected) and restored == expected
 
 

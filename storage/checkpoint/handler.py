@@ -66,7 +66,8 @@ class ThreeFSCheckpointHandler(ocp.CheckpointHandler):
         """Writes a staged save into ``directory`` (it must exist); thread-safe against other handlers only."""
         directory = str(directory)
         write_staged(self.client, directory, staged, block_size=self.block_size, pool=self._pool)
-        self._entries[directory] = staged.entries
+        if staged.process == 0:  # the process that finalizes
+            self._entries[directory] = staged.entries
         self._spare = staged.buffer
 
     def save(self, directory: Any, args: "ThreeFSSave") -> None:

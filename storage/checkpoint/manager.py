@@ -147,7 +147,8 @@ class ThreeFSCheckpointManager:
 
     def _commit(self, step: int, staged: Staged) -> None:
         """Writes, finalizes and commits one step; records an error for ``wait_until_finished``."""
-        client, tmp, final = self.location.client, self.location.join(f"{TMP_PREFIX}{step}"), self.location.join(str(step))
+        client = self.location.client
+        tmp, final = self.location.join(f"{TMP_PREFIX}{step}"), self.location.join(str(step))
         barrier = f"3fs-checkpoint {self.location.path} step {step}"
         process = jax.process_index()
         try:

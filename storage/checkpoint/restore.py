@@ -99,11 +99,11 @@ def _fill(files: _OpenFiles, directory: str, region: _Region, shard: ShardEntry,
                                               f"{shard.offset + read_low}")
     view = memoryview(buffer)
     for start in range(read_low, read_high, block_size):
-        block = start // block_size
-        if crc32c(view[start - read_low:min(start + block_size, read_high) - read_low]) != shard.crc32c[block]:
-            raise CheckpointCorruptionError(path, f"CRC32C mismatch in block {block} (bytes "
-                                                  f"[{shard.offset + start}, {shard.offset + min(start + block_size, read_high)})) "
-                                                  f"of a shard of leaf {shard.leaf} at {list(shard.box)}")
+        block, end = start // block_size, min(start + block_size, read_high)
+        if crc32c(view[start - read_low:end - read_low]) != shard.crc32c[block]:
+            raise CheckpointCorruptionError(path, f"CRC32C mismatch in block {block} (bytes [{shard.offset + start}, "
+                                                  f"{shard.offset + end})) of a shard of leaf {shard.leaf} at "
+                                                  f"{list(shard.box)}")
     if direct:
         return
     rows = buffer[low - read_low:high - read_low].view(dtype).reshape((local[0][1] - local[0][0],) + saved_shape[1:]
@@ -130,12 +130,13 @@ def read_regions(client: FileClient, directory: str, manifest: Manifest, shards:
                 covered += int(np.prod(box_shape(part), dtype=np.int64))
         if covered != region.buffer.size:
             raise CheckpointCorruptionError(f"{directory}/{MANIFEST}", f"the saved shards of {entry.path} cover "
-                                                                      f"{covered} of {region.buffer.size} elements of {list(box)}")
+                                            f"{covered} of {region.buffer.size} elements of {list(box)}")
         regions[(leaf, box)] = region.buffer
     files = _OpenFiles(client, directory)
     try:
-        futures = [pool.submit(_fill, files, directory, region, shard, part, np.dtype(manifest.leaves[region.leaf].dtype),
-                               manifest.block_size) for region, shard, part in tasks]
+        futures = [pool.submit(_fill, files, directory, region, shard, part,
+                               np.dtype(manifest.leaves[region.leaf].dtype), manifest.block_size)
+                   for region, shard, part in tasks]
         for future in futures:
             future.result()
     finally:
