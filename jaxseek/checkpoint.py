@@ -1,7 +1,11 @@
 """Orbax checkpoints of the training state, plus the configs that built it.
 
-``Checkpointer`` saves every ``checkpoint_every`` steps and at the end; Orbax writes each step to a
-temporary directory and renames it when complete, so an interrupted save never reads as a checkpoint.
+``Checkpointer`` saves every ``checkpoint_every`` steps and at the end; each step is written to a
+temporary directory and renamed when complete, so an interrupted save never reads as a checkpoint.
+Where the steps live: ``directory/checkpoints`` (plain Orbax) without a ``location``; at a location with
+an OS path (a plain directory or a 3FS mount), plain Orbax there; at any other location (an embedded or
+TCP 3FS), ``storage.checkpoint.ThreeFSCheckpointManager`` through the 3FS client (asynchronous saves,
+atomic commits, checksums verified on restore). The configs stay in the local run directory.
 ``config.json`` beside the steps records the model and training configs; resuming with different
 model shapes fails with a clear error instead of a shape mismatch deep inside Orbax.
 """
@@ -17,6 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxseek.config import EPLBConfig, MLAConfig, ModelConfig, MoEConfig, PipelineConfig, TrainConfig
+from storage.checkpoint import ThreeFSCheckpointManager, ThreeFSRestore, ThreeFSSave
+from storage.location import Location
 
 CONFIG_FILE = "config.json"
 
@@ -44,12 +50,20 @@ def load_configs(directory: str | pathlib.Path) -> tuple[ModelConfig, TrainConfi
 
 
 class Checkpointer:
-    """Saves and restores a training-state pytree under ``directory/checkpoints``."""
+    """Saves and restores a training-state pytree: under ``directory/checkpoints`` (``location`` None), or at
+    ``location`` (see the module docstring; the caller keeps and closes the location). ``directory`` is
+    the run directory, where the configs are."""
 
-    def __init__(self, directory: str | pathlib.Path, *, save_every: int, max_to_keep: int = 2):
+    def __init__(self, directory: str | pathlib.Path, *, save_every: int, max_to_keep: int = 2,
+                 location: Location | None = None):
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory / "checkpoints", options=options)
+        self._threefs = location is not None and location.os_path is None
+        if self._threefs:
+            self._manager = ThreeFSCheckpointManager(location, options)
+        else:
+            steps = self.directory / "checkpoints" if location is None else pathlib.Path(location.os_path)
+            self._manager = ocp.CheckpointManager(steps.absolute(), options=options)
 
     def write_configs(self, mc: ModelConfig, tc: TrainConfig) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -72,11 +86,15 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Saves ``state`` at ``step`` if the interval says so (or ``force``); returns whether it saved."""
+        if self._threefs:
+            return self._manager.save(step, args=ThreeFSSave(state), force=force)
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def restore(self, step: int, like: Any) -> Any:
         """Restores the state saved at ``step`` with the structure, dtypes and shardings of ``like``."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        if self._threefs:
+            return self._manager.restore(step, args=ThreeFSRestore(target))
         return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def wait(self) -> None:
