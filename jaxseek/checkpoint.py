@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from jaxseek.config import EPLBConfig, MLAConfig, ModelConfig, MoEConfig, PipelineConfig, TrainConfig
 from storage.checkpoint import ThreeFSCheckpointManager, ThreeFSRestore, ThreeFSSave
+from jaxseek.run_storage import open_run_storage
 from storage.location import Location
 
 CONFIG_FILE = "config.json"
@@ -64,6 +65,21 @@ class Checkpointer:
         else:
             steps = self.directory / "checkpoints" if location is None else pathlib.Path(location.os_path)
             self._manager = ocp.CheckpointManager(steps.absolute(), options=options)
+        self._owned: Location | None = None
+
+    @classmethod
+    def for_run(cls, run_dir: str | pathlib.Path, *, save_every: int, storage: str | None = None,
+                record: bool = False) -> "Checkpointer":
+        """The checkpointer of the run in ``run_dir``, on the storage it recorded (``jaxseek.run_storage``;
+        ``storage`` and ``record`` as there); it closes that storage when it closes."""
+        location = open_run_storage(run_dir, storage, record=record)
+        try:
+            checkpointer = cls(run_dir, save_every=save_every, location=location.child("checkpoints"))
+        except BaseException:
+            location.close()
+            raise
+        checkpointer._owned = location
+        return checkpointer
 
     def write_configs(self, mc: ModelConfig, tc: TrainConfig) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -102,3 +118,5 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+        if self._owned is not None:
+            self._owned.close()

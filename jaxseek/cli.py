@@ -277,6 +277,8 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="Hugging Face DeepSeek-V3 checkpoints <-> jaxseek run directories")
     p.add_argument("--hf", help="a HF checkpoint directory (config.json + safetensors, FP8 or not) to import")
     p.add_argument("--out", help="the run directory to create from --hf (for `generate` and `train --resume`)")
+    p.add_argument("--storage", metavar="URL", help="where --out keeps its checkpoint (as `train --storage`; "
+                                                     "default: an embedded 3FS in OUT/3fs)")
     p.add_argument("--run", help="a jaxseek run directory to export")
     p.add_argument("--hf-out", help="where to write --run's latest checkpoint in the HF layout (bf16)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="compute dtype of the imported model "
@@ -291,7 +293,7 @@ def _convert(args, console: Console) -> int:
         raise ValueError("convert: give --hf DIR --out RUN_DIR (import) or --run RUN_DIR --hf-out DIR (export)")
     if args.hf:
         model = load_hf(args.hf, compute_dtype=args.compute_dtype)
-        save_run(model, args.out)
+        save_run(model, args.out, storage=args.storage)
         console.print(f"wrote {args.out}: {model.config.num_layers} layers, step 0 (`jaxseek generate --checkpoint "
                       f"{args.out}` or `jaxseek train --resume --out {args.out}`)")
     else:

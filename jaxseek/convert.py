@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxseek.checkpoint import Checkpointer
+from jaxseek.checkpoint import CONFIG_FILE, Checkpointer
 from jaxseek.config import MLAConfig, ModelConfig, MoEConfig, TrainConfig
 from jaxseek.model.moe import placement_maps
 from jaxseek.model.transformer import Transformer
@@ -291,15 +291,19 @@ def _layer_order(name: str) -> tuple[int, str]:
     return (int(parts[2]) if parts[:2] == ["model", "layers"] else -1, name)
 
 
-def save_run(model: Transformer, run_dir: str | pathlib.Path, tc: TrainConfig | None = None) -> None:
-    """Makes a jaxseek run directory (configs + an Orbax checkpoint at step 0 with a fresh optimizer state)
-    holding ``model``: ``jaxseek generate`` reads it and ``jaxseek train --resume`` fine-tunes from it."""
+def save_run(model: Transformer, run_dir: str | pathlib.Path, tc: TrainConfig | None = None, *,
+             storage: str | None = None) -> None:
+    """Makes a jaxseek run directory (configs + a checkpoint at step 0 with a fresh optimizer state, on the
+    run's storage: ``storage`` or an embedded 3FS in it, ``jaxseek.run_storage``) holding ``model``:
+    ``jaxseek generate`` reads it and ``jaxseek train --resume`` fine-tunes from it."""
     tc = tc or TrainConfig()
-    checkpointer = Checkpointer(run_dir, save_every=tc.checkpoint_every)
-    if checkpointer.latest_step() is not None:
+    if (pathlib.Path(run_dir) / CONFIG_FILE).exists():
         raise ValueError(f"out: {run_dir} already holds a run; choose another directory")
-    state = state_from_model(model, tc)
-    checkpointer.write_configs(model.config, tc)
-    checkpointer.save(0, state, force=True)
-    checkpointer.wait()
-    checkpointer.close()
+    checkpointer = Checkpointer.for_run(run_dir, save_every=tc.checkpoint_every, storage=storage, record=True)
+    try:
+        state = state_from_model(model, tc)
+        checkpointer.write_configs(model.config, tc)
+        checkpointer.save(0, state, force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()

@@ -64,13 +64,15 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) 
 def load_model(run_dir: str | pathlib.Path) -> Transformer:
     """The model of a ``jaxseek train`` run directory, at its latest checkpoint."""
     mc, tc = load_configs(run_dir)
-    checkpointer = Checkpointer(run_dir, save_every=tc.checkpoint_every)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise ValueError(f"checkpoint: no checkpoint under {run_dir}")
-    one_device = make_mesh(devices=jax.devices()[:1])
-    state = checkpointer.restore(step, sharded_abstract_state(mc, tc, one_device))  # no initialisation needed
-    checkpointer.close()
+    checkpointer = Checkpointer.for_run(run_dir, save_every=tc.checkpoint_every)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ValueError(f"checkpoint: no checkpoint under {run_dir}")
+        one_device = make_mesh(devices=jax.devices()[:1])
+        state = checkpointer.restore(step, sharded_abstract_state(mc, tc, one_device))  # no initialisation needed
+    finally:
+        checkpointer.close()
     graphdef = abstract_train_state(mc, tc)[0]
     return nnx.merge(graphdef, state.params, state.model_state)
 

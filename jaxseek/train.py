@@ -120,7 +120,7 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
         valid_records.close()
         entropy = unigram_entropy(corpus.train, mc.vocab_size)
 
-        checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every)
+        checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every, location=location.child("checkpoints"))
         log, start = MetricsLog(), 0
         if resume:
             start = checkpointer.latest_step()

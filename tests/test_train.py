@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from jaxseek.config import TrainConfig
 from jaxseek.data import load_stdlib_corpus
 from jaxseek.train import METRICS_FILE, PLOT_FILE, train
 from sharding.mesh import make_mesh
+from storage.location import open_location
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,9 @@ def test_loss_falls_below_the_unigram_entropy(micro_config, corpus, tmp_path, de
                                    "valid_loss"} <= set(frame.columns)
     assert frame["valid_loss"].drop_nulls().len() == 2
     assert (tmp_path / "run" / PLOT_FILE).stat().st_size > 10_000
-    assert (tmp_path / "run" / "checkpoints" / "120").is_dir()
+    assert json.loads((tmp_path / "run" / "storage.json").read_text())["url"] == f"3fs+embedded://{tmp_path / 'run' / '3fs'}"
+    with open_location(f"3fs+embedded://{tmp_path / 'run' / '3fs'}/checkpoints") as steps:
+        assert "120" in steps.client.listdir(steps.path)  # on the embedded 3FS, the default storage
     assert result.state.params["moe_blocks"]["layers"]["attn"]["wo"]["kernel"][...].sharding.is_fully_replicated
 
 
