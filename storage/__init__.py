@@ -2,9 +2,10 @@
 
 ``threefs``: a compact Python 3FS (metadata on a transactional KV store, CRAQ-replicated chunk storage on
 chains of targets, a manager for routing and target states, a client with USRBIO-style batched IO, an
-fsspec filesystem, and a backend for a real 3FS FUSE mount). Planned: ``checkpoint`` (Orbax),
-``dataframe`` (a smallpond-style lazy DataFrame on polars), ``loader`` (a Grain data source) and
-``kvcache`` (MLA KV-cache blocks by prefix hash).
+fsspec filesystem, a FUSE mount, and a backend for a real 3FS FUSE mount). On top of it, for any storage
+URL (``location``): ``checkpoint`` (Orbax on the 3FS client), ``tables`` (polars parquet with pushdown),
+``loader`` (training records as a Grain data source), ``kvcache`` (MLA KV-cache blocks by hash chain), and
+``publish`` (atomic publication). Planned: ``dataframe`` (a smallpond-style lazy DataFrame on polars).
 
 This is the ``storage`` package of jaxseek (``import storage`` resolves here after
 ``pip install jaxseek``), not an unrelated PyPI project of the same name.
