@@ -8,7 +8,8 @@ ended or been abandoned); ``close()`` releases workers. ``files`` is the driver'
   * ``ProcessPoolExecutor``: a pool of ``spawn``ed worker processes (the default; ``num_executors``
     workers, all cores by default), started on first use and kept for the session; workers open storage
     URLs themselves, the driver serves an embedded 3FS's IO (``shipped.py``). A worker that dies (killed,
-    out of memory) fails the stage with a ``TaskError`` naming a task it was running; the pool is then
+    out of memory) fails the stage with a ``TaskError`` naming the partitions not finished (the pool
+    cannot tell which one the dead worker ran); the pool is then
     rebuilt for the next run, and a rerun skips the tasks that had finished;
   * ``RayExecutor`` (``ray_executor.py``): tasks as Ray remote functions.
 """
@@ -69,10 +70,13 @@ class ProcessPoolExecutor:
                 task = running[future]
                 try:
                     result = future.result()
-                except futures.process.BrokenProcessPool as error:
+                except futures.process.BrokenProcessPool:
                     self._discard_pool()
-                    raise TaskError(task.stage, task.partition, task.input_urls(),
-                                    f"a worker process died while running it ({error})") from None
+                    lost = sorted(t.partition for f, t in running.items() if f is future or not f.done()
+                                  or f.exception() is not None)
+                    raise TaskError(task.stage, lost[0], task.input_urls() if task.partition == lost[0] else (),
+                                    f"a worker process died (killed, or out of memory) while running one of "
+                                    f"the partitions {lost} of this stage; rerun the job to finish them") from None
                 on_done(task, finish(result, files))
         except BaseException:
             for future in running:
