@@ -169,7 +169,7 @@ def test_random_shuffle(sp, frame):
     df = sp.from_polars(frame, 4)
     parts = partitions(sp, df.random_shuffle(seed=3))
     assert len(parts) == 4 and all(p.height > 150 for p in parts)
-    assert pl.concat(parts)["id"].to_list() != frame["id"].to_list()
+    assert all(p["id"].to_list() != sorted(p["id"].to_list()) for p in parts)  # random order inside
     same_rows(pl.concat(parts), frame)
     assert_frame_equal(df.random_shuffle(seed=3).to_polars(), pl.concat(parts))  # reproducible
 
