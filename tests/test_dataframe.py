@@ -236,6 +236,7 @@ def test_runtime_error_names_stage_partition_and_input(sp, files):
     df = sp.read_parquet(str(files)).map(lambda f: f.select("missing_column"))
     with pytest.raises(TaskError, match="missing_column") as caught:
         df.count()
-    assert caught.value.partition == 0 and "f0.parquet" in str(caught.value) and "stage parquet.map-" in str(caught.value)
+    message = str(caught.value)
+    assert caught.value.partition == 0 and "f0.parquet" in message and "stage parquet.map-" in message
     with pytest.raises(TaskError, match="returned int"):
         sp.read_parquet(str(files)).map(lambda f: 3).count()

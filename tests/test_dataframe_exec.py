@@ -14,6 +14,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import storage.dataframe as spd
+from storage import tables
 from storage.dataframe import TaskError
 from storage.dataframe.planner import plan_stages
 
@@ -59,6 +60,10 @@ def test_process_pool_matches_polars(pool_session, frame):
     assert_frame_equal(pipeline(sp, frame).to_polars().sort("k"), reference(frame), check_dtypes=False)
     ranged = sp.from_polars(frame, 4).repartition(4, by="v").partial_sort("v").to_polars()
     assert_frame_equal(ranged, frame.sort("v"))  # range partitions, each sorted: globally sorted
+    out = data_root(kind, base) + "/out"
+    sp.from_polars(frame, 3).repartition(2, hash_by="k").write_parquet(out + "/t")
+    assert_frame_equal(tables.read_parquet(out + "/t").sort("id"), frame)
+    assert_frame_equal(sp.read_parquet(out + "/t/*.parquet").to_polars().sort("id"), frame)  # a glob on kind
     with pytest.raises(TaskError, match="partition 2 .*nope"):  # an error comes back from the worker
         sp.from_polars(frame, 3).map(lambda f: f.select("nope") if f["part"][0] >= 4 else f).count()
 

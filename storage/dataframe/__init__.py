@@ -14,6 +14,14 @@ The plan becomes stages of per-partition tasks (``planner.py``) that exchange da
 rerun with the same ``job_id`` skips finished tasks (``tasks.py``, ``runner.py``). Executors:
 ``executors.py`` (in-process, a local process pool) and ``ray_executor.py`` (Ray, the ``[ray]`` extra).
 
+Where workers reach the data. Process-pool and Ray workers open every storage URL themselves: plain
+directories and 3FS mounts as OS files, ``3fs+tcp://`` by connecting to the cluster's server processes.
+An embedded 3FS (``3fs+embedded://``) belongs to the one process that opened it (its directory lock), so
+for those URLs the driver serves the IO: it reads a task's inputs into the task's payload and writes the
+files the worker sends back, marker last (``shipped.py``). Compute still runs in parallel; for parallel
+IO use a plain directory, a mount or ``3fs+tcp://``. Workers are ``spawn``ed: a script that uses the
+process pool needs the usual ``if __name__ == "__main__":`` guard.
+
 Modules: ``session`` (init, readers, partial_sql), ``dataframe`` (the lazy API), ``plan`` (logical
 nodes), ``operators`` (per-partition operators), ``partitioning`` (splitters and routes), ``planner``
 (stages, explain), ``tasks`` (one task, its atomic outputs and marker), ``runner`` (stage by stage,

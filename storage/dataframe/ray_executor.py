@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 from storage.dataframe.files import StorageFiles
-from storage.dataframe.partitioning import Manifest  # noqa: F401  (the manifests on_done receives)
 from storage.dataframe.shipped import finish, prepare, run_payload
 from storage.dataframe.tasks import Task, TaskError
 

@@ -126,7 +126,8 @@ class Session:
     def from_items(self, items: Iterable[Any], npartitions: int = 1) -> DataFrame:
         """Rows from dicts, or a column ``item`` from other values."""
         items = list(items)
-        frame = pl.DataFrame(items) if items and all(isinstance(i, dict) for i in items) else pl.DataFrame({"item": items})
+        rows = items and all(isinstance(i, dict) for i in items)
+        frame = pl.DataFrame(items) if rows else pl.DataFrame({"item": items})
         return self.from_polars(frame, npartitions)
 
     def partial_sql(self, query: str, *dfs: DataFrame) -> DataFrame:
@@ -172,7 +173,11 @@ class Session:
             raise ValueError(f"write_parquet: {url!r} names a root directory")
         parent = url[: len(url) - len(path)] + posixpath.dirname(path) if "://" in url else os.path.dirname(path)
         target = url if "://" in url else path
-        staging = join_url(parent, f".{posixpath.basename(path)}.staging-{self.job_id}")
+        with open_location(parent, create=True):  # the parent directory (or a new embedded 3FS) exists
+            self._write(node, parent, target, posixpath.basename(path))
+
+    def _write(self, node: Node, parent: str, target: str, name: str) -> None:
+        staging = join_url(parent, f".{name}.staging-{self.job_id}")
         final = plan_stages(node, output_dir=staging)
         published = join_url(stage_dir(self.job_url, final), PUBLISHED)
         if self.files.exists(published) and self.files.exists(target):
@@ -187,7 +192,7 @@ class Session:
         client, staging_path = self.files.resolve(staging)
         target_client, target_path = self.files.resolve(target)
         if target_client is not client:
-            raise ValueError(f"write_parquet: {url!r} and its staging directory are on different clients")
+            raise ValueError(f"write_parquet: {target!r} and its staging directory are on different clients")
         publish_directory(client, staging_path, target_path, replace=True)
         self.files.write_bytes(published, b"{}")
 
