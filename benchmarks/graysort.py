@@ -21,6 +21,7 @@ DuckDB's connection are excluded and reported separately. duckdb is in the ``ben
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -39,7 +40,8 @@ def parse_size(text: str) -> int:
     """Bytes in '2GB', '500MB', '1.5GiB' (decimal units are powers of 10)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in UNITS:
-        raise argparse.ArgumentTypeError(f"--size {text!r}: expected a number and one of {', '.join(u for u in UNITS if u)}")
+        units = ", ".join(u for u in UNITS if u)
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected a number and one of {units}")
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
@@ -47,8 +49,8 @@ def gb_per_min(num_bytes: int, seconds: float) -> float:
     return num_bytes / 1e9 / (seconds / 60)
 
 
-def run_dataframe(executor: str, input_url: str, output_url: str, jobs_url: str, partitions: int, key_mode: str,
-                  workers: int | None) -> dict:
+def run_dataframe(executor: str, input_url: str, output_url: str, jobs_url: str, partitions: int,
+                  key_mode: str, workers: int | None) -> dict:
     """Sorts with ``storage.dataframe`` on ``executor``; returns the timings (the output is validated later)."""
     import storage.dataframe as spd
     from storage.graysort.sort import sort_pipeline
@@ -88,7 +90,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataFrame executors (default: all cores)")
     parser.add_argument("--key-mode", choices=("integer", "binary"), default="integer",
                         help="sort on the key as integers (default) or as the 10-byte binary (storage.graysort.sort)")
-    parser.add_argument("--root", default=None, help="a directory for input, outputs and job data (default: a temp dir)")
+    parser.add_argument("--root", default=None,
+                        help="a directory for input, outputs and job data (default: a temp dir)")
     parser.add_argument("--no-duckdb", action="store_true", help="skip DuckDB")
     parser.add_argument("--keep", action="store_true", help="keep the data under --root")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
@@ -100,10 +103,9 @@ def main() -> None:
     executors = args.executor
     if executors is None:
         executors = ["process"]
-        try:
-            import ray  # noqa: F401
+        if importlib.util.find_spec("ray") is not None:
             executors.append("ray")
-        except ImportError:
+        else:
             console.print("[yellow]ray is not installed: the Ray executor is skipped (pip install 'jaxseek[ray]')[/]")
     root = pathlib.Path(args.root or tempfile.mkdtemp(prefix="graysort-", dir="/tmp")).absolute()
     root.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,8 @@ def main() -> None:
     import polars
 
     result = {"size_bytes": data_bytes, "records": records, "partitions": partitions, "cores": cores,
-              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+              "python": platform.python_version(),
               "polars": polars.__version__, "generate_s": generate_s, "input_checksum": f"{expected.checksum:x}",
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import tempfile
@@ -161,7 +162,7 @@ def tokenize_documents(session, spec: SourceSpec) -> tuple["pl.DataFrame", int]:
         return rows, len(rows)
     files, _ = corpus_files(pathlib.Path(spec.where), spec.max_bytes, spec.pattern)
     items = [{"order": i, "path": str(f.path), "relative": f.relative} for i, f in enumerate(files)]
-    tasks = max(1, min(len(items) // FILES_PER_TASK, 4 * (getattr(session, "num_executors", None) or 4)))
+    tasks = max(1, min(len(items) // FILES_PER_TASK, 4 * (os.cpu_count() or 1)))  # ~64 files a task
     rows = session.from_items(items, npartitions=tasks).map_batches(read_files).to_polars().sort("order")
     return rows.select(pl.col("valid"), pl.col("tokens")), len(rows)
 
@@ -246,7 +247,8 @@ def register(subparsers) -> None:
     p.add_argument("--source", default="stdlib", help="stdlib (default), a directory, or a parquet file / URL "
                                                       "with a 'text' column")
     p.add_argument("--out", required=True, metavar="URL",
-                   help="where the record sets go: 3fs+embedded:///DIR, 3fs+tcp:///DIR, 3fs:///MOUNT/PATH or a directory")
+                   help="where the record sets go: 3fs+embedded:///DIR, 3fs+tcp:///DIR, 3fs:///MOUNT/PATH "
+                        "or a directory")
     p.add_argument("--window", type=int, help="tokens per record (default: the preset's seq_len + 1 + mtp_depth)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESET_BUILDERS), help="the preset whose window to use")
     p.add_argument("--glob", dest="pattern", help="files of a directory source to read (default *.py)")
@@ -274,7 +276,8 @@ def run(args, console) -> int:
         prepared = find_prepared(location, spec, window)
         reused = prepared is not None
         if prepared is None:
-            prepared = prepare_data(location, spec, window=window, executor=args.executor, num_executors=args.workers)
+            prepared = prepare_data(location, spec, window=window, executor=args.executor,
+                                    num_executors=args.workers)
     table = Table(title=f"prepare-data ({'already prepared' if reused else f'{time.perf_counter() - start:.1f} s'})")
     table.add_column("")
     table.add_column("", justify="right")

@@ -62,7 +62,8 @@ def _key_parts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """([n] uint64, [n] uint16): bytes 0-7 and 8-9 of [n, 10] keys, big-endian, so that integer order
     is the keys' byte order (memcmp)."""
     keys = np.ascontiguousarray(keys)
-    return keys[:, :8].copy().view(">u8").ravel().astype(np.uint64), keys[:, 8:10].copy().view(">u2").ravel().astype(np.uint16)
+    high = keys[:, :8].copy().view(">u8").ravel().astype(np.uint64)
+    return high, keys[:, 8:10].copy().view(">u2").ravel().astype(np.uint16)
 
 
 def record_checksums(records: np.ndarray) -> np.ndarray:
@@ -114,7 +115,8 @@ def combine(summaries: Iterable[Summary]) -> Summary:
             first = total.records + part.first_unordered
         total = Summary(records=total.records + part.records, unordered=total.unordered + unordered,
                         first_unordered=first, duplicates=total.duplicates + duplicates,
-                        checksum=total.checksum + part.checksum, key_mismatches=total.key_mismatches + part.key_mismatches,
+                        checksum=total.checksum + part.checksum,
+                        key_mismatches=total.key_mismatches + part.key_mismatches,
                         first_record=total.first_record, last_record=part.last_record)
     return total
 
@@ -144,7 +146,8 @@ def binary_rows(column: pa.Array | pa.ChunkedArray, width: int, name: str = "rec
             bad = int(np.flatnonzero(lengths != width)[0])
             raise ValueError(f"{name}: row {bad} holds {int(lengths[bad])} bytes, expected {width}")
         data = np.frombuffer(chunk.buffers()[2], np.uint8) if len(chunk) else np.empty(0, np.uint8)
-        parts.append(data[offsets[0]:offsets[-1]].reshape(-1, width) if len(chunk) else np.empty((0, width), np.uint8))
+        parts.append(data[offsets[0]:offsets[-1]].reshape(-1, width) if len(chunk)
+                     else np.empty((0, width), np.uint8))
     return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
 
@@ -153,7 +156,9 @@ def summarize_table(table: pa.Table | pa.RecordBatch, where: str = "table") -> S
     if "record" not in table.column_names:
         raise ValueError(f"{where}: no 'record' column (columns: {table.column_names})")
     records = binary_rows(table.column("record"), RECORD_BYTES, f"{where}: column 'record'")
-    keys = binary_rows(table.column("key"), KEY_BYTES, f"{where}: column 'key'") if "key" in table.column_names else None
+    keys = None
+    if "key" in table.column_names:
+        keys = binary_rows(table.column("key"), KEY_BYTES, f"{where}: column 'key'")
     return summarize(records, keys)
 
 
@@ -169,7 +174,8 @@ class ParquetPiece(NamedTuple):
 def parquet_names(url: str) -> list[str]:
     """The visible ``*.parquet`` files of the directory ``url``, sorted by name (the partition order)."""
     with open_location(url) as location:
-        names = sorted(n for n in location.client.listdir(location.path) if n.endswith(".parquet") and n[:1] not in "._")
+        names = sorted(n for n in location.client.listdir(location.path)
+                       if n.endswith(".parquet") and n[:1] not in "._")
     if not names:
         raise FileNotFoundError(f"{url}: no *.parquet files")
     return names
@@ -181,7 +187,8 @@ def _open_parquet(location: Location, name: str) -> pq.ParquetFile:
     return pq.ParquetFile(pa.PythonFile(location.client.open(location.join(name), "rb"), mode="r"))
 
 
-def parquet_pieces(url: str, names: Sequence[str] | None = None, *, row_groups_per_piece: int = 4) -> list[ParquetPiece]:
+def parquet_pieces(url: str, names: Sequence[str] | None = None, *,
+                   row_groups_per_piece: int = 4) -> list[ParquetPiece]:
     """The files ``names`` (default ``parquet_names(url)``) of the directory ``url`` cut into pieces of row groups."""
     names = parquet_names(url) if names is None else list(names)
     pieces = []
@@ -223,7 +230,8 @@ def compare(output: Summary, expected: Summary) -> list[str]:
     if output.records != expected.records:
         problems.append(f"{output.records} records, expected {expected.records}")
     if output.checksum != expected.checksum:
-        problems.append(f"checksum {output.checksum:x}, expected {expected.checksum:x} (records changed, lost or duplicated)")
+        problems.append(f"checksum {output.checksum:x}, expected {expected.checksum:x} "
+                        "(records changed, lost or duplicated)")
     if output.unordered:
         problems.append(f"{output.unordered} unordered records, the first at {output.first_unordered}")
     if output.key_mismatches:
