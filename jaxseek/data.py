@@ -41,6 +41,41 @@ def stdlib_root() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
+class CorpusFile(NamedTuple):
+    """One file of a byte corpus: ``relative`` (posix, to the root) decides its split (``held_out``)."""
+
+    path: pathlib.Path
+    relative: str
+    size: int
+
+
+def held_out(relative: str) -> bool:
+    """Whether the file at ``relative`` (posix path under the corpus root) is validation data."""
+    return zlib.crc32(relative.encode()) % HELD_OUT_EVERY == 0
+
+
+def corpus_files(root: pathlib.Path | None = None, max_bytes: int | None = None,
+                 pattern: str = "*.py") -> tuple[list[CorpusFile], int]:
+    """(the files ``load_stdlib_corpus`` reads, in its order, the number of matching files).
+
+    Files matching ``pattern`` under ``root`` (default: the standard library), site-packages
+    excluded, in sorted path order; with ``max_bytes`` the list stops at the first file that brings
+    the total (each file's size plus ``FILE_SEPARATOR``) to ``max_bytes`` or more.
+    """
+    root = stdlib_root() if root is None else pathlib.Path(root)
+    files = sorted(p for p in root.rglob(pattern) if "site-packages" not in p.parts and p.is_file())
+    if not files:
+        raise ValueError(f"root: no {pattern} files under {root}")
+    chosen, total = [], 0
+    for path in files:
+        size = path.stat().st_size
+        chosen.append(CorpusFile(path, path.relative_to(root).as_posix(), size))
+        total += size + len(FILE_SEPARATOR)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return chosen, len(files)
+
+
 def load_stdlib_corpus(root: pathlib.Path | None = None, max_bytes: int | None = None) -> ByteCorpus:
     """Reads every ``*.py`` file under the standard library (site-packages excluded).
 
@@ -49,19 +84,12 @@ def load_stdlib_corpus(root: pathlib.Path | None = None, max_bytes: int | None =
       max_bytes: stop after this many bytes in total (None reads everything, ~30 MB on CPython 3.11).
     """
     root = stdlib_root() if root is None else pathlib.Path(root)
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-    if not files:
-        raise ValueError(f"root: no *.py files under {root}")
-    train, valid, total = [], [], 0
-    for path in files:
-        data = path.read_bytes() + FILE_SEPARATOR
-        relative = path.relative_to(root).as_posix().encode()
-        (valid if zlib.crc32(relative) % HELD_OUT_EVERY == 0 else train).append(data)
-        total += len(data)
-        if max_bytes is not None and total >= max_bytes:
-            break
+    files, num_files = corpus_files(root, max_bytes)
+    train, valid = [], []
+    for file in files:
+        (valid if held_out(file.relative) else train).append(file.path.read_bytes() + FILE_SEPARATOR)
     as_array = lambda chunks: np.frombuffer(b"".join(chunks), dtype=np.uint8)  # noqa: E731
-    return ByteCorpus(as_array(train), as_array(valid), len(files), str(root))
+    return ByteCorpus(as_array(train), as_array(valid), num_files, str(root))
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int = 256) -> float:
@@ -141,6 +169,44 @@ def windows_fingerprint(stream: np.ndarray, window: int) -> str:
     return digest.hexdigest()
 
 
+def _token_stream(stream: np.ndarray) -> np.ndarray:
+    stream = np.asarray(stream)
+    if stream.ndim != 1 or stream.dtype != np.uint8:
+        raise TypeError(f"stream: expected [n] uint8 tokens, got {stream.dtype}{list(stream.shape)}")
+    return stream
+
+
+def windows_name(window: int, fingerprint: str) -> str:
+    """The record set name of a stream's windows: ``windows-<window>-<fingerprint[:16]>``."""
+    return f"windows-{window}-{fingerprint[:16]}"
+
+
+def write_windows(location: "Location", stream: np.ndarray, window: int) -> tuple[str, str]:
+    """(name, fingerprint) of the record set of ``stream``'s whole windows at ``location``, written
+    unless it exists (concurrent writers: one publication wins): the set ``StoredBatches.prepare`` opens.
+
+    The records are ``stream[: n * window]`` as ``[n, window]`` uint8 windows in ~64 MiB shards, with
+    metadata ``{"window", "windows_fingerprint"}`` (fingerprint: ``windows_fingerprint``).
+    """
+    from storage.loader import write_records  # storage imports grain/pyarrow: only when used
+
+    stream = _token_stream(stream)
+    num_windows = len(stream) // window
+    if num_windows == 0:
+        raise ValueError(f"stream: {len(stream)} tokens hold no window of {window}")
+    fingerprint = windows_fingerprint(stream[: num_windows * window], window)
+    name = windows_name(window, fingerprint)
+    location.client.makedirs(location.path, exist_ok=True)
+    if not location.client.exists(location.join(name)):
+        try:
+            write_records(location, name, stream[: num_windows * window].reshape(num_windows, window),
+                          records_per_shard=max(1, StoredBatches.RECORDS_PER_SHARD_BYTES // window),
+                          metadata={"window": window, "windows_fingerprint": fingerprint})
+        except FileExistsError:
+            pass  # another process published the same windows first
+    return name, fingerprint
+
+
 class StoredBatches:
     """The batches of ``SequenceBatches`` (the same arrays for the same arguments), read from a record set
     of windows on storage. Build it with ``prepare``; ``close()`` closes the shard files.
@@ -172,28 +238,23 @@ class StoredBatches:
           stream: [n] uint8 tokens.
           batch_size, window, seed: as for ``SequenceBatches``.
         """
-        from storage.loader import RecordSource, write_records  # storage imports grain/pyarrow: only when used
+        from storage.loader import RecordSource  # storage imports grain/pyarrow: only when used
 
-        stream = np.asarray(stream)
-        if stream.ndim != 1 or stream.dtype != np.uint8:
-            raise TypeError(f"stream: expected [n] uint8 tokens, got {stream.dtype}{list(stream.shape)}")
-        num_windows = _count_windows(stream, batch_size, window)
-        fingerprint = windows_fingerprint(stream[: num_windows * window], window)
-        name = f"windows-{window}-{fingerprint[:16]}"
-        location.client.makedirs(location.path, exist_ok=True)
-        if not location.client.exists(location.join(name)):
-            try:
-                write_records(location, name, stream[: num_windows * window].reshape(num_windows, window),
-                              records_per_shard=max(1, cls.RECORDS_PER_SHARD_BYTES // window),
-                              metadata={"window": window, "windows_fingerprint": fingerprint})
-            except FileExistsError:
-                pass  # another process published the same windows first
+        _count_windows(_token_stream(stream), batch_size, window)
+        name, fingerprint = write_windows(location, stream, window)
         source = RecordSource(location, name)
         if source.index.metadata.get("windows_fingerprint") != fingerprint or source.index.record_len != window:
             source.close()
             raise ValueError(f"{location.url}/{name}: holds other windows than this stream's (fingerprint "
                              f"{source.index.metadata.get('windows_fingerprint')!r}, expected {fingerprint!r})")
         return cls(source, batch_size=batch_size, seed=seed)
+
+    @classmethod
+    def open(cls, location: "Location", name: str, *, batch_size: int, seed: int) -> "StoredBatches":
+        """Batches over the existing record set ``location/name`` (e.g. written by ``jaxseek prepare-data``)."""
+        from storage.loader import RecordSource
+
+        return cls(RecordSource(location, name), batch_size=batch_size, seed=seed)
 
     def batch(self, index: int) -> np.ndarray:
         """[batch_size, window] int32, the ``index``-th batch (one batched read)."""
