@@ -27,17 +27,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from jaxseek.checkpoint import Checkpointer
 from jaxseek.config import ModelConfig, TrainConfig
 from jaxseek.distributed import barrier
-from jaxseek.data import ByteCorpus, StoredBatches, load_stdlib_corpus, unigram_entropy
+from jaxseek.data import ByteCorpus, StoredBatches, unigram_entropy
 from jaxseek.expert_placement import current_placements, placement_balancedness, rebalance
 from jaxseek.metrics import MetricsLog, plot_training
 from jaxseek.model.experts import check_expert_parallel
 from jaxseek.pipeline_model import pipeline_schedule
+from jaxseek.prepare_data import ensure_prepared
 from jaxseek.run_storage import open_run_storage
 from jaxseek.train_state import (TrainState, abstract_train_state, init_train_state, sharded_abstract_state,
                                   state_shardings)
 from jaxseek.train_step import make_eval_step, make_train_step
 from sharding.mesh import batch_shards, batch_sharding, make_mesh
 from sharding.rules import get_rules
+from storage.location import Location
 
 METRICS_FILE = "metrics.parquet"
 PLOT_FILE = "training.png"
@@ -74,6 +76,24 @@ def check_drops(mc: ModelConfig, step: int, dropped: int, last_checkpoint: int |
             "are kept)")
 
 
+def _training_data(data: Location, corpus: ByteCorpus | None, tc: TrainConfig, window: int,
+                   out_dir: pathlib.Path) -> tuple[StoredBatches, StoredBatches, float]:
+    """(train batches, validation records, unigram entropy of the train bytes), read from records at ``data``:
+    the prepared standard library (process 0 prepares it, the others wait and read its manifest), or
+    ``corpus`` written as records."""
+    batching = dict(batch_size=tc.batch_size, seed=tc.seed)
+    if corpus is not None:
+        return (StoredBatches.prepare(data, corpus.train, window=window, **batching),
+                StoredBatches.prepare(data, corpus.valid, window=window, **batching),
+                unigram_entropy(corpus.train))
+    if jax.process_index() == 0:
+        ensure_prepared(data, "stdlib", window=window)
+    barrier(f"jaxseek train {out_dir.absolute()}: data prepared")
+    prepared = ensure_prepared(data, "stdlib", window=window)  # the manifest process 0 published
+    return (StoredBatches.open(data, prepared.train, **batching), StoredBatches.open(data, prepared.valid, **batching),
+            prepared.unigram_entropy())
+
+
 def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
           stop_after: int | None = None, corpus: ByteCorpus | None = None, mesh: jax.sharding.Mesh | None = None,
           rules: str = "dp", console: Console | None = None, show_progress: bool = True,
@@ -85,7 +105,8 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
       resume: continue from the latest checkpoint in ``out_dir``; the continued run computes exactly
         the steps, batches and losses an uninterrupted run would.
       stop_after: stop (with a checkpoint) after this many total steps, as a preempted job would.
-      corpus: the byte data (default: the standard library's source).
+      corpus: the byte data (default: the standard library's source, tokenized and packed by
+        ``jaxseek prepare-data``'s DataFrame job into the run's storage the first time).
       mesh: devices to train on (default: a data-parallel mesh over all of them).
       rules: the state's layout over the mesh, a ``sharding.rules`` rule set ("dp", "zero1", "ep", "ep+zero1").
       storage: where checkpoints (``checkpoints/``) and training records (``data/``) live, any
@@ -104,7 +125,6 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
     if tc.batch_size % batch_shards(mesh):
         raise ValueError(f"batch_size: {tc.batch_size} must be a multiple of the {batch_shards(mesh)} data shards")
     end = tc.steps if stop_after is None else min(stop_after, tc.steps)
-    corpus = corpus or load_stdlib_corpus()
     window = tc.seq_len + 1 + mc.mtp_depth
     get_rules(rules)  # a bad name fails before any work
     check_expert_parallel(mc.moe, mesh)
@@ -112,13 +132,9 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
         pipeline_schedule(mc, tc, mesh)  # the schedule, layers and batch fit, before any work
     location = open_run_storage(out_dir, storage, process_count=jax.process_count(), record=writes_files)
     try:
-        data = location.child("data")
-        batching = dict(batch_size=tc.batch_size, window=window, seed=tc.seed)
-        train_batches = StoredBatches.prepare(data, corpus.train, **batching)
-        valid_records = StoredBatches.prepare(data, corpus.valid, **batching)
+        train_batches, valid_records, entropy = _training_data(location.child("data"), corpus, tc, window, out_dir)
         valid_batches = valid_records.first(tc.eval_batches)
         valid_records.close()
-        entropy = unigram_entropy(corpus.train, mc.vocab_size)
 
         checkpointer = Checkpointer(out_dir, save_every=tc.checkpoint_every, location=location.child("checkpoints"))
         log, start = MetricsLog(), 0
