@@ -5,7 +5,8 @@ chains of targets, a manager for routing and target states, a client with USRBIO
 fsspec filesystem, a FUSE mount, and a backend for a real 3FS FUSE mount). On top of it, for any storage
 URL (``location``): ``checkpoint`` (Orbax on the 3FS client), ``tables`` (polars parquet with pushdown),
 ``loader`` (training records as a Grain data source), ``kvcache`` (MLA KV-cache blocks by hash chain), and
-``publish`` (atomic publication). Planned: ``dataframe`` (a smallpond-style lazy DataFrame on polars).
+``publish`` (atomic publication), ``dataframe`` (a smallpond-style lazy DataFrame on polars) and
+``graysort`` (gensort/valsort-exact records for the sort benchmark).
 
 This is the ``storage`` package of jaxseek (``import storage`` resolves here after
 ``pip install jaxseek``), not an unrelated PyPI project of the same name.
