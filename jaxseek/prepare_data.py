@@ -191,18 +191,18 @@ def find_prepared(location: "Location", spec: SourceSpec, window: int) -> Prepar
 
 
 def prepare_data(location: "Location", spec: SourceSpec, *, window: int, executor: str = "process",
-                 num_executors: int | None = None, work_dir: str | None = None) -> PreparedData:
+                 num_executors: int | None = None, work_dir: str | None = None, progress: bool = True) -> PreparedData:
     """Runs the job (see the module docstring) and writes the record sets and the manifest at ``location``.
 
     executor, num_executors: the ``storage.dataframe`` session's. work_dir: where the job's stages
-    keep their files (default: a temporary local directory, removed afterwards).
+    keep their files (default: a temporary local directory, removed afterwards). progress: a bar per stage.
     """
     import storage.dataframe as spd
 
     if window <= 1:
         raise ValueError(f"window={window}: expected at least 2 tokens (an input and its target)")
     scratch = work_dir or tempfile.mkdtemp(prefix="jaxseek-prepare-")
-    session = spd.init(data_root=scratch, num_executors=num_executors, executor=executor)
+    session = spd.init(data_root=scratch, num_executors=num_executors, executor=executor, progress=progress)
     try:
         rows, documents = tokenize_documents(session, spec)
     finally:
@@ -225,7 +225,7 @@ def prepare_data(location: "Location", spec: SourceSpec, *, window: int, executo
 
 def ensure_prepared(location: "Location", source: str = "stdlib", *, window: int, max_bytes: int | None = None,
                     pattern: str | None = None, executor: str = "process",
-                    num_executors: int | None = None) -> PreparedData:
+                    num_executors: int | None = None, progress: bool = True) -> PreparedData:
     """The prepared data of ``source`` and ``window`` at ``location``: read from its manifest, or prepared
     now (``prepare_data``) when there is none. Concurrent callers are safe (each publication is atomic)."""
     spec = parse_source(source, pattern=pattern, max_bytes=max_bytes)
@@ -233,7 +233,8 @@ def ensure_prepared(location: "Location", source: str = "stdlib", *, window: int
     found = find_prepared(location, spec, window)
     if found is not None:
         return found
-    return prepare_data(location, spec, window=window, executor=executor, num_executors=num_executors)
+    return prepare_data(location, spec, window=window, executor=executor, num_executors=num_executors,
+                        progress=progress)
 
 
 # ---- the command ----

@@ -77,7 +77,7 @@ def check_drops(mc: ModelConfig, step: int, dropped: int, last_checkpoint: int |
 
 
 def _training_data(data: Location, corpus: ByteCorpus | None, tc: TrainConfig, window: int,
-                   out_dir: pathlib.Path) -> tuple[StoredBatches, StoredBatches, float]:
+                   out_dir: pathlib.Path, show_progress: bool) -> tuple[StoredBatches, StoredBatches, float]:
     """(train batches, validation records, unigram entropy of the train bytes), read from records at ``data``:
     the prepared standard library (process 0 prepares it, the others wait and read its manifest), or
     ``corpus`` written as records."""
@@ -87,7 +87,7 @@ def _training_data(data: Location, corpus: ByteCorpus | None, tc: TrainConfig, w
                 StoredBatches.prepare(data, corpus.valid, window=window, **batching),
                 unigram_entropy(corpus.train))
     if jax.process_index() == 0:
-        ensure_prepared(data, "stdlib", window=window)
+        ensure_prepared(data, "stdlib", window=window, progress=show_progress)
     barrier(f"jaxseek train {out_dir.absolute()}: data prepared")
     prepared = ensure_prepared(data, "stdlib", window=window)  # the manifest process 0 published
     return (StoredBatches.open(data, prepared.train, **batching), StoredBatches.open(data, prepared.valid, **batching),
@@ -132,7 +132,8 @@ def train(mc: ModelConfig, tc: TrainConfig, out_dir: str | pathlib.Path, *, resu
         pipeline_schedule(mc, tc, mesh)  # the schedule, layers and batch fit, before any work
     location = open_run_storage(out_dir, storage, process_count=jax.process_count(), record=writes_files)
     try:
-        train_batches, valid_records, entropy = _training_data(location.child("data"), corpus, tc, window, out_dir)
+        train_batches, valid_records, entropy = _training_data(location.child("data"), corpus, tc, window, out_dir,
+                                                                   show_progress)
         valid_batches = valid_records.first(tc.eval_batches)
         valid_records.close()
 
