@@ -50,13 +50,16 @@ def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_t
     def block_step(h, block, layer_pages):
         """One block over the cache: [batch, s, hidden], one layer's pages -> (next h, updated pages)."""
         attn = block.attn
-        x = block.attn_norm(h)
-        q = attn.absorb_queries(*attn.project_queries(x, positions))  # [batch, s, heads, latent]
-        layer_pages = write_rows(layer_pages, attn.project_latent(x, positions), block_table, positions, valid)
-        out, _ = flash_mla_with_kvcache(q.astype(pages.query_dtype), layer_pages, block_table, attend_len,
-                                        head_dim_v=config.mla.kv_lora_rank, metadata=metadata,
-                                        softmax_scale=attn.softmax_scale, causal=True, implementation=implementation)
-        h, _ = block.feed_forward(h + attn.output_from_latent(out.astype(x.dtype)))
+        with jax.named_scope("attention"):  # profile scopes (jaxseek.trace_analysis.TRACKED_SCOPES)
+            x = block.attn_norm(h)
+            q = attn.absorb_queries(*attn.project_queries(x, positions))  # [batch, s, heads, latent]
+            layer_pages = write_rows(layer_pages, attn.project_latent(x, positions), block_table, positions, valid)
+            out, _ = flash_mla_with_kvcache(q.astype(pages.query_dtype), layer_pages, block_table, attend_len,
+                                            head_dim_v=config.mla.kv_lora_rank, metadata=metadata,
+                                            softmax_scale=attn.softmax_scale, causal=True,
+                                            implementation=implementation)
+            h = h + attn.output_from_latent(out.astype(x.dtype))
+        h, _ = block.feed_forward(h)
         return h, layer_pages
 
     scan_blocks = nnx.scan(block_step, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))

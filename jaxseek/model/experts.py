@@ -78,13 +78,17 @@ def local_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array
     """
     tokens, top_k = expert_ids.shape
     slots = experts.w_gate.shape[0]
-    flat_ids = expert_ids.reshape(-1)  # [tokens * top_k]
-    order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)  # copy index of each expert-sorted row
-    group_sizes = jnp.zeros((slots,), jnp.int32).at[flat_ids].add(1)
-    out = swiglu_experts(x[order // top_k], experts, group_sizes, grouped_matmul)  # [tokens * top_k, hidden]
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))  # sorted row of each copy
-    per_copy = out[rank].reshape(tokens, top_k, -1)  # back in (token, slot) order: a gather, not a row scatter
-    y = jnp.einsum("tkd,tk->td", per_copy, gate_weights.astype(out.dtype))
+    with jax.named_scope("dispatch"):  # on one device: a sort of the copies by expert
+        flat_ids = expert_ids.reshape(-1)  # [tokens * top_k]
+        order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)  # copy index of each expert-sorted row
+        group_sizes = jnp.zeros((slots,), jnp.int32).at[flat_ids].add(1)
+        rows = x[order // top_k]
+    with jax.named_scope("experts"):
+        out = swiglu_experts(rows, experts, group_sizes, grouped_matmul)  # [tokens * top_k, hidden]
+    with jax.named_scope("combine"):
+        rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))  # sorted row of each copy
+        per_copy = out[rank].reshape(tokens, top_k, -1)  # back in (token, slot) order: a gather, not a row scatter
+        y = jnp.einsum("tkd,tk->td", per_copy, gate_weights.astype(out.dtype))
     return MoEOutput(y.astype(x.dtype), group_sizes, jnp.zeros((), jnp.int32))
 
 
@@ -125,11 +129,14 @@ def ep_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: jax.Array, e
     slots = experts.w_gate.shape[0]
 
     def per_rank(x, expert_ids, gate_weights, w_gate, w_up, w_down):
-        received = dispatch(x, expert_ids, gate_weights, num_experts=slots, axis_name="ep",
-                            capacity_factor=capacity_factor, use_fp8=fp8_dispatch)
-        out = swiglu_experts(received.x, ExpertWeights(w_gate, w_up, w_down), received.tokens_per_expert,
-                             grouped_matmul)  # [rows, hidden], padding rows 0
-        y = combine(out, received.handle, received.weights)
+        with jax.named_scope("dispatch"):
+            received = dispatch(x, expert_ids, gate_weights, num_experts=slots, axis_name="ep",
+                                capacity_factor=capacity_factor, use_fp8=fp8_dispatch)
+        with jax.named_scope("experts"):
+            out = swiglu_experts(received.x, ExpertWeights(w_gate, w_up, w_down), received.tokens_per_expert,
+                                 grouped_matmul)  # [rows, hidden], padding rows 0
+        with jax.named_scope("combine"):
+            y = combine(out, received.handle, received.weights)
         return (y, jax.lax.psum(received.tokens_per_expert, "dp"),
                 jax.lax.psum(received.num_dropped, ("dp", "ep")))
 
@@ -148,7 +155,8 @@ def ep_low_latency_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: 
     slots = experts.w_gate.shape[0]
 
     def per_rank(x, expert_ids, gate_weights, w_gate, w_up, w_down):
-        received = low_latency_dispatch(x, expert_ids, x.shape[0], slots, axis_name="ep", use_fp8=fp8_dispatch)
+        with jax.named_scope("dispatch"):
+            received = low_latency_dispatch(x, expert_ids, x.shape[0], slots, axis_name="ep", use_fp8=fp8_dispatch)
         rows = received.x  # [local, ranks * tokens, hidden]
         if fp8_dispatch:
             flat = FP8Array(rows.data.reshape(-1, rows.data.shape[-1]), rows.scale.reshape(-1, rows.scale.shape[-1]))
@@ -156,7 +164,8 @@ def ep_low_latency_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: 
         gate = jnp.einsum("lmd,ldf->lmf", rows, w_gate.astype(x.dtype))
         up = jnp.einsum("lmd,ldf->lmf", rows, w_up.astype(x.dtype))
         out = jnp.einsum("lmf,lfd->lmd", jax.nn.silu(gate) * up, w_down.astype(x.dtype))
-        y = low_latency_combine(out, expert_ids, gate_weights, received.handle)
+        with jax.named_scope("combine"):
+            y = low_latency_combine(out, expert_ids, gate_weights, received.handle)
         return (y.astype(x.dtype), jax.lax.psum(received.count, "dp"),
                 jax.lax.psum(received.num_dropped, ("dp", "ep")))
 

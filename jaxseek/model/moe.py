@@ -102,17 +102,19 @@ class MoE(nnx.Module):
         c = self.config
         batch, seq, hidden = x.shape
         tokens = constrain(x.reshape(batch * seq, hidden), ("batch", "embed"))  # [T, d], tokens split like the batch
-        logits = tokens.astype(jnp.float32) @ self.router[...].T  # [T, E] float32
-        routing = route(logits, self.expert_bias[...], top_k=c.num_experts_per_token, n_group=c.n_group,
-                        topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)
-        slots = self.physical_slots(routing.expert_ids)  # [T, k] the replica each copy goes to
+        with jax.named_scope("gate"):
+            logits = tokens.astype(jnp.float32) @ self.router[...].T  # [T, E] float32
+            routing = route(logits, self.expert_bias[...], top_k=c.num_experts_per_token, n_group=c.n_group,
+                            topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)
+            slots = self.physical_slots(routing.expert_ids)  # [T, k] the replica each copy goes to
         strategy = get_moe_strategy(c.strategy, capacity_factor=c.capacity_factor or None, fp8_dispatch=c.fp8_dispatch,
                                     decoding=seq == 1)
         y, slot_load, dropped = strategy(tokens.astype(self.dtype), slots, routing.weights, self.expert_weights(),
                                          get_grouped_matmul(c.grouped_matmul))
         y = y.reshape(batch, seq, hidden)
         if self.shared is not None:
-            y = y + self.shared(x)
+            with jax.named_scope("shared_experts"):
+                y = y + self.shared(x)
         stats = MoEStats(
             # the region counts copies per physical slot; an expert's load is the sum over its replicas
             tokens_per_expert=jax.ops.segment_sum(slot_load, self.phy2log[...], c.num_routed_experts),

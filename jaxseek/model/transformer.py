@@ -79,15 +79,19 @@ class Block(nnx.Module):
 
         if self.remat_attention:
             attention = nnx.remat(attention)
-        h, stats = self.feed_forward(h + attention(self.attn, self.attn_norm(h)))
+        with jax.named_scope("attention"):  # profile scopes (jaxseek.trace_analysis.TRACKED_SCOPES)
+            h = h + attention(self.attn, self.attn_norm(h))
+        h, stats = self.feed_forward(h)
         return constrain(h, HIDDEN), stats
 
     def feed_forward(self, h: jax.Array) -> tuple[jax.Array, MoEStats | None]:
         """The block's second half: h + FFN(norm(h)), with the MoE statistics (None for a dense FFN)."""
         if self.is_moe:
-            ffn_out, stats = self.ffn(self.ffn_norm(h))
+            with jax.named_scope("moe"):
+                ffn_out, stats = self.ffn(self.ffn_norm(h))
         else:
-            ffn_out, stats = self.ffn(self.ffn_norm(h)), None
+            with jax.named_scope("mlp"):
+                ffn_out, stats = self.ffn(self.ffn_norm(h)), None
         return h + ffn_out, stats
 
 
