@@ -80,10 +80,7 @@ def _legend(ax, schedule: Schedule) -> None:
 def plot_schedule(schedule: Schedule, path: str | pathlib.Path, costs: dict | None = None) -> Timeline:
     """Writes ``schedule`` as a PNG figure at ``path`` (one row per rank, time from ``simulate`` under
     ``costs``, which override ``dualpipe.DEFAULT_COSTS``) and returns the simulated ``Timeline``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leave the caller's backend (e.g. a notebook's) alone
     from matplotlib.patches import Rectangle
 
     if not isinstance(schedule, Schedule):
@@ -95,7 +92,8 @@ def plot_schedule(schedule: Schedule, path: str | pathlib.Path, costs: dict | No
               for key in timeline.start]
     narrowest = min([w for w in widths if w > 0] or [span])  # the thinnest box (or half box)
     width_in = min(max(6.0, 0.22 * span / narrowest), 26.0)
-    fig, ax = plt.subplots(figsize=(width_in, 0.42 * num_ranks + 1.9))
+    fig = Figure(figsize=(width_in, 0.42 * num_ranks + 1.9))
+    ax = fig.subplots()
     box_pt = 72.0 * 0.9 * width_in * narrowest / span  # the thinnest box's width in points, roughly
     fontsize = min(8.0, max(3.0, 0.45 * box_pt))
     for r, slots in enumerate(schedule.ranks):
@@ -120,5 +118,4 @@ def plot_schedule(schedule: Schedule, path: str | pathlib.Path, costs: dict | No
     _legend(ax, schedule)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return timeline
