@@ -83,9 +83,9 @@ def run_notebook(path: pathlib.Path, workdir: pathlib.Path, *, timeout: int = CE
     return nb
 
 
-# The model tour trains for a few steps (~25 s): slow; every other notebook runs in seconds.
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "model" in p.name else p for p in NOTEBOOKS],
-                         ids=lambda p: p.name)
+# The model tour trains for a few steps (~25 s): slow; every other notebook runs in <= ~15 s on 2 cores.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "model" in p.name else p
+                                  for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path):
     run_notebook(path, tmp_path)
 
@@ -126,7 +126,8 @@ def test_notebook_is_stripped_and_colab_ready(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [i for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
     assert not dirty, f"{path.name}: cells {dirty} keep outputs or execution counts (strip them)"
     assert code and COLAB_INSTALL in code[0].source and "pip" in code[0].source, \
         f"{path.name}: the first code cell must pip-install the repo when running on Colab"
