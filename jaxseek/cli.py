@@ -11,7 +11,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from jaxseek import prepare_data
+from jaxseek import prepare_data, profile_run
 from jaxseek.presets import PRESET_BUILDERS, get_preset
 
 
@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_convert(sub)
     _add_schedule(sub)
     prepare_data.register(sub)
+    profile_run.register(sub)
     info = sub.add_parser("info", help="parameter counts, per-layer shapes and FLOPs of a preset (abstract)")
     info.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESET_BUILDERS))
     _add_mesh_arguments(info, default_rules="ep+zero1")
@@ -409,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         commands = {"train": _train, "generate": _generate, "eplb": _eplb, "convert": _convert,
-                    "schedule": _schedule, "info": _info, "prepare-data": prepare_data.run}
+                    "schedule": _schedule, "info": _info, "prepare-data": prepare_data.run,
+                    "profile": profile_run.run}
         return commands[args.command](args, console)
     except ValueError as error:
         console.print(f"[bold red]error:[/] {error}")

@@ -5,7 +5,7 @@
     sp = spd.init(data_root="/tmp/jobs")                  # executor="process" (default), "inprocess", "ray"
     df = sp.read_parquet("/data/events/*.parquet")        # one partition per file
     df = df.repartition(8, hash_by="user").filter(pl.col("ms") > 0)
-    sums = sp.partial_sql("select user, sum(ms) as ms from {0} group by user", df)
+    sums = sp.partial_sql('select "user", sum(ms) as ms from {0} group by "user"', df)
     print(sums.explain()); sums.write_parquet("/data/ms_by_user")
     sp.shutdown()
 
