@@ -136,7 +136,6 @@ def capture(mode: str, args, mesh=None) -> pathlib.Path:
 
 def _train_step(mode, mc, tc, mesh, args):
     """A closure running one optimizer step on a fixed random batch (state carried), and its HLO text."""
-    import jax
     import numpy as np
 
     from jaxseek.train import place_batch
