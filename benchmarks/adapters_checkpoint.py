@@ -38,7 +38,7 @@ from storage.location import open_location  # noqa: E402
 
 MIB = 1 << 20
 ADAPTER = "3fs checkpoint (embedded, 3 replicas)"
-PEER = "plain Orbax (Standard{Save,Restore}), local dir"
+PEER = "plain Orbax (Standard{}), local dir"
 
 
 def _tree(total_bytes: int) -> dict:
@@ -101,7 +101,7 @@ def bench_checkpoint(work_dir: pathlib.Path, *, quick: bool, console=None) -> li
     for operation, goal in (("save", 0.3), ("restore", 0.8)):
         ours, theirs = nbytes / median[f"3fs {operation}"] / 1e9, nbytes / median[f"orbax {operation}"] / 1e9
         rows.append({"operation": f"checkpoint {operation} ({nbytes / MIB:.0f} MiB, {len(jax.devices())} devices)",
-                     "adapter": ADAPTER, "peer": PEER.replace("{Save,Restore}", operation.capitalize()),
+                     "adapter": ADAPTER, "peer": PEER.format(operation.capitalize()),
                      "GB/s": round(ours, 3), "peer GB/s": round(theirs, 3),
                      "ratio": round(ours / theirs, 3), "goal": f">= {goal}x", "met": ours / theirs >= goal,
                      **({"blocking s": round(median["3fs blocking"], 4),

@@ -86,10 +86,12 @@ def _training_data(data: Location, corpus: ByteCorpus | None, tc: TrainConfig, w
         return (StoredBatches.prepare(data, corpus.train, window=window, **batching),
                 StoredBatches.prepare(data, corpus.valid, window=window, **batching),
                 unigram_entropy(corpus.train))
+    prepared = None
     if jax.process_index() == 0:
-        ensure_prepared(data, "stdlib", window=window, progress=show_progress)
+        prepared = ensure_prepared(data, "stdlib", window=window, progress=show_progress)
     barrier(f"jaxseek train {out_dir.absolute()}: data prepared")
-    prepared = ensure_prepared(data, "stdlib", window=window)  # the manifest process 0 published
+    if prepared is None:
+        prepared = ensure_prepared(data, "stdlib", window=window)  # reads the manifest process 0 published
     return (StoredBatches.open(data, prepared.train, **batching), StoredBatches.open(data, prepared.valid, **batching),
             prepared.unigram_entropy())
 

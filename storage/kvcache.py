@@ -203,8 +203,8 @@ class ThreeFSPrefixStore:
             try:
                 self.client.open(temp, "wb").close()
                 self.client.rename(temp, self._use_path(key), replace=True)
-            except OSError:
-                pass  # the directory is gone: its use no longer matters (a leftover temp ages out in scan)
+            except FileNotFoundError:  # the store's directory was removed: there is no use left to record
+                return
 
     # -- store ----------------------------------------------------------------------------------------
 

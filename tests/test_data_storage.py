@@ -76,3 +76,14 @@ def test_bad_streams_are_refused(tmp_path, stream):
         stored = StoredBatches.prepare(location, stream, batch_size=BATCH, window=WINDOW, seed=0)  # plain dirs work too
         np.testing.assert_array_equal(stored.batch(1), SequenceBatches(stream, batch_size=BATCH, window=WINDOW, seed=0).batch(1))
         stored.close()
+
+
+def test_a_set_another_process_published_first_is_used(tmp_path, stream, monkeypatch):
+    """Two processes preparing at once: the one whose publish finds the set already there uses it."""
+    from jaxseek.data import write_windows
+
+    with open_location(tmp_path / "plain", create=True) as data:
+        name, fingerprint = write_windows(data, stream, WINDOW)
+        monkeypatch.setattr(data.client, "exists", lambda path: False)  # it checked before the other published
+        assert write_windows(data, stream, WINDOW) == (name, fingerprint)
+        assert data_sets(data) == [name]

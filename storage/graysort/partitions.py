@@ -70,8 +70,7 @@ def write_input(url: str, num_records: int, partitions: int, *, workers: int = 1
     """Writes the GraySort input (see the module docstring) with ``workers`` processes (1: in this one,
     which an embedded 3FS URL requires); returns the combined summary of all records."""
     parts = input_partitions(url, num_records, partitions)
-    with open_location(url, create=True):
-        pass  # the directory (or the embedded cluster) exists before any worker opens it
+    open_location(url, create=True).close()  # the directory (or embedded cluster) exists before workers open it
     if workers <= 1 or len(parts) == 1 or split_url(url)[0] == "3fs+embedded":
         return combine(map(write_partition, parts))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
