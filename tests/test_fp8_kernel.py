@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.fp8_gemm import kernel_ops, schedule
-from pallas_kernels.fp8_gemm.config import HOPPER_SMEM_BYTES, choose_tile_n, pipeline_depth, select_config
+from pallas_kernels.fp8_gemm.config import HOPPER_SMEM_BYTES, TileChoice, choose_tile_n, pipeline_depth, select_config
 from pallas_kernels.fp8_gemm.mosaic_gpu import KernelConfig, tile_coordinates
 
 
@@ -56,11 +56,21 @@ def test_tile_raster_visits_every_tile_once(rows, cols, band):
 
 
 def test_tile_heuristic():
-    # DeepSeek-V3 shapes on 132 SMs: 128-wide tiles where N allows, unaligned widths when they fill waves.
-    assert choose_tile_n(32, 7168, 132).tile_n == 128
-    choice = choose_tile_n(1, 2112, 132)
-    assert choice.n_pad == 2112 and choice.waves == 1
-    assert select_config(32, 7168, 2, num_sms=132) == select_config(32, 7168, 2, num_sms=132)  # deterministic
+    # DeepSeek-V3 shapes on 132 SMs, worked out by hand from the rule (fewest waves, fullest last wave, no
+    # padding, widest tile). 4096 x 7168: 32 row tiles x 56 columns of 128 = 1792 tiles = 14 waves, 76 in the
+    # last; no width > 128 is allowed, narrower ones need more waves. 4 stages: 4 x (256 x 128 + 4 x 256) +
+    # 128 x 128 x 2 (bf16 out) = 167,936 bytes + 2,048 reserved <= 232,448.
+    assert select_config(32, 7168, 2, num_sms=132) == (KernelConfig(tile_n=128, max_concurrent_steps=4, num_sms=132),
+                                                       7168)
+    # 1 row tile x 2112 columns: 16-wide tiles make exactly 132 tiles, one full wave (24 gives 88: 67%).
+    assert choose_tile_n(1, 2112, 132) == TileChoice(tile_n=16, n_pad=2112, waves=1, last_wave_utilisation=1.0)
+    # 32 x 2112: 5 waves need <= 20 column tiles (width >= 112); 112 -> 19 columns (2128, padded), 608 tiles,
+    # 80 in the last wave, beats 120 (18 columns, 48) and 128 (17 columns, 16).
+    assert choose_tile_n(32, 2112, 132) == TileChoice(tile_n=112, n_pad=2128, waves=5, last_wave_utilisation=80 / 132)
+    # 4 x 2048, f32 out: one wave needs <= 33 columns (width >= 64); 64 -> 128 tiles (97%), 72 -> 116.
+    # 4 stages: 4 x (192 x 128 + 4 x 192) + 128 x 64 x 4 = 134,144 + 2,048 fits.
+    config, n_pad = select_config(4, 2048, 4, num_sms=132, k_grouped=True)
+    assert (config.tile_n, config.max_concurrent_steps, config.k_grouped, n_pad) == (64, 4, True, 2048)
     for tile_n in (16, 64, 128):
         config = KernelConfig(tile_n=tile_n, max_concurrent_steps=pipeline_depth(tile_n, 2), num_sms=132)
         assert config.smem_bytes(2) <= HOPPER_SMEM_BYTES

@@ -10,6 +10,7 @@ aligned; DeepSeek's shapes are.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -54,7 +55,8 @@ def run(a: jax.Array, sa: jax.Array, b: jax.Array, sb_cols: jax.Array, *,
     if config is None:
         config, n_pad = tile_config.select_config(row_tiles, n, jnp.dtype(out_dtype).itemsize, num_sms=num_sms,
                                                   k_grouped=k_grouped, for_interpreter=interpret)
-    else:
+    else:  # the caller's tiles; the execution mode is this call's
+        config = dataclasses.replace(config, k_grouped=k_grouped, for_interpreter=interpret)
         n_pad = round_up(n, config.tile_n)
     a = _pad(_pad(a, 0, m_pad), 1, k_pad)
     sa_t = _pad(sa, 0, m_pad).T  # [k_pad / 128, m_pad]
@@ -68,7 +70,7 @@ def run(a: jax.Array, sa: jax.Array, b: jax.Array, sb_cols: jax.Array, *,
     return out[:, :n]
 
 
-def fp8_gemm_nt(a, sa, b, sb, *, out_dtype, interpret: bool) -> jax.Array:
+def fp8_gemm_nt(a, sa, b, sb, *, out_dtype, interpret: bool, config: KernelConfig | None = None) -> jax.Array:
     """[m, k] x [n, k] (1x128, 128x128 scales) -> [m, n]."""
     m, n = a.shape[0], b.shape[0]
 
@@ -76,11 +78,12 @@ def fp8_gemm_nt(a, sa, b, sb, *, out_dtype, interpret: bool) -> jax.Array:
         return schedule.dense_tiles(m, m_pad, TILE_M, k_steps), m_pad
 
     out = run(a, sa, b[None], block_scales_per_column(sb, n)[None], make_tiles=tiles,
-              row_tiles=-(-m // TILE_M), out_dtype=out_dtype, interpret=interpret)
+              row_tiles=-(-m // TILE_M), out_dtype=out_dtype, interpret=interpret, config=config)
     return out[:m]
 
 
-def m_grouped_contiguous(a, sa, b, sb, group_starts, group_ends, *, out_dtype, interpret: bool) -> jax.Array:
+def m_grouped_contiguous(a, sa, b, sb, group_starts, group_ends, *, out_dtype, interpret: bool,
+                         config: KernelConfig | None = None) -> jax.Array:
     """Rows [group_starts[g], group_ends[g]) use b[g]; other rows are left unwritten. -> [m, n]."""
     m, (num_groups, n) = a.shape[0], b.shape[:2]
 
@@ -88,11 +91,12 @@ def m_grouped_contiguous(a, sa, b, sb, group_starts, group_ends, *, out_dtype, i
         return schedule.contiguous_tiles(group_starts, group_ends, m_pad, TILE_M, k_steps), m_pad
 
     out = run(a, sa, b, block_scales_per_column(sb, n), make_tiles=tiles,
-              row_tiles=-(-m // TILE_M) + num_groups - 1, out_dtype=out_dtype, interpret=interpret)
+              row_tiles=-(-m // TILE_M) + num_groups - 1, out_dtype=out_dtype, interpret=interpret, config=config)
     return out[:m]
 
 
-def m_grouped_masked(a, sa, b, sb, masked_m, expected_m: int, *, out_dtype, interpret: bool) -> jax.Array:
+def m_grouped_masked(a, sa, b, sb, masked_m, expected_m: int, *, out_dtype, interpret: bool,
+                     config: KernelConfig | None = None) -> jax.Array:
     """[g, m_max, k] x [g, n, k] -> [g, m_max, n]; rows past masked_m[g] are left unwritten."""
     num_groups, m_max, k = a.shape
     n = b.shape[1]
@@ -104,11 +108,12 @@ def m_grouped_masked(a, sa, b, sb, masked_m, expected_m: int, *, out_dtype, inte
         return schedule.masked_tiles(masked_m, m_max_pad, TILE_M, k_steps), m_pad
 
     out = run(a_flat, sa_flat, b, block_scales_per_column(sb, n), make_tiles=tiles,
-              row_tiles=num_groups * max(-(-expected_m // TILE_M), 1), out_dtype=out_dtype, interpret=interpret)
+              row_tiles=num_groups * max(-(-expected_m // TILE_M), 1), out_dtype=out_dtype, interpret=interpret,
+              config=config)
     return out.reshape(num_groups, m_max_pad, n)[:, :m_max]
 
 
-def k_grouped_contiguous(a, sa, b, sb, group_ks, *, interpret: bool) -> jax.Array:
+def k_grouped_contiguous(a, sa, b, sb, group_ks, *, interpret: bool, config: KernelConfig | None = None) -> jax.Array:
     """[m, K] x [n, K] with 1x128 scales on both, K split into groups -> [g, m, n] float32 (empty groups 0)."""
     m, n, num_groups = a.shape[0], b.shape[0], group_ks.shape[0]
     m_pad = round_up(max(m, 1), TILE_M)
@@ -117,6 +122,6 @@ def k_grouped_contiguous(a, sa, b, sb, group_ks, *, interpret: bool) -> jax.Arra
         return schedule.k_grouped_tiles(group_ks, m, m_pad_, TILE_M, BLOCK_K), num_groups * m_pad_
 
     out = run(a, sa, b[None], sb.T[None], make_tiles=tiles, row_tiles=num_groups * (m_pad // TILE_M),
-              out_dtype=jnp.float32, interpret=interpret, k_grouped=True)
+              out_dtype=jnp.float32, interpret=interpret, k_grouped=True, config=config)
     out = out.reshape(num_groups, m_pad, n)[:, :m]
     return jnp.where((group_ks > 0)[:, None, None], out, 0.0)
