@@ -83,7 +83,9 @@ def forced(tile_n, **changes):
     return dataclasses.replace(KernelConfig(tile_n=tile_n, max_concurrent_steps=2, num_sms=INTERPRET_SMS), **changes)
 
 
-NORMAL_CONFIGS = {"tile48": forced(48)}
+# Each promotion with a tile width that straddles scale blocks, and the one-warpgroup 64-row tile.
+NORMAL_CONFIGS = {"per_column_48": forced(48), "tile_scalar_48": forced(48, promotion="tile_scalar"),
+                  "tile_scalar_80_m64": forced(80, promotion="tile_scalar", tile_m=64)}
 
 
 @pytest.mark.timeout(300)
@@ -100,7 +102,8 @@ def test_normal_gemm_scale_blocks(config):
 
 
 @pytest.mark.timeout(300)
-def test_contiguous_scale_blocks():
+@pytest.mark.parametrize("promotion", ["per_column", "tile_scalar"])
+def test_contiguous_scale_blocks(promotion):
     sizes, k, n = (40, 0, 100), 256, 288  # tile 80 pads N to 320; tiles straddle columns 128 and 256
     m = sum(sizes)
     row_groups = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
@@ -109,7 +112,7 @@ def test_contiguous_scale_blocks():
     x, w = scaled_normal((m, k), 2, block_axes=(-1,)), scaled_normal((len(sizes), n, k), 3)
     (a, sa), (b, sb) = per_token_cast_to_fp8(x), jax.vmap(per_block_cast_to_fp8)(w)
     out = kernel_ops.m_grouped_contiguous(a, sa, b, sb, starts, ends, out_dtype=jnp.float32, interpret=True,
-                                          config=forced(80))
+                                          config=forced(80, promotion=promotion))
     groups = jnp.asarray(row_groups)
     assert_matches_xla(out, reference.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, groups, jnp.float32),
                        reference.m_grouped_fp8_gemm_nt_contiguous(_abs(a), sa, _abs(b), sb, groups, jnp.float32))
@@ -153,3 +156,13 @@ def test_k_grouped_scale_blocks():
         else:
             np.testing.assert_array_equal(np.asarray(out[g]), 0.0)
         start += size
+
+
+def test_tile_scalar_promotion_limits():
+    with pytest.raises(ValueError, match="promotion"):  # a 200-wide tile can span three 128-column blocks
+        forced(200, promotion="tile_scalar")
+    assert forced(192, promotion="tile_scalar").tile_n == 192  # 192 + 64 <= 256: never more than two
+    x = per_channel_cast_to_fp8(jnp.ones((128, 16)))
+    with pytest.raises(ValueError, match="per column"):  # the weight-gradient GEMM's B scales are per column
+        kernel_ops.k_grouped_contiguous(x.data.T, x.scale.T, x.data.T, x.scale.T, jnp.array([128], jnp.int32),
+                                        interpret=True, config=forced(16, promotion="tile_scalar"))
