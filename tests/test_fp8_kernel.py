@@ -1,6 +1,11 @@
 """The Mosaic GPU kernel's machinery: schedules, the tile heuristic, and lowering for a real GPU
 (``jax.export`` for CUDA runs the Mosaic GPU compiler's checks on the CPU)."""
 
+import functools
+import pathlib
+import re
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,23 +84,95 @@ def test_tile_heuristic():
 S = jax.ShapeDtypeStruct
 F8, F32, I32 = jnp.float8_e4m3fn, jnp.float32, jnp.int32
 EXPORT_CASES = {
-    "fp8_gemm_nt": (lambda a, sa, b, sb: kernel_ops.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.bfloat16, interpret=False),
+    "fp8_gemm_nt": (lambda a, sa, b, sb, config=None: kernel_ops.fp8_gemm_nt(
+        a, sa, b, sb, out_dtype=jnp.bfloat16, interpret=False, config=config),
                     [S((300, 520), F8), S((300, 5), F32), S((200, 520), F8), S((2, 5), F32)]),
-    "contiguous": (lambda a, sa, b, sb, s, e: kernel_ops.m_grouped_contiguous(a, sa, b, sb, s, e, out_dtype=jnp.bfloat16,
-                                                                              interpret=False),
+    "contiguous": (lambda a, sa, b, sb, s, e, config=None: kernel_ops.m_grouped_contiguous(
+        a, sa, b, sb, s, e, out_dtype=jnp.bfloat16, interpret=False, config=config),
                    [S((300, 512), F8), S((300, 4), F32), S((3, 256, 512), F8), S((3, 2, 4), F32), S((3,), I32),
                     S((3,), I32)]),
-    "masked": (lambda a, sa, b, sb, mm: kernel_ops.m_grouped_masked(a, sa, b, sb, mm, 64, out_dtype=jnp.bfloat16,
-                                                                    interpret=False),
+    "masked": (lambda a, sa, b, sb, mm, config=None: kernel_ops.m_grouped_masked(
+        a, sa, b, sb, mm, 64, out_dtype=jnp.bfloat16, interpret=False, config=config),
                [S((3, 150, 512), F8), S((3, 150, 4), F32), S((3, 256, 512), F8), S((3, 2, 4), F32), S((3,), I32)]),
-    "k_grouped": (lambda a, sa, b, sb, ks: kernel_ops.k_grouped_contiguous(a, sa, b, sb, ks, interpret=False),
+    "k_grouped": (lambda a, sa, b, sb, ks, config=None: kernel_ops.k_grouped_contiguous(
+        a, sa, b, sb, ks, interpret=False, config=config),
                   [S((96, 640), F8), S((96, 5), F32), S((136, 640), F8), S((136, 5), F32), S((3,), I32)]),
 }
+
+
+def _export(name, config=None):
+    fn, args = EXPORT_CASES[name]
+    return jax.export.export(jax.jit(functools.partial(fn, config=config)), platforms=["cuda"])(*args).mlir_module()
+
+
+def _kernel_operand_types(module: str) -> list[str]:
+    """The tensor types the Mosaic GPU custom call takes (what the XLA glue hands the kernel)."""
+    call = re.search(r"custom_call @mosaic_gpu\S*\(.*\} : \(([^)]*)\)", module)
+    assert call, "no Mosaic GPU kernel in the module (an XLA fallback?)"
+    return [t.strip() for t in call.group(1).split(",")]
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(EXPORT_CASES))
 def test_kernel_lowers_for_cuda(name):
-    fn, args = EXPORT_CASES[name]
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
-    assert "mosaic_gpu" in exported.mlir_module()  # the Mosaic GPU kernel, not an XLA fallback
+    operands = _kernel_operand_types(_export(name))
+    assert len(operands) == 5  # a, A scales, b, B scales, the tile schedule
+
+
+# Variants chosen by config (promotion.py, KernelConfig): each must lower through the real CUDA lowering, with
+# its tile width in the wgmma instruction, its row tile in A's padding and its B scales in their own layout.
+VARIANTS = {"tile_scalar_n48": dict(tile_n=48, promotion="tile_scalar"),
+            "tile_scalar_m64_n112": dict(tile_n=112, tile_m=64, promotion="tile_scalar"),
+            "per_column_n192": dict(tile_n=192, max_concurrent_steps=3),
+            "per_column_m64_n128": dict(tile_n=128, tile_m=64)}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ["contiguous", "fp8_gemm_nt", "masked"])
+def test_kernel_variants_lower_for_cuda(name, variant):
+    config = KernelConfig(**{"max_concurrent_steps": 4, "num_sms": 132, **VARIANTS[variant]})
+    module = _export(name, config)
+    assert f"wgmma.mma_async.sync.aligned.m64n{config.tile_n}k32.f32.e4m3.e4m3" in module
+    a_type, _, b_type, sb_type, _ = _kernel_operand_types(module)
+    rows = int(re.match(r"tensor<(\d+)x", a_type).group(1))
+    assert rows % config.tile_m == 0 and (config.tile_m == 128 or rows % 128)  # padded to the row tile only
+    n = int(re.match(r"tensor<\d+x(\d+)x", b_type).group(1))  # [g, n_pad, k]: K-major B on the GPU
+    assert n % config.tile_n == 0
+    scale_cols = int(re.search(r"x(\d+)xf32>", sb_type).group(1))
+    if config.promotion == "per_column":
+        assert scale_cols == n + 32  # one scale per output column (+ the TMA box's padding)
+    else:
+        assert scale_cols == -(-(-(-n // 128) + 32) // 4) * 4  # compact: one per 128-column block
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", [dict(tile_n=192), dict(tile_n=160, promotion="tile_scalar"),
+                                     dict(tile_n=128, tile_m=64)], ids=["n192", "tile_scalar_n160", "m64_n128"])
+def test_pipeline_depth_is_what_fits_in_shared_memory(variant):
+    """The heuristic's SMEM accounting against Mosaic GPU's own check (Hopper's 232,448 bytes per block):
+    the deepest pipeline it allows lowers, one stage more does not."""
+    depth = pipeline_depth(variant["tile_n"], 2, max_stages=12, **variant_fields(variant))
+    fn, args = EXPORT_CASES["fp8_gemm_nt"]
+    args = [S((256, 2048), F8), S((256, 16), F32), S((768, 2048), F8), S((6, 16), F32)]  # 16 K steps: no clamping
+    for stages, fits in ((depth, True), (depth + 1, False)):
+        config = KernelConfig(max_concurrent_steps=stages, num_sms=132, **variant)
+        export = jax.export.export(jax.jit(functools.partial(fn, config=config)), platforms=["cuda"])
+        if fits:
+            export(*args)
+        else:
+            with pytest.raises(ValueError, match="exceeds available shared memory"):
+                export(*args)
+
+
+def variant_fields(variant):
+    return {key: value for key, value in variant.items() if key != "tile_n"}
+
+
+@pytest.mark.timeout(300)
+def test_sweep_dry_run_exports_every_quick_config():
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fp8_sweep
+    rows = fp8_sweep.dry_run(quick=True)
+    assert len(rows) == 12 and all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
+    assert {row["config"].split()[0] for row in rows} == {"per_column", "tile_scalar"}

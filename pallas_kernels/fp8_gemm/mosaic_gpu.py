@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.fp8_gemm import interpreter_differences as interp
 from pallas_kernels.fp8_gemm import promotion
-from pallas_kernels.fp8_gemm.promotion import SCALE_ALIGN, WG_ROWS, round_up  # noqa: F401 (re-exported)
+from pallas_kernels.fp8_gemm.promotion import WG_ROWS, round_up  # noqa: F401 (round_up: re-exported)
 
 BLOCK_K = 128  # one scale per 128 of K: the promotion interval
 TILE_MS = (64, 128)  # one or two compute warpgroups of 64 rows
