@@ -34,7 +34,9 @@ def variant_configs(num_sms: int) -> dict[str, KernelConfig | None]:
     return {"default": None, "per_column n48": config(48), "tile_scalar n48": config(48, promotion="tile_scalar"),
             "tile_scalar n112": config(112, promotion="tile_scalar"),
             "tile_scalar m64 n80": config(80, promotion="tile_scalar", tile_m=64),
-            "per_column n192 s3": dataclasses.replace(config(192), max_concurrent_steps=3)}
+            "per_column n192 s3": dataclasses.replace(config(192), max_concurrent_steps=3),
+            "per_column n128 cluster2": config(128, cluster_n=2),
+            "tile_scalar n80 cluster2": config(80, promotion="tile_scalar", cluster_n=2)}
 
 
 def _scaled(key, shape, row_axis, block_axes):
@@ -120,6 +122,8 @@ def run(implementation: str = "mosaic_gpu") -> list[dict]:
         for label, config in variant_configs(num_sms).items():
             if k_grouped and config is not None and config.promotion == "tile_scalar":
                 continue  # the weight-gradient GEMM's B scales are per column
+            if implementation == "interpret" and config is not None and config.cluster_n > 1:
+                continue  # clusters are GPU-only (interpreter_differences.check_interpretable)
             row = {"case": name, "config": label}
             try:
                 row.update(compare(kernel(config), expected, magnitude))

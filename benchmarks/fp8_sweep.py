@@ -2,8 +2,9 @@
 
 Swept, per shape, beside the heuristic's own choice (first row): promotion (``per_column``, ``tile_scalar``)
 x, for M > 256, tile_n (112, 128, 144, 160, 192) and pipeline depth (the deepest that fits shared memory, up
-to 6, and one less); for M <= 256, tile_m (64, 128) x tile_n (64, 128, 192) at the deepest pipeline.
-``--quick``: two shapes, 12 configs. Not swept yet (not built): 2-CTA clusters with TMA multicast, tile_m 256.
+to 6, and one less), and 2-CTA clusters multicasting A (tile_n 128, 160); for M <= 256, tile_m (64, 128) x
+tile_n (64, 128, 192) at the deepest pipeline. ``--quick``: two shapes, 14 configs. Not swept (not built):
+tile_m 256, clusters along M (multicasting B), grid_tile_width.
 
     python benchmarks/fp8_gemm.py --sweep [--quick]       # on a Hopper GPU: a table of TFLOPS per config
     python benchmarks/fp8_gemm.py --sweep --dry-run       # anywhere: exports every swept config for CUDA
@@ -33,19 +34,21 @@ OUT_ITEMSIZE = 2  # bf16 output
 
 
 def _variant_grid(m: int, quick: bool):
-    """(tile_m, tile_n, stage choices) to try at ``m`` rows."""
+    """(tile_m, tile_n, cluster_n, stage choices) to try at ``m`` rows."""
     if m <= SMALL_M:
-        return [(tile_m, tile_n, ("deepest",)) for tile_m in (64, 128) for tile_n in ((128,) if quick else (64, 128, 192))]
+        return [(tile_m, tile_n, 1, ("deepest",)) for tile_m in (64, 128)
+                for tile_n in ((128,) if quick else (64, 128, 192))]
     stages = ("deepest",) if quick else ("deepest", "one less")
-    return [(128, tile_n, stages) for tile_n in ((128, 160, 192) if quick else (112, 128, 144, 160, 192))]
+    return ([(128, tile_n, 1, stages) for tile_n in ((128, 160, 192) if quick else (112, 128, 144, 160, 192))]
+            + [(128, tile_n, 2, ("deepest",)) for tile_n in ((128,) if quick else (128, 160))])
 
 
 def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False) -> list[KernelConfig]:
     """The heuristic's config first, then every variant that fits shared memory (deduplicated)."""
     configs = [select_config(-(-m // 128), n, OUT_ITEMSIZE, num_sms=num_sms)[0]]
     for promotion in PROMOTIONS:
-        for tile_m, tile_n, stage_choices in _variant_grid(m, quick):
-            variant = dict(tile_m=tile_m, promotion=promotion)
+        for tile_m, tile_n, cluster_n, stage_choices in _variant_grid(m, quick):
+            variant = dict(tile_m=tile_m, promotion=promotion, cluster_n=cluster_n)
             try:
                 deepest = pipeline_depth(tile_n, OUT_ITEMSIZE, max_stages=6, **variant)
             except ValueError:  # e.g. tile_scalar with a tile that can span three scale blocks
@@ -62,7 +65,7 @@ def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False) -> list[Ker
 
 def describe(config: KernelConfig) -> str:
     return (f"{config.promotion} m{config.tile_m} n{config.tile_n} s{config.max_concurrent_steps} "
-            f"w{config.grid_tile_width}")
+            f"w{config.grid_tile_width} c{config.cluster_n}")
 
 
 def _gemm(config):

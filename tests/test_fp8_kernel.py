@@ -124,7 +124,8 @@ def test_kernel_lowers_for_cuda(name):
 VARIANTS = {"tile_scalar_n48": dict(tile_n=48, promotion="tile_scalar"),
             "tile_scalar_m64_n112": dict(tile_n=112, tile_m=64, promotion="tile_scalar"),
             "per_column_n192": dict(tile_n=192, max_concurrent_steps=3),
-            "per_column_m64_n128": dict(tile_n=128, tile_m=64)}
+            "per_column_m64_n128": dict(tile_n=128, tile_m=64),
+            "tile_scalar_n112_cluster2": dict(tile_n=112, promotion="tile_scalar", cluster_n=2)}
 
 
 @pytest.mark.timeout(300)
@@ -138,7 +139,9 @@ def test_kernel_variants_lower_for_cuda(name, variant):
     rows = int(re.match(r"tensor<(\d+)x", a_type).group(1))
     assert rows % config.tile_m == 0 and (config.tile_m == 128 or rows % 128)  # padded to the row tile only
     n = int(re.match(r"tensor<\d+x(\d+)x", b_type).group(1))  # [g, n_pad, k]: K-major B on the GPU
-    assert n % config.tile_n == 0
+    assert n % (config.tile_n * config.cluster_n) == 0
+    # a cluster's CTAs map each other's shared memory (the multicast's barriers): only in cluster launches
+    assert ("gpu.cluster_dim_blocks" in module and "mapa.shared" in module) == (config.cluster_n > 1)
     scale_cols = int(re.search(r"x(\d+)xf32>", sb_type).group(1))
     if config.promotion == "per_column":
         assert scale_cols == n + 32  # one scale per output column (+ the TMA box's padding)
@@ -174,5 +177,7 @@ def test_sweep_dry_run_exports_every_quick_config():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     import fp8_sweep
     rows = fp8_sweep.dry_run(quick=True)
-    assert len(rows) == 12 and all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
+    assert len(rows) == sum(len(fp8_sweep.sweep_configs(m, n, 132, quick=True)) for m, n, _ in fp8_sweep.QUICK_SHAPES)
+    assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
     assert {row["config"].split()[0] for row in rows} == {"per_column", "tile_scalar"}
+    assert {row["config"].split()[-1] for row in rows} == {"c1", "c2"}  # with and without 2-CTA clusters

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from pallas_kernels.dispatch import num_sms_of_device
 from pallas_kernels.fp8_gemm import config as tile_config
 from pallas_kernels.fp8_gemm import schedule
-from pallas_kernels.fp8_gemm.interpreter_differences import b_operand
+from pallas_kernels.fp8_gemm.interpreter_differences import b_operand, check_interpretable
 from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K, KernelConfig, grouped_fp8_gemm, round_up
 from pallas_kernels.fp8_gemm.promotion import b_scale_operand
 from pallas_kernels.interpret import INTERPRET_SMS, gpu_interpret_params
@@ -67,7 +67,8 @@ def run(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, sb_kind: st
                                                   k_grouped=k_grouped, for_interpreter=interpret)
     else:  # the caller's tiles; the execution mode is this call's
         config = dataclasses.replace(config, k_grouped=k_grouped, for_interpreter=interpret)
-        n_pad = round_up(n, config.tile_n)
+        n_pad = round_up(n, config.n_multiple)
+    check_interpretable(config)
     m_pad = round_up(max(m, 1), config.tile_m)
     a = _pad(_pad(a, 0, m_pad), 1, k_pad)
     sa_t = _pad(sa, 0, m_pad).T  # [k_pad / 128, m_pad]

@@ -12,8 +12,12 @@ through a ``max_concurrent_steps``-deep TMA pipeline. One compute warpgroup per 
 of K); how, and in which B-scale layout, is ``config.promotion`` (``promotion.py``). The epilogue casts,
 stages in SMEM and stores with TMA, only the rows of the tile's group (a ladder of power-of-two row stores).
 
+``cluster_n=2`` pairs CTAs on neighbouring column tiles of one row tile in a cluster, and the A tile is
+loaded once per cluster and multicast to both (``collective_axes`` on its BlockSpec, as jax's
+``hopper_matmul_mgpu.py``).
+
 The CPU interpreter runs this same code except where ``interpreter_differences.py`` says (B's operand
-layout, layout casts, k-grouped pipeline length).
+layout, layout casts, k-grouped pipeline length; clusters are GPU-only).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class KernelConfig:
     grid_tile_width: row tiles per band of the tile raster; CTAs sweep a band's columns together so
       the A and B tiles they share stay in L2.
     tile_m: rows per CTA tile, 128 (two compute warpgroups) or 64 (one: small M wastes less).
+    cluster_n: 1, or 2 for clusters of two CTAs working on neighbouring column tiles of the same row tile:
+      each A tile is loaded once per cluster and multicast to both by TMA (N padded to 2 x tile_n).
     promotion: "per_column" or "tile_scalar" (``promotion.py``).
     k_grouped: every tile reads its own K range from the schedule (weight-gradient GEMMs); otherwise all
       tiles contract the whole K, a static pipeline length.
@@ -60,6 +66,7 @@ class KernelConfig:
     grid_tile_width: int = 8
     tile_m: int = 128
     promotion: str = "per_column"
+    cluster_n: int = 1
     k_grouped: bool = False
     for_interpreter: bool = False
 
@@ -68,9 +75,16 @@ class KernelConfig:
             raise ValueError(f"tile_n: expected a multiple of 8 in [8, {WGMMA_MAX_N}], got {self.tile_n}")
         if self.tile_m not in TILE_MS:
             raise ValueError(f"tile_m: expected one of {TILE_MS}, got {self.tile_m}")
+        if self.cluster_n not in (1, 2):
+            raise ValueError(f"cluster_n: expected 1 or 2, got {self.cluster_n}")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"max_concurrent_steps: expected >= 1, got {self.max_concurrent_steps}")
         promotion.check_promotion(self.promotion, self.tile_n)
+
+    @property
+    def n_multiple(self) -> int:
+        """N is padded to a multiple of this: the column tiles of a cluster."""
+        return self.tile_n * self.cluster_n
 
     @property
     def num_compute_wgs(self) -> int:
@@ -129,6 +143,7 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
     k = a_gmem.shape[1]
     tile_m, tile_n, scale_n = config.tile_m, config.tile_n, config.scale_tile_n
     n_tiles = n // tile_n
+    cluster_tiles = n_tiles // config.cluster_n  # column tiles of cluster_n neighbours
     num_row_tiles = tiles_gmem.shape[0]
     out_dtype = out_gmem.dtype
     static_steps = k // BLOCK_K
@@ -140,7 +155,8 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
             grid=(k_steps,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((tile_m, BLOCK_K), lambda s: (0, k_index(s)), transforms=interp.FP8_SWIZZLE_TRANSFORMS),
+                plgpu.BlockSpec((tile_m, BLOCK_K), lambda s: (0, k_index(s)), transforms=interp.FP8_SWIZZLE_TRANSFORMS,
+                                collective_axes=("cluster",) if config.cluster_n > 1 else ()),  # TMA multicast
                 interp.b_block_spec(config, tile_n, k_index),
                 plgpu.BlockSpec((1, tile_m), lambda s: (k_index(s), 0)),
                 plgpu.BlockSpec((1, scale_n), lambda s: (k_index(s), 0)),
@@ -165,9 +181,11 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
     def _scope(pipeline_allocs, out_smem):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((num_row_tiles * n_tiles,), collective_axes="sm")
+        @plgpu.nd_loop((num_row_tiles * cluster_tiles,), collective_axes="sm")
         def _tile_loop(loop_info):
-            row_tile, n_idx = tile_coordinates(loop_info.index[0], num_row_tiles, n_tiles, config.grid_tile_width)
+            row_tile, cluster_idx = tile_coordinates(loop_info.index[0], num_row_tiles, cluster_tiles,
+                                                     config.grid_tile_width)
+            n_idx = cluster_idx * config.cluster_n + (lax.axis_index("cluster") if config.cluster_n > 1 else 0)
             group, a_block, out_block, lo, hi, k_start, k_steps = (tiles_gmem[row_tile, f] for f in range(7))
             n_slice = pl.ds(n_idx * tile_n, tile_n)
 
@@ -241,8 +259,9 @@ def grouped_fp8_gemm(a, sa_t, b, sb, tiles, *, out_rows: int, out_dtype, config:
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config, n=n),
         out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
-        grid=(config.num_sms,),
+        grid=(config.num_sms // config.cluster_n,),
         grid_names=("sm",),
+        **(dict(cluster=(config.cluster_n,), cluster_names=("cluster",)) if config.cluster_n > 1 else {}),
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
