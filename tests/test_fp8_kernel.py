@@ -130,7 +130,7 @@ VARIANTS = {"tile_scalar_n48": dict(tile_n=48, promotion="tile_scalar"),
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("name", ["contiguous", "fp8_gemm_nt", "masked"])
+@pytest.mark.parametrize("name", ["fp8_gemm_nt", "masked"])  # contiguous: the default export and the interpreter
 def test_kernel_variants_lower_for_cuda(name, variant):
     config = KernelConfig(**{"max_concurrent_steps": 4, "num_sms": 132, **VARIANTS[variant]})
     module = _export(name, config)

@@ -53,7 +53,7 @@ class KernelConfig:
       the A and B tiles they share stay in L2.
     tile_m: rows per CTA tile, 128 (two compute warpgroups) or 64 (one: small M wastes less).
     cluster_n: 1, or 2 for clusters of two CTAs working on neighbouring column tiles of the same row tile:
-      each A tile is loaded once per cluster and multicast to both by TMA (N padded to 2 x tile_n).
+      each A tile is loaded once per cluster and multicast to both by TMA (N padded to 2 x tile_n; GPU-only).
     promotion: "per_column" or "tile_scalar" (``promotion.py``).
     k_grouped: every tile reads its own K range from the schedule (weight-gradient GEMMs); otherwise all
       tiles contract the whole K, a static pipeline length.
@@ -75,8 +75,8 @@ class KernelConfig:
             raise ValueError(f"tile_n: expected a multiple of 8 in [8, {WGMMA_MAX_N}], got {self.tile_n}")
         if self.tile_m not in TILE_MS:
             raise ValueError(f"tile_m: expected one of {TILE_MS}, got {self.tile_m}")
-        if self.cluster_n not in (1, 2):
-            raise ValueError(f"cluster_n: expected 1 or 2, got {self.cluster_n}")
+        if self.cluster_n not in (1, 2) or self.num_sms % self.cluster_n:
+            raise ValueError(f"cluster_n: expected 1 or 2, dividing num_sms={self.num_sms}, got {self.cluster_n}")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"max_concurrent_steps: expected >= 1, got {self.max_concurrent_steps}")
         promotion.check_promotion(self.promotion, self.tile_n)

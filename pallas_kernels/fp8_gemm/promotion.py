@@ -12,9 +12,13 @@
   scales the tile can touch; before issuing the wgmma the warpgroup forms the [64] row vector
   ``sa * sb_block`` once, then promotes with ONE multiply-add per element, ``acc + partial * row[:, None]``.
   A tile that straddles a 128-column scale block (tile_n not dividing 128) takes the second block's row
-  vector past the boundary column (a select per element, DeepGEMM's predicated pair). Needs every tile
-  within two scale blocks: tile_n <= 128 + gcd(tile_n, 128).
+  vector past the boundary column (a compare and select per element, DeepGEMM's predicated pair); widths
+  dividing 128 never straddle and skip it. Needs every tile within two scale blocks:
+  tile_n <= 128 + gcd(tile_n, 128). Only for 128x128 B scales (not the k-grouped GEMM). Lowers for CUDA and
+  runs in the interpreter; its speed is unmeasured.
 
+Both still zero a fresh accumulator per K step (Mosaic's wgmma has no overwrite form) and release the
+pipeline stage when the step returns, after the promotion (DeepGEMM releases it right after the wgmma wait).
 ``k_weight`` (interpreter only, k-grouped surplus steps) is folded into the row scales.
 """
 
