@@ -53,7 +53,7 @@ def pipeline_depth(tile_n: int, out_itemsize: int, max_stages: int = MAX_STAGES,
     """The deepest TMA pipeline (at most ``max_stages``) that fits in shared memory; ``variant``: other
     KernelConfig fields (tile_m, promotion) that change the buffers."""
     for stages in range(max_stages, 1, -1):
-        probe = KernelConfig(tile_n=tile_n, max_concurrent_steps=stages, num_sms=1, **variant)
+        probe = KernelConfig(tile_n=tile_n, max_concurrent_steps=stages, num_sms=variant.get("cluster_n", 1), **variant)
         if probe.smem_bytes(out_itemsize) + SMEM_RESERVE <= HOPPER_SMEM_BYTES:
             return stages
     return 2
