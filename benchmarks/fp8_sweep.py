@@ -8,6 +8,7 @@ tile_m 256, clusters along M (multicasting B), grid_tile_width.
 
     python benchmarks/fp8_gemm.py --sweep [--quick]       # on a Hopper GPU: a table of TFLOPS per config
     python benchmarks/fp8_gemm.py --sweep --dry-run       # anywhere: exports every swept config for CUDA
+    python benchmarks/fp8_gemm.py --sweep --registers     # on a Hopper GPU: ptxas registers/spills per variant
 
 On a GPU each row is also checked: kernel == XLA path (both bf16; calc_diff < 1e-6 on exp(2 randn)-scaled inputs) or
 the row says ``"ok": false``. Nothing here is a measurement until it ran on the GPU.
@@ -135,6 +136,48 @@ def run(quick: bool = False) -> list[dict]:
                 row.update(ok=False, error=f"{type(error).__name__}: {error}"[:300])
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+REGISTER_VARIANTS = [dict(tile_n=128), dict(tile_n=128, promotion="tile_scalar"), dict(tile_n=160),
+                     dict(tile_n=160, promotion="tile_scalar"), dict(tile_n=192, max_concurrent_steps=3),
+                     dict(tile_n=192, promotion="tile_scalar", max_concurrent_steps=3),
+                     dict(tile_n=128, tile_m=64), dict(tile_n=128, cluster_n=2)]
+_REGISTER_CHILD = """
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, "benchmarks")
+import fp8_sweep
+from pallas_kernels.fp8_gemm.mosaic_gpu import KernelConfig
+config = KernelConfig(**{"max_concurrent_steps": 4, "num_sms": 132, **json.loads(sys.argv[1])})
+a, sa, b, sb = fp8_sweep._scaled_inputs(256, 1024, 1024)
+print(float(fp8_sweep._gemm(config)(a, sa, b, sb)[0, 0]))
+"""
+
+
+def registers(timeout_s: int = 120) -> list[dict]:
+    """On a Hopper GPU: ptxas's register and spill report for each variant (``MOSAIC_GPU_DUMP_PTXAS``), one
+    child process per variant (wider tiles and the per-column scale vector compete for registers)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_PTX": "0",
+           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    rows = []
+    for fields in REGISTER_VARIANTS:
+        try:
+            done = subprocess.run([sys.executable, "-c", _REGISTER_CHILD, json.dumps(fields)], capture_output=True,
+                                  text=True, timeout=timeout_s, env=env, cwd=str(root))
+            lines = (done.stdout + done.stderr).splitlines()
+            keep = [line.strip() for line in lines if any(w in line for w in ("registers", "spill", "stack frame"))]
+            row = {"variant": fields, "exit": done.returncode, "ptxas": keep[:12],
+                   "tail": lines[-4:] if done.returncode else []}
+        except subprocess.TimeoutExpired:
+            row = {"variant": fields, "exit": None, "error": f"timed out after {timeout_s} s"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 

@@ -8,7 +8,8 @@
 4. Training-step throughput (``benchmarks/train_tiny.py``).
 5. MLA decoding: the kernel validated against float64 and XLA (``gpu_validation.py``), FlashMLA's sweep
    (``benchmarks/mla_decode.py``), racecheck of its barriers.
-6. The MoE grouped-matmul variants (``benchmarks/grouped_matmul.py``), ptxas registers of the FP8 kernel.
+6. The MoE grouped-matmul variants (``benchmarks/grouped_matmul.py``), ptxas registers of the FP8 kernel
+   (``fp8_registers``, not run by default: the same for every kernel variant).
 
 Sections that run a kernel for the first time run in child processes with a time limit, so a hang or
 fault costs only that section; ``--deadline-s`` bounds the whole run.
@@ -75,6 +76,12 @@ def tile_sweep() -> list[dict]:
     return rows
 
 
+def fp8_registers() -> list[dict]:
+    """ptxas registers and spills of each FP8 kernel variant (``fp8_sweep.registers``)."""
+    import fp8_sweep
+    return fp8_sweep.registers()
+
+
 def mla_decode_sweep(quick: bool) -> dict:
     import mla_decode
     return mla_decode.sweep(quick=quick)
@@ -104,7 +111,8 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=480, help="skip sections once this much time has passed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    children = {"fp8_correctness": fp8_correctness, "fp8_tile_sweep": tile_sweep, "training": training,
+    children = {"fp8_correctness": fp8_correctness, "fp8_tile_sweep": tile_sweep, "fp8_registers": fp8_registers,
+                "training": training,
                 "grouped_matmul": grouped_matmuls, "mla_decode": lambda: mla_decode_sweep(args.quick)}
     if args.child:
         result = children[args.child]()
@@ -121,6 +129,7 @@ def main() -> None:
         "fp8_gemm": (lambda _: fp8_gemm.run(args.quick), None),
         "training": (lambda t: in_subprocess("training", t), 150),
         "fp8_tile_sweep": (lambda t: in_subprocess("fp8_tile_sweep", t), 300),
+        "fp8_registers": (lambda t: in_subprocess("fp8_registers", t), 300),  # not in the default list
         "mla_validate": (lambda t: validation("mla_kernel", t), 200),
         "mla_decode": (lambda t: in_subprocess("mla_decode", t), 200),
         "grouped_matmul": (lambda t: in_subprocess("grouped_matmul", t), 120),
