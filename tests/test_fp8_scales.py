@@ -137,14 +137,14 @@ def test_masked_scale_blocks():
 
 @pytest.mark.timeout(300)
 def test_k_grouped_scale_blocks():
-    group_ks, m, n = (256, 0, 128), 40, 176  # 1x128 scales on both sides, per column of B
+    group_ks, m, n = (256, 0, 128), 40, 176  # 1x128 scales on both sides, per column of B; 64-row tiles
     tokens = sum(group_ks)
     dy = scaled_normal((tokens, m), 6, row_axis=-1, block_axes=(-2,))  # scaled per channel and per 128 tokens
     act = scaled_normal((tokens, n), 7, row_axis=-1, block_axes=(-2,))
     qa, qb = per_channel_cast_to_fp8(dy), per_channel_cast_to_fp8(act)
     (a, sa), (b, sb) = (qa.data.T, qa.scale.T), (qb.data.T, qb.scale.T)
     ks = jnp.asarray(group_ks, jnp.int32)
-    out = kernel_ops.k_grouped_contiguous(a, sa, b, sb, ks, interpret=True, config=forced(48))
+    out = kernel_ops.k_grouped_contiguous(a, sa, b, sb, ks, interpret=True, config=forced(48, tile_m=64))
     assert_matches_xla(out, reference.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, ks),
                        reference.k_grouped_fp8_gemm_nt_contiguous(_abs(a), sa, _abs(b), sb, ks))
     a64, b64 = dequantized(a, sa), dequantized(b, sb)
