@@ -36,7 +36,8 @@ def variant_configs(num_sms: int) -> dict[str, KernelConfig | None]:
             "tile_scalar m64 n80": config(80, promotion="tile_scalar", tile_m=64),
             "per_column n192 s3": dataclasses.replace(config(192), max_concurrent_steps=3),
             "per_column n128 cluster2": config(128, cluster_n=2),
-            "tile_scalar n80 cluster2": config(80, promotion="tile_scalar", cluster_n=2)}
+            "tile_scalar n80 cluster2": config(80, promotion="tile_scalar", cluster_n=2),
+            "per_column n48 unpadded b": config(48, pad_b=False)}
 
 
 def _scaled(key, shape, row_axis, block_axes):

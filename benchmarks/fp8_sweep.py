@@ -3,7 +3,8 @@
 Swept, per shape, beside the heuristic's own choice (first row): promotion (``per_column``, ``tile_scalar``)
 x, for M > 256, tile_n (112, 128, 144, 160, 192) and pipeline depth (the deepest that fits shared memory, up
 to 6, and one less), and 2-CTA clusters multicasting A (tile_n 128, 160); for M <= 256, tile_m (64, 128) x
-tile_n (64, 128, 192) at the deepest pipeline. ``--quick``: two shapes, 14 configs. Not swept (not built):
+tile_n (64, 128, 192) at the deepest pipeline; where N is not whole tiles, each also with B unpadded
+(``pad_b=False``). ``--quick``: two shapes. Not swept (not built):
 tile_m 256, clusters along M (multicasting B), grid_tile_width.
 
     python benchmarks/fp8_gemm.py --sweep [--quick]       # on a Hopper GPU: a table of TFLOPS per config
@@ -16,6 +17,7 @@ the row says ``"ok": false``. Nothing here is a measurement until it ran on the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -57,6 +59,8 @@ def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False) -> list[Ker
             for choice in stage_choices:
                 stages = deepest if choice == "deepest" else deepest - 1
                 configs.append(KernelConfig(tile_n=tile_n, max_concurrent_steps=stages, num_sms=num_sms, **variant))
+    # where N is not whole tiles: also B unpadded (TMA zero-fills the last tile instead of an XLA copy)
+    configs += [dataclasses.replace(c, pad_b=False) for c in configs[1:] if n % c.n_multiple]
     unique = []
     for config in configs:
         if config not in unique:
@@ -66,7 +70,7 @@ def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False) -> list[Ker
 
 def describe(config: KernelConfig) -> str:
     return (f"{config.promotion} m{config.tile_m} n{config.tile_n} s{config.max_concurrent_steps} "
-            f"w{config.grid_tile_width} c{config.cluster_n}")
+            f"w{config.grid_tile_width}{'' if config.pad_b else ' unpadded-b'} c{config.cluster_n}")
 
 
 def _gemm(config):

@@ -105,11 +105,12 @@ def _export(name, config=None):
     return jax.export.export(jax.jit(functools.partial(fn, config=config)), platforms=["cuda"])(*args).mlir_module()
 
 
-def _kernel_operand_types(module: str) -> list[str]:
-    """The tensor types the Mosaic GPU custom call takes (what the XLA glue hands the kernel)."""
-    call = re.search(r"custom_call @mosaic_gpu\S*\(.*\} : \(([^)]*)\)", module)
+def _kernel_operand_types(module: str, with_result: bool = False):
+    """The tensor types the Mosaic GPU custom call takes (what the XLA glue hands the kernel) [and returns]."""
+    call = re.search(r"custom_call @mosaic_gpu\S*\(.*\} : \(([^)]*)\) -> (tensor<[^>]*>)", module)
     assert call, "no Mosaic GPU kernel in the module (an XLA fallback?)"
-    return [t.strip() for t in call.group(1).split(",")]
+    operands = [t.strip() for t in call.group(1).split(",")]
+    return (operands, call.group(2)) if with_result else operands
 
 
 @pytest.mark.timeout(300)
@@ -125,7 +126,8 @@ VARIANTS = {"tile_scalar_n48": dict(tile_n=48, promotion="tile_scalar"),
             "tile_scalar_m64_n112": dict(tile_n=112, tile_m=64, promotion="tile_scalar"),
             "per_column_n192": dict(tile_n=192, max_concurrent_steps=3),
             "per_column_m64_n128": dict(tile_n=128, tile_m=64),
-            "tile_scalar_n112_cluster2": dict(tile_n=112, promotion="tile_scalar", cluster_n=2)}
+            "tile_scalar_n112_cluster2": dict(tile_n=112, promotion="tile_scalar", cluster_n=2),
+            "per_column_n48_unpadded_b": dict(tile_n=48, pad_b=False)}
 
 
 @pytest.mark.timeout(300)
@@ -135,11 +137,15 @@ def test_kernel_variants_lower_for_cuda(name, variant):
     config = KernelConfig(**{"max_concurrent_steps": 4, "num_sms": 132, **VARIANTS[variant]})
     module = _export(name, config)
     assert f"wgmma.mma_async.sync.aligned.m64n{config.tile_n}k32.f32.e4m3.e4m3" in module
-    a_type, _, b_type, sb_type, _ = _kernel_operand_types(module)
+    (a_type, _, b_type, sb_type, _), out_type = _kernel_operand_types(module, with_result=True)
     rows = int(re.match(r"tensor<(\d+)x", a_type).group(1))
     assert rows % config.tile_m == 0 and (config.tile_m == 128 or rows % 128)  # padded to the row tile only
-    n = int(re.match(r"tensor<\d+x(\d+)x", b_type).group(1))  # [g, n_pad, k]: K-major B on the GPU
+    n = int(re.match(r"tensor<\d+x(\d+)x", out_type).group(1))  # the output: [rows, n_pad]
     assert n % (config.tile_n * config.cluster_n) == 0
+    b_rows = int(re.match(r"tensor<\d+x(\d+)x", b_type).group(1))  # [g, n, k]: K-major B on the GPU
+    n_true = EXPORT_CASES[name][1][2].shape[-2]
+    assert b_rows == (n if config.pad_b else n_true)  # unpadded: TMA zero-fills the rows past n_true
+    assert config.pad_b or n_true < n  # (the unpadded variant's tile width does not divide these N)
     # a cluster's CTAs map each other's shared memory (the multicast's barriers): only in cluster launches
     assert ("gpu.cluster_dim_blocks" in module and "mapa.shared" in module) == (config.cluster_n > 1)
     scale_cols = int(re.search(r"x(\d+)xf32>", sb_type).group(1))

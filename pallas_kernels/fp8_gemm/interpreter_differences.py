@@ -18,7 +18,9 @@ check on a GPU (``benchmarks/gpu_suite.py``'s ``fp8_correctness``).
    the GPU; a pipeline of data-dependent length can hang the interpreter, which runs every tile for the
    whole K (block index offset to the group's range, clamped) and zeroes the surplus steps' scale
    (``k_step_weight``).
-4. ``check_interpretable``: 2-CTA clusters (``cluster_n=2``, TMA multicast of A) are GPU-only: the interpreter
+4. ``pads_b``: a ``pad_b=False`` config leaves B unpadded along N on the GPU (TMA zero-fills the last column
+   tile's rows past N); the interpreter raises on out-of-bounds reads, so it pads.
+5. ``check_interpretable``: 2-CTA clusters (``cluster_n=2``, TMA multicast of A) are GPU-only: the interpreter
    cannot allocate cluster barriers (jax 0.10.2: ``NotImplementedError: nan + cluster_barrier``, and with
    zero-filled memory it fails creating them).
 """
@@ -33,8 +35,13 @@ BLOCK_K = 128
 FP8_SWIZZLE_TRANSFORMS = (plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(128))
 
 
+def pads_b(config) -> bool:
+    """Whether B is padded to whole column tiles in XLA (difference 4)."""
+    return config.pad_b or config.for_interpreter
+
+
 def check_interpretable(config) -> None:
-    """Raises NotImplementedError for a config the interpreter cannot run (difference 4)."""
+    """Raises NotImplementedError for a config the interpreter cannot run (difference 5)."""
     if config.for_interpreter and config.cluster_n > 1:
         raise NotImplementedError("cluster_n: the Mosaic GPU interpreter cannot run 2-CTA clusters (jax 0.10.2 cannot "
                                   "allocate cluster barriers); they are checked by the CUDA export and on a GPU")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from pallas_kernels.dispatch import num_sms_of_device
 from pallas_kernels.fp8_gemm import config as tile_config
 from pallas_kernels.fp8_gemm import schedule
-from pallas_kernels.fp8_gemm.interpreter_differences import b_operand, check_interpretable
+from pallas_kernels.fp8_gemm.interpreter_differences import b_operand, check_interpretable, pads_b
 from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K, KernelConfig, grouped_fp8_gemm, round_up
 from pallas_kernels.fp8_gemm.promotion import b_scale_operand
 from pallas_kernels.interpret import INTERPRET_SMS, gpu_interpret_params
@@ -72,10 +72,10 @@ def run(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, sb_kind: st
     m_pad = round_up(max(m, 1), config.tile_m)
     a = _pad(_pad(a, 0, m_pad), 1, k_pad)
     sa_t = _pad(sa, 0, m_pad).T  # [k_pad / 128, m_pad]
-    b = b_operand(_pad(_pad(b, 2, k_pad), 1, n_pad), config)
+    b = b_operand(_pad(_pad(b, 2, k_pad), 1, n_pad if pads_b(config) else n), config)
     sb = b_scale_operand(sb, sb_kind, n, n_pad, config.promotion)
     tiles, out_rows = make_tiles(m_pad, k_pad // BLOCK_K, config.tile_m)
-    out = grouped_fp8_gemm(a, sa_t, b, sb, tiles, out_rows=out_rows, out_dtype=out_dtype, config=config,
+    out = grouped_fp8_gemm(a, sa_t, b, sb, tiles, out_rows=out_rows, out_dtype=out_dtype, config=config, n=n_pad,
                            interpret=gpu_interpret_params() if interpret else None)
     return out[:, :n]
 

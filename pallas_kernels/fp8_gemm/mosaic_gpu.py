@@ -55,6 +55,9 @@ class KernelConfig:
     cluster_n: 1, or 2 for clusters of two CTAs working on neighbouring column tiles of the same row tile:
       each A tile is loaded once per cluster and multicast to both by TMA (N padded to 2 x tile_n; GPU-only).
     promotion: "per_column" or "tile_scalar" (``promotion.py``).
+    pad_b: B is padded (copied) in XLA to whole column tiles; False: B keeps its N rows and the last column
+      tile's TMA loads run past them, zero-filled by the hardware (GPU-only: the interpreter pads, it raises on
+      out-of-bounds reads). The output is padded either way (TMA stores need whole tiles).
     k_grouped: every tile reads its own K range from the schedule (weight-gradient GEMMs); otherwise all
       tiles contract the whole K, a static pipeline length.
     for_interpreter: trace the variant the CPU interpreter can run (``interpreter_differences.py``).
@@ -67,6 +70,7 @@ class KernelConfig:
     tile_m: int = 128
     promotion: str = "per_column"
     cluster_n: int = 1
+    pad_b: bool = True
     k_grouped: bool = False
     for_interpreter: bool = False
 
@@ -241,21 +245,22 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def grouped_fp8_gemm(a, sa_t, b, sb, tiles, *, out_rows: int, out_dtype, config: KernelConfig, interpret=None):
+def grouped_fp8_gemm(a, sa_t, b, sb, tiles, *, out_rows: int, out_dtype, config: KernelConfig, n: int,
+                     interpret=None):
     """Launches the kernel on operands already padded and laid out by ``kernel_ops.py``.
 
     Args:
       a: [m_pad, k] e4m3 (m_pad a multiple of tile_m, k of 128).
       sa_t: [k / 128, m_pad] float32 A scales, transposed.
-      b: [g, n, k] e4m3 ([g, k, n] for the interpreter: ``interpreter_differences.b_operand``), n a multiple
-        of tile_n.
+      b: [g, n_b, k] e4m3 ([g, k, n_b] for the interpreter: ``interpreter_differences.b_operand``), n_b = n
+        or, with ``config.pad_b=False`` on the GPU, fewer (the rest read as zeros).
       sb: B scales in the promotion's layout (``promotion.b_scale_operand``).
       tiles: [num_tiles, 7] int32 schedule (``schedule.py``).
       out_rows: rows of the output (a multiple of tile_m).
+      n: columns of the output, a multiple of tile_n x cluster_n.
     Returns:
       [out_rows, n] out_dtype; rows no tile covers are not written.
     """
-    n = b.shape[2] if interp.b_operand_layout(config) == "kn" else b.shape[1]
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config, n=n),
         out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
