@@ -178,6 +178,7 @@ def variant_fields(variant):
     return {key: value for key, value in variant.items() if key != "tile_n"}
 
 
+@pytest.mark.slow  # ~5-10 s: 18 exports
 @pytest.mark.timeout(300)
 def test_sweep_dry_run_exports_every_quick_config():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -126,7 +126,8 @@ def test_masked_scale_blocks():
     x, w = scaled_normal((2, m_max, k), 4, block_axes=(-1,)), scaled_normal((2, n, k), 5)
     (a, sa), (b, sb) = jax.vmap(per_token_cast_to_fp8)(x), jax.vmap(per_block_cast_to_fp8)(w)
     mm = jnp.asarray(masked_m, jnp.int32)
-    out = kernel_ops.m_grouped_masked(a, sa, b, sb, mm, 64, out_dtype=jnp.float32, interpret=True, config=forced(48))
+    out = kernel_ops.m_grouped_masked(a, sa, b, sb, mm, 64, out_dtype=jnp.float32, interpret=True,
+                                      config=forced(48, promotion="tile_scalar", tile_m=64))
     xla = reference.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, mm, jnp.float32)
     magnitude = reference.m_grouped_fp8_gemm_nt_masked(_abs(a), sa, _abs(b), sb, mm, jnp.float32)
     expected = np.einsum("gmk,gnk->gmn", dequantized(a, sa), dequantized(b, sb, True))

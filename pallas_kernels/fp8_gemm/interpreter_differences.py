@@ -19,7 +19,8 @@ check on a GPU (``benchmarks/gpu_suite.py``'s ``fp8_correctness``).
    whole K (block index offset to the group's range, clamped) and zeroes the surplus steps' scale
    (``k_step_weight``).
 4. ``pads_b``: a ``pad_b=False`` config leaves B unpadded along N on the GPU (TMA zero-fills the last column
-   tile's rows past N); the interpreter raises on out-of-bounds reads, so it pads.
+   tile's rows past N); the interpreter, as this project sets it up (``interpret.py``), raises on
+   out-of-bounds reads, so it pads.
 5. ``check_interpretable``: 2-CTA clusters (``cluster_n=2``, TMA multicast of A) are GPU-only: the interpreter
    cannot allocate cluster barriers (jax 0.10.2: ``NotImplementedError: nan + cluster_barrier``, and with
    zero-filled memory it fails creating them).

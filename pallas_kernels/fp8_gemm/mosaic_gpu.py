@@ -17,7 +17,11 @@ loaded once per cluster and multicast to both (``collective_axes`` on its BlockS
 ``hopper_matmul_mgpu.py``).
 
 The CPU interpreter runs this same code except where ``interpreter_differences.py`` says (B's operand
-layout, layout casts, k-grouped pipeline length; clusters are GPU-only).
+layout, layout casts, k-grouped pipeline length, B padding; clusters are GPU-only). Status: the default
+config (heuristic: tile_m 128, per_column, no cluster, B padded) is the one measured on an H200; the
+variants (tile_scalar, tile_m 64, tile_n up to 256, cluster_n 2, pad_b False) lower for CUDA and, except
+clusters and unpadded B, run in the interpreter; their speed and GPU numerics are not measured yet
+(``benchmarks/fp8_sweep.py``, ``benchmarks/fp8_correctness.py``).
 """
 
 from __future__ import annotations
