@@ -4,8 +4,8 @@ Swept, per shape, beside the heuristic's own choice (first row): promotion (``pe
 x, for M > 256, tile_n (112, 128, 144, 160, 192) and pipeline depth (the deepest that fits shared memory, up
 to 6, and one less), and 2-CTA clusters multicasting A (tile_n 128, 160); for M <= 256, tile_m (64, 128) x
 tile_n (64, 128, 192) at the deepest pipeline; where N is not whole tiles, each also with B unpadded
-(``pad_b=False``). ``--quick``: two shapes. Not swept (not built):
-tile_m 256, clusters along M (multicasting B), grid_tile_width.
+(``pad_b=False``). ``--quick``: two shapes, 18 configs (gpu_suite's fp8_tile_sweep); in full 117. Not swept
+(not built): tile_m 256, clusters along M (multicasting B); grid_tile_width is left at 8.
 
     python benchmarks/fp8_gemm.py --sweep [--quick]       # on a Hopper GPU: a table of TFLOPS per config
     python benchmarks/fp8_gemm.py --sweep --dry-run       # anywhere: exports every swept config for CUDA
