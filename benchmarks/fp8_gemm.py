@@ -7,6 +7,7 @@ output (DeepGEMM's formula; grouped: all groups' weights); % of the H200's 1979 
 Every row is checked against a bf16 product (calc_diff < 1e-3, DeepGEMM's criterion).
 
     python benchmarks/fp8_gemm.py [--quick]     # on a Hopper GPU; writes benchmarks/results/fp8_gemm.json
+    python benchmarks/fp8_gemm.py --sweep [--quick] [--dry-run | --registers]   # the kernel variants (fp8_sweep.py)
 """
 
 from __future__ import annotations
@@ -117,7 +118,26 @@ def format_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time every kernel variant (fp8_sweep.py)")
+    parser.add_argument("--dry-run", action="store_true", help="with --sweep: only export each variant for CUDA")
+    parser.add_argument("--registers", action="store_true", help="with --sweep: ptxas registers/spills per variant")
     args = parser.parse_args()
+    if args.sweep and args.registers:
+        import fp8_sweep
+        fp8_sweep.registers()
+        return
+    if args.sweep:
+        import fp8_sweep
+        rows = fp8_sweep.dry_run(args.quick) if args.dry_run else fp8_sweep.run(args.quick)
+        print(fp8_sweep.format_table(rows) if not args.dry_run else
+              f"{sum(r['ok'] for r in rows)} of {len(rows)} swept configs export for CUDA")
+        if not all(r["ok"] for r in rows):
+            raise SystemExit(1)
+        if not args.dry_run:
+            out = pathlib.Path(__file__).resolve().parent / "results" / "fp8_sweep.json"
+            out.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows},
+                                      indent=2))
+        return
     rows = run(args.quick)
     print(format_table(rows))
     out = pathlib.Path(__file__).resolve().parent / "results" / "fp8_gemm.json"

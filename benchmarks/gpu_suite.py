@@ -1,12 +1,15 @@
 """Every GPU check and benchmark in one command, for the few minutes a GPU is lent (H200 target < 8 min).
 
 1. Roofline peers measured now: copy bandwidth, bf16 matmul rate.
-2. FP8 GEMM kernels on odd shapes against the XLA reference (all four ops, on the GPU).
-3. FP8 GEMM speed over DeepGEMM's shapes (``benchmarks/fp8_gemm.py``) and a small tile sweep.
+2. FP8 GEMM kernels against the XLA path (all four ops, every kernel variant, scale-stressing inputs; the
+   section fails if any element differs beyond float32 rounding: ``benchmarks/fp8_correctness.py``).
+3. FP8 GEMM speed over DeepGEMM's shapes (``benchmarks/fp8_gemm.py``) and the variant sweep
+   (``benchmarks/fp8_sweep.py``).
 4. Training-step throughput (``benchmarks/train_tiny.py``).
 5. MLA decoding: the kernel validated against float64 and XLA (``gpu_validation.py``), FlashMLA's sweep
    (``benchmarks/mla_decode.py``), racecheck of its barriers.
-6. The MoE grouped-matmul variants (``benchmarks/grouped_matmul.py``), ptxas registers of the FP8 kernel.
+6. The MoE grouped-matmul variants (``benchmarks/grouped_matmul.py``), ptxas registers of the FP8 kernel
+   (``fp8_registers``, not run by default: the same for every kernel variant).
 
 Sections that run a kernel for the first time run in child processes with a time limit, so a hang or
 fault costs only that section; ``--deadline-s`` bounds the whole run.
@@ -26,13 +29,11 @@ import time
 import traceback
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fp8_gemm  # noqa: E402
-from timing import copy_bandwidth_gbps, gpu_kernel_ms, matmul_tflops  # noqa: E402
+from timing import copy_bandwidth_gbps, matmul_tflops  # noqa: E402
 
 
 def child_rows(script_args: list[str], timeout_s: int) -> list[dict]:
@@ -58,72 +59,28 @@ def in_subprocess(section: str, timeout_s: int = 240) -> list[dict]:
 
 
 def fp8_correctness() -> list[dict]:
-    """Each op on unaligned shapes, ragged/empty groups: Mosaic GPU kernel vs the XLA path."""
-    from pallas_kernels.fp8_gemm import api
-    from pallas_kernels.numerics import calc_diff
-    from pallas_kernels.quant import per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8
-
-    key = jax.random.key
-    x = jax.random.normal(key(0), (300, 520))
-    w = jax.random.normal(key(1), (3, 200, 520))
-    qx, qw = per_token_cast_to_fp8(x), jax.vmap(per_block_cast_to_fp8)(w)
-    m_indices = jnp.array([0] * 70 + [-1] * 30 + [2] * 200, jnp.int32)
-    xm = jax.random.normal(key(2), (3, 150, 520))
-    qxm = jax.vmap(per_token_cast_to_fp8)(xm)
-    masked_m = jnp.array([1, 0, 150], jnp.int32)
-    dy, act = jax.random.normal(key(3), (640, 96)), jax.random.normal(key(4), (640, 136))
-    qa, qb = per_channel_cast_to_fp8(dy), per_channel_cast_to_fp8(act)
-    group_ks = jnp.array([256, 0, 384], jnp.int32)
-    cases = {
-        "fp8_gemm_nt 300x200x520": lambda impl: api.fp8_gemm_nt(qx, (qw.data[0], qw.scale[0]), implementation=impl),
-        "fp8_gemm_nt 1x200x520": lambda impl: api.fp8_gemm_nt((qx.data[:1], qx.scale[:1]), (qw.data[0], qw.scale[0]),
-                                                              implementation=impl),
-        "contiguous ragged 70/skip30/0/200": lambda impl: api.m_grouped_fp8_gemm_nt_contiguous(
-            qx, qw, m_indices, implementation=impl),
-        "masked 1/0/150": lambda impl: api.m_grouped_fp8_gemm_nt_masked(qxm, qw, masked_m, 64, implementation=impl)[2],
-        "k_grouped 256/0/384": lambda impl: api.k_grouped_fp8_gemm_nt_contiguous(
-            (qa.data.T, qa.scale.T), (qb.data.T, qb.scale.T), group_ks, implementation=impl),
-    }
-    rows = []
-    for name, fn in cases.items():
-        try:
-            kernel, xla = np.asarray(fn("mosaic_gpu"), np.float32), np.asarray(fn("xla"), np.float32)
-            rows.append({"case": name, "calc_diff_vs_xla": calc_diff(kernel, xla),
-                         "max_abs_diff": float(np.abs(kernel - xla).max()), "finite": bool(np.isfinite(kernel).all())})
-        except Exception as error:
-            rows.append({"case": name, "error": f"{type(error).__name__}: {error}"[:400]})
-        print(json.dumps(rows[-1]), flush=True)
+    """Each op, the default config and every kernel variant, on scale-stressing inputs: Mosaic GPU kernel ==
+    XLA path element by element (``fp8_correctness.py``). Prints every row, then raises AssertionError naming
+    the failures (the child exits non-zero and the suite records the error)."""
+    import fp8_correctness as correctness
+    rows = correctness.run()
+    correctness.check(rows)
     return rows
 
 
-def tile_sweep(m=4096, n=7168, k=16384) -> list[dict]:
-    """A few kernel configs on one compute-bound shape (what the heuristic should pick)."""
-    from pallas_kernels.fp8_gemm import kernel_ops, reference, schedule
-    from pallas_kernels.dispatch import num_sms_of_device
-    from pallas_kernels.fp8_gemm.config import select_config
-    from pallas_kernels.fp8_gemm.mosaic_gpu import KernelConfig
-    from pallas_kernels.quant import per_block_cast_to_fp8, per_token_cast_to_fp8
-
-    x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16)
-    (a, sa), (b, sb) = per_token_cast_to_fp8(x), per_block_cast_to_fp8(w)
-    sb_cols = reference.block_scales_per_column(sb, n)[None]
-    sms = num_sms_of_device()
-    heuristic, _ = select_config(m // 128, n, 2, num_sms=sms)
-    configs = [heuristic] + [KernelConfig(tile_n=t, max_concurrent_steps=s, num_sms=sms, grid_tile_width=w)
-                             for t, s, w in ((128, 4, 16), (128, 3, 8), (96, 4, 8))]
-    rows = []
-    for config in configs:
-        def run(a, sa, b, sb_cols, config=config):
-            return kernel_ops.run(a, sa, b[None], sb_cols, row_tiles=m // 128, out_dtype=jnp.bfloat16, interpret=False,
-                              make_tiles=lambda mp, ks: (schedule.dense_tiles(m, mp, 128, ks), mp), config=config)
-        try:
-            ms = gpu_kernel_ms(jax.jit(run), a, sa, b, sb_cols)
-            rows.append({"config": str(config), "tflops": 2 * m * n * k / ms / 1e9, "heuristic": config is heuristic})
-        except Exception as error:
-            rows.append({"config": str(config), "error": f"{type(error).__name__}: {error}"[:300]})
-        print(json.dumps(rows[-1]), flush=True)
+def tile_sweep() -> list[dict]:
+    """The kernel variants (promotion, tile_m, tile_n, stages, clusters, unpadded B) on two shapes: the quick
+    sweep of ``fp8_sweep.py`` (18 configs; the full one, 117, is ``python benchmarks/fp8_gemm.py --sweep``)."""
+    import fp8_sweep
+    rows = fp8_sweep.run(quick=True)
+    print(fp8_sweep.format_table(rows), file=sys.stderr)
     return rows
+
+
+def fp8_registers() -> list[dict]:
+    """ptxas registers and spills of each FP8 kernel variant (``fp8_sweep.registers``)."""
+    import fp8_sweep
+    return fp8_sweep.registers()
 
 
 def mla_decode_sweep(quick: bool) -> dict:
@@ -155,7 +112,8 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=480, help="skip sections once this much time has passed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    children = {"fp8_correctness": fp8_correctness, "fp8_tile_sweep": tile_sweep, "training": training,
+    children = {"fp8_correctness": fp8_correctness, "fp8_tile_sweep": tile_sweep, "fp8_registers": fp8_registers,
+                "training": training,
                 "grouped_matmul": grouped_matmuls, "mla_decode": lambda: mla_decode_sweep(args.quick)}
     if args.child:
         result = children[args.child]()
@@ -171,7 +129,8 @@ def main() -> None:
         "fp8_correctness": (lambda t: in_subprocess("fp8_correctness", t), 240),
         "fp8_gemm": (lambda _: fp8_gemm.run(args.quick), None),
         "training": (lambda t: in_subprocess("training", t), 150),
-        "fp8_tile_sweep": (lambda t: in_subprocess("fp8_tile_sweep", t), 240),
+        "fp8_tile_sweep": (lambda t: in_subprocess("fp8_tile_sweep", t), 300),
+        "fp8_registers": (lambda t: in_subprocess("fp8_registers", t), 300),  # not in the default list
         "mla_validate": (lambda t: validation("mla_kernel", t), 200),
         "mla_decode": (lambda t: in_subprocess("mla_decode", t), 200),
         "grouped_matmul": (lambda t: in_subprocess("grouped_matmul", t), 120),

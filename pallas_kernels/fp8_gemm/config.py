@@ -4,7 +4,9 @@ For each candidate output-tile width ``tile_n``: count the work tiles, the waves
 and the last wave's utilisation; pick the fewest waves, then the fullest last wave, then the widest
 tile, preferring widths that divide N (no padding copy). DeepGEMM's "unaligned" widths (112, 144, ...)
 are candidates, which is what lets, e.g., N = 7168 fill 128 SMs instead of 112. The pipeline depth is
-the largest that fits Hopper's 227 KB of shared memory.
+the largest that fits Hopper's 227 KB of shared memory. The heuristic picks the default variant (128-row
+tiles, per-column promotion, no clusters: the measured best); the others (``KernelConfig``'s tile_m, promotion,
+cluster_n, tile_n up to 256) are chosen by config, e.g. by ``benchmarks/fp8_gemm.py --sweep``.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def choose_tile_n(row_tiles: int, n: int, num_sms: int) -> TileChoice:
     return best[1]
 
 
-def pipeline_depth(tile_n: int, out_itemsize: int) -> int:
-    """The deepest TMA pipeline (at most MAX_STAGES) that fits in shared memory."""
-    for stages in range(MAX_STAGES, 1, -1):
-        probe = KernelConfig(tile_n=tile_n, max_concurrent_steps=stages, num_sms=1)
+def pipeline_depth(tile_n: int, out_itemsize: int, max_stages: int = MAX_STAGES, **variant) -> int:
+    """The deepest TMA pipeline (at most ``max_stages``) that fits in shared memory; ``variant``: other
+    KernelConfig fields (tile_m, promotion) that change the buffers."""
+    for stages in range(max_stages, 1, -1):
+        probe = KernelConfig(tile_n=tile_n, max_concurrent_steps=stages, num_sms=variant.get("cluster_n", 1), **variant)
         if probe.smem_bytes(out_itemsize) + SMEM_RESERVE <= HOPPER_SMEM_BYTES:
             return stages
     return 2

@@ -5,12 +5,23 @@ the wrapper turns the layout into a schedule of row tiles (``schedule.py``), eac
 group, and the kernel walks (row tile, column tile) pairs over a grid of one CTA per SM.
 
 Per CTA: a memory warpgroup streams, per 128-wide K step, the A tile [tile_m, 128] e4m3, the B tile
-[tile_n, 128] e4m3 (K-major: FP8 wgmma cannot transpose), the A scales [tile_m] and the per-column
-B scales [tile_n] through a ``max_concurrent_steps``-deep TMA pipeline. Two compute warpgroups each own
-64 rows: per K step they run e4m3 wgmma into a fresh f32 accumulator and promote it on the CUDA cores,
-``acc += partial * sa[:, None] * sb[None, :]`` (DeepSeek-V3's two-level accumulation: the tensor
-core's limited-precision sums never span more than 128 of K). The epilogue casts, stages in SMEM and
-stores with TMA, only the rows of the tile's group (a ladder of power-of-two row stores).
+[tile_n, 128] e4m3 (K-major: FP8 wgmma cannot transpose), the A scales [tile_m] and the tile's B scales
+through a ``max_concurrent_steps``-deep TMA pipeline. One compute warpgroup per 64 rows (tile_m 128: two,
+64: one) runs per K step an e4m3 wgmma into a fresh f32 accumulator and promotes it on the CUDA cores
+(DeepSeek-V3's two-level accumulation: the tensor core's limited-precision sums never span more than 128
+of K); how, and in which B-scale layout, is ``config.promotion`` (``promotion.py``). The epilogue casts,
+stages in SMEM and stores with TMA, only the rows of the tile's group (a ladder of power-of-two row stores).
+
+``cluster_n=2`` pairs CTAs on neighbouring column tiles of one row tile in a cluster, and the A tile is
+loaded once per cluster and multicast to both (``collective_axes`` on its BlockSpec, as jax's
+``hopper_matmul_mgpu.py``).
+
+The CPU interpreter runs this same code except where ``interpreter_differences.py`` says (B's operand
+layout, layout casts, k-grouped pipeline length, B padding; clusters are GPU-only). Status: the default
+config (heuristic: tile_m 128, per_column, no cluster, B padded) is the one measured on an H200; the
+variants (tile_scalar, tile_m 64, tile_n up to 256, cluster_n 2, pad_b False) lower for CUDA and, except
+clusters and unpadded B, run in the interpreter; their speed and GPU numerics are not measured yet
+(``benchmarks/fp8_sweep.py``, ``benchmarks/fp8_correctness.py``).
 """
 
 from __future__ import annotations
@@ -25,54 +36,72 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.fp8_gemm import interpreter_differences as interp
+from pallas_kernels.fp8_gemm import promotion
+from pallas_kernels.fp8_gemm.promotion import WG_ROWS, round_up  # noqa: F401 (round_up: re-exported)
+
 BLOCK_K = 128  # one scale per 128 of K: the promotion interval
-WG_ROWS = 64  # rows per compute warpgroup (the wgmma M granularity)
-NUM_COMPUTE_WGS = 2
-
-
-SCALE_ALIGN = 32  # f32 scale tiles are padded to 32 columns: TMA needs 128-byte-aligned SMEM slots
-
-
-def round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+TILE_MS = (64, 128)  # one or two compute warpgroups of 64 rows
+WGMMA_MAX_N = 256  # the wgmma's N limit
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Static shape of one kernel launch.
 
-    tile_n: output columns per CTA tile (multiple of 8; DeepGEMM's "unaligned" widths such as 112 or 144
-      are fine).
+    tile_n: output columns per CTA tile (multiple of 8, <= 256; DeepGEMM's "unaligned" widths such as 112 or
+      144 are fine).
     max_concurrent_steps: TMA pipeline depth (128-wide K steps in flight).
     num_sms: persistent CTAs, one per SM.
     grid_tile_width: row tiles per band of the tile raster; CTAs sweep a band's columns together so
       the A and B tiles they share stay in L2.
+    tile_m: rows per CTA tile, 128 (two compute warpgroups) or 64 (one: small M wastes less).
+    cluster_n: 1, or 2 for clusters of two CTAs working on neighbouring column tiles of the same row tile:
+      each A tile is loaded once per cluster and multicast to both by TMA (N padded to 2 x tile_n; GPU-only).
+    promotion: "per_column" or "tile_scalar" (``promotion.py``).
+    pad_b: B is padded (copied) in XLA to whole column tiles; False: B keeps its N rows and the last column
+      tile's TMA loads run past them, zero-filled by the hardware (GPU-only: the interpreter pads, it raises on
+      out-of-bounds reads). The output is padded either way (TMA stores need whole tiles).
     k_grouped: every tile reads its own K range from the schedule (weight-gradient GEMMs); otherwise all
       tiles contract the whole K, a static pipeline length.
-    for_interpreter: trace the variant the CPU interpreter can run (jax 0.10-0.11): B in [k, n] layout
-      (it cannot yet run a wgmma on a transposed operand) and no register layout casts (it has no rule
-      for them). The GPU kernel is the default: K-major B, which FP8 wgmma requires.
+    for_interpreter: trace the variant the CPU interpreter can run (``interpreter_differences.py``).
     """
 
     tile_n: int
     max_concurrent_steps: int
     num_sms: int
     grid_tile_width: int = 8
+    tile_m: int = 128
+    promotion: str = "per_column"
+    cluster_n: int = 1
+    pad_b: bool = True
     k_grouped: bool = False
     for_interpreter: bool = False
 
+    def __post_init__(self):
+        if self.tile_n % 8 or not 8 <= self.tile_n <= WGMMA_MAX_N:
+            raise ValueError(f"tile_n: expected a multiple of 8 in [8, {WGMMA_MAX_N}], got {self.tile_n}")
+        if self.tile_m not in TILE_MS:
+            raise ValueError(f"tile_m: expected one of {TILE_MS}, got {self.tile_m}")
+        if self.cluster_n not in (1, 2) or self.num_sms % self.cluster_n:
+            raise ValueError(f"cluster_n: expected 1 or 2, dividing num_sms={self.num_sms}, got {self.cluster_n}")
+        if self.max_concurrent_steps < 1:
+            raise ValueError(f"max_concurrent_steps: expected >= 1, got {self.max_concurrent_steps}")
+        promotion.check_promotion(self.promotion, self.tile_n)
+
     @property
-    def tile_m(self) -> int:
-        return WG_ROWS * NUM_COMPUTE_WGS
+    def n_multiple(self) -> int:
+        """N is padded to a multiple of this: the column tiles of a cluster."""
+        return self.tile_n * self.cluster_n
+
+    @property
+    def num_compute_wgs(self) -> int:
+        return self.tile_m // WG_ROWS
 
     @property
     def scale_tile_n(self) -> int:
-        return round_up(self.tile_n, SCALE_ALIGN)
-
-    def layout(self, x: jax.Array, layout) -> jax.Array:
-        """Places a register array in a Mosaic GPU layout (a no-op for the interpreter)."""
-        return x if self.for_interpreter else plgpu.layout_cast(x, layout)
-
+        """Columns of the B-scale tile per K step."""
+        return promotion.scale_columns(self)
 
     def smem_bytes(self, out_itemsize: int) -> int:
         """Shared memory the launch needs: the pipeline's buffers plus the epilogue's staging tile."""
@@ -115,69 +144,63 @@ def tile_coordinates(linear, num_row_tiles: int, num_col_tiles: int, band: int):
 def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: KernelConfig, n: int):
     # a_gmem:     [m_pad, k] e4m3                sa_gmem: [k / 128, m_pad] f32 (MN-major A scales)
     # b_gmem:     [g, n, k] e4m3 (K-major)       or [g, k, n] for the interpreter
-    # sb_gmem:    [g, k / 128, n + 32] f32 (B scales per output column, padded)
+    # sb_gmem:    [g, k / 128, n + 32] f32 per output column (per_column), or
+    #             [g, k / 128, ceil(n / 128) + 32] f32 per 128x128 block (tile_scalar)
     # tiles_gmem: [num_tiles, 7] int32 (group, a_block, out_block, lo, hi, k_step_start, k_steps)
     # out_gmem:   [out_rows, n] out dtype
     k = a_gmem.shape[1]
     tile_m, tile_n, scale_n = config.tile_m, config.tile_n, config.scale_tile_n
     n_tiles = n // tile_n
+    cluster_tiles = n_tiles // config.cluster_n  # column tiles of cluster_n neighbours
     num_row_tiles = tiles_gmem.shape[0]
     out_dtype = out_gmem.dtype
-    kn_b = config.for_interpreter
-    fp8_transforms = (plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(128))
-    b_transforms = () if kn_b else fp8_transforms  # the interpreter's [128, tile_n] tile needs no swizzle
+    static_steps = k // BLOCK_K
 
     def make_pipeline(body, compute_context, k_steps, k_offset=None):
-        # The interpreter runs k-grouped tiles as full-length pipelines whose block index is offset to
-        # the group's K range (clamped), the surplus steps masked in ``step``: a dynamic-length pipeline
-        # can hang it (jax 0.10.2). On a GPU each tile's pipeline runs exactly its group's K steps.
-        if k_offset is None:
-            k_index = lambda s: s  # noqa: E731
-        else:
-            k_index = lambda s: jnp.minimum(k_offset + s, static_steps - 1)  # noqa: E731
+        k_index = interp.pipeline_k_index(config, k_offset, static_steps)
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((tile_m, BLOCK_K), lambda s: (0, k_index(s)), transforms=fp8_transforms),
-                plgpu.BlockSpec((BLOCK_K, tile_n) if kn_b else (tile_n, BLOCK_K),
-                                (lambda s: (k_index(s), 0)) if kn_b else (lambda s: (0, k_index(s))),
-                                transforms=b_transforms),
+                plgpu.BlockSpec((tile_m, BLOCK_K), lambda s: (0, k_index(s)), transforms=interp.FP8_SWIZZLE_TRANSFORMS,
+                                collective_axes=("cluster",) if config.cluster_n > 1 else ()),  # TMA multicast
+                interp.b_block_spec(config, tile_n, k_index),
                 plgpu.BlockSpec((1, tile_m), lambda s: (k_index(s), 0)),
                 plgpu.BlockSpec((1, scale_n), lambda s: (k_index(s), 0)),
             ],
             wg_axis="wg",
-            num_compute_wgs=NUM_COMPUTE_WGS,
+            num_compute_wgs=config.num_compute_wgs,
             max_concurrent_steps=config.max_concurrent_steps,
             compute_context=compute_context,
         )
 
     ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on the body)
-    static_steps = k // BLOCK_K
-    dynamic_k = config.k_grouped and not config.for_interpreter
+    dynamic_k = interp.dynamic_k_steps(config)
     alloc_steps = tiles_gmem[0, 6] if dynamic_k else static_steps
 
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=make_pipeline(ignore, ignore, alloc_steps).get_allocations(
             a_gmem, b_gmem.at[0], sa_gmem, sb_gmem.at[0]),
-        out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, WG_ROWS, tile_n), out_dtype),
+        out_smem=plgpu.SMEM((config.num_compute_wgs, WG_ROWS, tile_n), out_dtype),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((num_row_tiles * n_tiles,), collective_axes="sm")
+        @plgpu.nd_loop((num_row_tiles * cluster_tiles,), collective_axes="sm")
         def _tile_loop(loop_info):
-            row_tile, n_idx = tile_coordinates(loop_info.index[0], num_row_tiles, n_tiles, config.grid_tile_width)
+            row_tile, cluster_idx = tile_coordinates(loop_info.index[0], num_row_tiles, cluster_tiles,
+                                                     config.grid_tile_width)
+            n_idx = cluster_idx * config.cluster_n + (lax.axis_index("cluster") if config.cluster_n > 1 else 0)
             group, a_block, out_block, lo, hi, k_start, k_steps = (tiles_gmem[row_tile, f] for f in range(7))
             n_slice = pl.ds(n_idx * tile_n, tile_n)
 
             @pl.when(lo < hi)
             def _work():
                 def compute_context(eval_pipeline):
-                    zeros = config.layout(jnp.zeros((WG_ROWS, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+                    zeros = interp.in_layout(jnp.zeros((WG_ROWS, tile_n), jnp.float32), plgpu.Layout.WGMMA, config)
                     acc = eval_pipeline(zeros)  # [64, tile_n] f32, the promoted sum over K
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
                     out_smem[wg] = acc.astype(out_dtype)
@@ -192,19 +215,22 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
                     # a_smem [tile_m, 128] e4m3; b_smem [tile_n, 128] e4m3 ([128, tile_n] interpreted)
                     # sa_smem [1, tile_m] f32; sb_smem [1, scale_n] f32; acc [64, tile_n] f32
                     rows = pl.ds(wg * WG_ROWS, WG_ROWS)
+                    k_weight = interp.k_step_weight(indices[0], k_steps, config)
+
+                    def load_scales():
+                        return promotion.load_scales(sa_smem, sb_smem, rows, n_idx, k_weight, config)
 
                     def mma(partial_ref):
-                        plgpu.wgmma(partial_ref, a_smem.at[rows], b_smem if kn_b else plgpu.transpose_ref(b_smem, (1, 0)))
+                        plgpu.wgmma(partial_ref, a_smem.at[rows], interp.mma_b_operand(b_smem, config))
                         return partial_ref[...]
 
+                    scales = load_scales() if promotion.scales_before_mma(config) else None
                     partial = pl.run_scoped(mma, plgpu.ACC((WG_ROWS, tile_n), jnp.float32))  # this K step alone
-                    # (loading these straight into the layouts with plgpu.load measured no faster on an H200)
-                    sa = config.layout(sa_smem[0, rows], plgpu.Layout.WGMMA.reduce(1))  # [64]
-                    sb = config.layout(sb_smem[0, pl.ds(0, tile_n)], plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
-                    scale = lax.broadcast_in_dim(sa, partial.shape, [0]) * lax.broadcast_in_dim(sb, partial.shape, [1])
-                    if config.k_grouped and config.for_interpreter:  # steps past the group's K range
-                        scale = jnp.where(indices[0] < k_steps, scale, 0.0)
-                    return acc + partial * scale  # promotion on the CUDA cores, in f32
+                    # (per_column: loading the scales straight into the layouts with plgpu.load measured no
+                    # faster on an H200)
+                    if scales is None:
+                        scales = load_scales()
+                    return promotion.promote(acc, partial, scales, config)  # on the CUDA cores, in f32
 
                 m_rows = pl.ds(a_block * tile_m, tile_m)
                 b_group = b_gmem.at[0 if config.k_grouped else group]
@@ -215,37 +241,39 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
                 else:
                     k_cols, k_blocks, steps = slice(None), slice(None), static_steps
                     k_offset = k_start if config.k_grouped else None
-                b_tile = b_group.at[k_cols, n_slice] if kn_b else b_group.at[n_slice, k_cols]
                 make_pipeline(step, compute_context, steps, k_offset)(
-                    a_gmem.at[m_rows, k_cols], b_tile, sa_gmem.at[k_blocks, m_rows],
-                    sb_group.at[k_blocks, pl.ds(n_idx * tile_n, scale_n)], allocations=pipeline_allocs)
+                    a_gmem.at[m_rows, k_cols], interp.b_tile(b_group, n_slice, k_cols, config),
+                    sa_gmem.at[k_blocks, m_rows], promotion.b_scale_tile(sb_group, k_blocks, n_idx, config),
+                    allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def grouped_fp8_gemm(a, sa_t, b, sb_cols, tiles, *, out_rows: int, out_dtype, config: KernelConfig,
+def grouped_fp8_gemm(a, sa_t, b, sb, tiles, *, out_rows: int, out_dtype, config: KernelConfig, n: int,
                      interpret=None):
     """Launches the kernel on operands already padded and laid out by ``kernel_ops.py``.
 
     Args:
-      a: [m_pad, k] e4m3 (m_pad a multiple of 128, k of 128).
+      a: [m_pad, k] e4m3 (m_pad a multiple of tile_m, k of 128).
       sa_t: [k / 128, m_pad] float32 A scales, transposed.
-      b: [g, n, k] e4m3 ([g, k, n] when ``config.for_interpreter``), n a multiple of tile_n.
-      sb_cols: [g, k / 128, n + 32] float32 B scales per output column (the last 32 are padding).
+      b: [g, n_b, k] e4m3 ([g, k, n_b] for the interpreter: ``interpreter_differences.b_operand``), n_b = n
+        or, with ``config.pad_b=False`` on the GPU, fewer (the rest read as zeros).
+      sb: B scales in the promotion's layout (``promotion.b_scale_operand``).
       tiles: [num_tiles, 7] int32 schedule (``schedule.py``).
-      out_rows: rows of the output (a multiple of 128).
+      out_rows: rows of the output (a multiple of tile_m).
+      n: columns of the output, a multiple of tile_n x cluster_n.
     Returns:
       [out_rows, n] out_dtype; rows no tile covers are not written.
     """
-    n = sb_cols.shape[-1] - SCALE_ALIGN
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config, n=n),
         out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
-        grid=(config.num_sms,),
+        grid=(config.num_sms // config.cluster_n,),
         grid_names=("sm",),
-        num_threads=NUM_COMPUTE_WGS + 1,
+        **(dict(cluster=(config.cluster_n,), cluster_names=("cluster",)) if config.cluster_n > 1 else {}),
+        num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
     )
-    return kernel(a, sa_t, b, sb_cols, tiles)
+    return kernel(a, sa_t, b, sb, tiles)
