@@ -9,6 +9,7 @@ from rich.console import Console
 from flax import nnx
 
 from jaxseek.config import TrainConfig
+from jaxseek.model.experts import get_grouped_matmul
 from jaxseek.model.layers import Dense
 from jaxseek.model.moe import MoE
 from jaxseek.model.transformer import Transformer
@@ -85,7 +86,8 @@ def test_fp8_recipe_quantises_only_the_gemms_it_names(recipe):
     group = jnp.repeat(jnp.arange(3), sizes, total_repeat_length=140)
     valid = (jnp.arange(140) < 130)[:, None]
     grouped_exact = lambda x, w: jnp.einsum("mk,mnk->mn", x, w[group]) * valid  # noqa: E731
-    ours, exact = _vjp_pair(lambda x, w: fp8_grouped_linear(x, w, sizes, "xla", recipe), grouped_exact, (x, wg), 10)
+    moe_matmul = get_grouped_matmul("fp8", fp8_recipe=recipe)  # the MoE layer's way in: w [g, in, out]
+    ours, exact = _vjp_pair(lambda x, w: moe_matmul(x, jnp.swapaxes(w, 1, 2), sizes), grouped_exact, (x, wg), 10)
     high_precision, _ = _vjp_pair(lambda x, w: fp8_grouped_linear(x, w, sizes, "xla", FP8Recipe(False, False, False)),
                                   grouped_exact, (x, wg), 10)
     _check_recipe(recipe, ours, high_precision, exact)
