@@ -3,12 +3,14 @@
 Trains the same model, seed and data four ways: the compute dtype alone (the reference), then FP8 in the
 forward GEMMs only, forward + dgrad, forward + dgrad + wgrad (DeepSeek-V3's recipe: every linear and expert
 GEMM in FP8, the embedding, output head, router, norms and attention core kept in the compute dtype);
-``--runs`` can add wgrad alone. Reports each run's final train and validation losses and their relative difference from the
-reference (DeepSeek-V3: < 0.25% against BF16). Writes ``benchmarks/results/fp8_training_<preset>.json``
-and a PNG: the loss curves and each FP8 run's smoothed relative difference from the reference.
+``--runs`` can add wgrad alone, and ``float32`` (no FP8, float32 compute: the loss change a mere change of
+precision makes, the yardstick for the FP8 gaps). Reports each run's final train and validation losses and
+their relative difference from the reference (DeepSeek-V3: < 0.25% against BF16). Writes
+``benchmarks/results/fp8_training_<preset>[_<tag>].json`` and a PNG: the loss curves and each run's smoothed
+relative difference from the reference.
 
     python benchmarks/fp8_training.py [--preset small] [--steps 300] [--batch-size 8] [--seq-len 128]
-        [--compute-dtype bfloat16] [--runs reference,forward,...]
+        [--compute-dtype bfloat16] [--runs reference,forward,...] [--tag NAME]
 
 On a 2-core CPU the ``small`` preset (hidden 256, so 1x128 groups and 128x128 blocks no longer cover whole
 rows and matrices as they do at the tiny preset's hidden 64) takes ~2 min per 100 steps at batch 8 x 128.
@@ -36,9 +38,10 @@ from jaxseek.presets import get_preset  # noqa: E402
 from jaxseek.train import train  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-# run name -> the GEMMs in FP8 (None: none, the reference)
+# run name -> the GEMMs in FP8 (None: none). "float32" trains without FP8 in float32 compute: how far a mere
+# change of precision moves this model's loss, the yardstick for the FP8 gaps.
 RUNS = {"reference": None, "forward": "forward", "forward+dgrad": "forward,dgrad",
-        "forward+dgrad+wgrad": "forward,dgrad,wgrad", "wgrad": "wgrad"}
+        "forward+dgrad+wgrad": "forward,dgrad,wgrad", "wgrad": "wgrad", "float32": None}
 
 
 def smoothed_relative_difference(losses: np.ndarray, reference: np.ndarray, window: int) -> np.ndarray:
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--runs", default="reference,forward,forward+dgrad,forward+dgrad+wgrad",
                         help=f"comma-separated, reference first, from {list(RUNS)}")
+    parser.add_argument("--tag", help="suffix of the result files' names")
     args = parser.parse_args()
     console = Console()
     names = [name for name in args.runs.split(",") if name]
@@ -74,6 +78,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             config = model if RUNS[name] is None else model.with_fp8(RUNS[name])
+            if name == "float32":
+                config = config.replace(compute_dtype="float32")
             console.print(f"[bold]{name}[/] ({config.compute_dtype} compute, fp8 GEMMs: {RUNS[name] or 'none'})")
             runs[name] = train(config, train_config, pathlib.Path(scratch) / name, corpus=corpus, console=console)
     reference = runs["reference"]
@@ -88,7 +94,7 @@ def main() -> None:
               "steps": train_config.steps, "batch": f"{train_config.batch_size}x{train_config.seq_len}", "runs": final}
     console.print_json(json.dumps(report))
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"fp8_training_{args.preset}"
+    stem = RESULTS / (f"fp8_training_{args.preset}" + (f"_{args.tag}" if args.tag else ""))
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
 
     import matplotlib
