@@ -32,8 +32,9 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master parameters")
-    p.add_argument("--fp8", action="store_true",
-                   help="DeepSeek-V3 FP8 GEMMs (1x128 / 128x128 scaling) in every linear layer and expert")
+    p.add_argument("--fp8", nargs="?", const="forward,dgrad,wgrad", metavar="GEMMS",
+                   help="DeepSeek-V3 FP8 GEMMs (1x128 / 128x128 scaling) in every linear layer and expert; GEMMS "
+                        "(default forward,dgrad,wgrad) keeps the others in the compute dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--eplb-replicas", type=int, help="EPLB: physical expert slots per MoE layer (redundant replicas)")
     p.add_argument("--eplb-gpus", type=int, default=1, help="EPLB: expert-parallel ranks the slots are placed on")
@@ -99,7 +100,7 @@ def _train(args, console: Console) -> int:
     if args.remat:
         mc = mc.replace(remat=args.remat)
     if args.fp8:
-        mc = mc.with_fp8()
+        mc = mc.with_fp8(args.fp8)
     if args.eplb_replicas:
         mc = mc.replace(moe=dataclasses.replace(mc.moe, num_physical_experts=args.eplb_replicas,
                                                 eplb_gpus=args.eplb_gpus))

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Literal, get_args
 
 from jaxseek.model.experts import GROUPED_MATMULS, MOE_STRATEGIES
+from pallas_kernels.fp8_gemm.vjp import FP8Recipe
 
 ComputeDtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "block", "attention"]
@@ -159,6 +160,7 @@ class ModelConfig:
     max_seq_len: int = 4096
     compute_dtype: ComputeDtype = "float32"
     fp8: bool = False  # DeepSeek-V3's FP8 GEMMs in the dense projections (see also moe.grouped_matmul)
+    fp8_gemms: str = "forward,dgrad,wgrad"  # which of a linear layer's GEMMs run in FP8 when ``fp8`` (ablations)
     init_std: float = 0.02
     remat: Remat = "none"
 
@@ -180,6 +182,12 @@ class ModelConfig:
                  f"expected 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         _require(self.remat in get_args(Remat), "remat", f"expected one of {get_args(Remat)}, got {self.remat!r}")
         _require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+        FP8Recipe.parse(self.fp8_gemms)  # raises naming fp8_gemms
+
+    @property
+    def fp8_recipe(self) -> FP8Recipe | None:
+        """The FP8 GEMMs of every linear layer, or None when the model trains without FP8."""
+        return FP8Recipe.parse(self.fp8_gemms) if self.fp8 else None
 
     @property
     def yarn(self) -> bool:
@@ -193,9 +201,10 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    def with_fp8(self) -> ModelConfig:
-        """FP8 training as DeepSeek-V3: every linear GEMM except the embedding, output head and router."""
-        return self.replace(fp8=True, moe=dataclasses.replace(self.moe, grouped_matmul="fp8"))
+    def with_fp8(self, gemms: str = "forward,dgrad,wgrad") -> ModelConfig:
+        """FP8 training as DeepSeek-V3: every linear GEMM except the embedding, output head and router; ``gemms``
+        keeps the others (of forward, dgrad, wgrad) in the compute dtype."""
+        return self.replace(fp8=True, fp8_gemms=gemms, moe=dataclasses.replace(self.moe, grouped_matmul="fp8"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,8 @@ def test_info_reports_the_v3_sizes(capsys):
 def test_bad_cli_values_exit_with_a_named_error(capsys, tmp_path):
     assert main(["train", "--preset", "tiny", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert "steps" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny", "--fp8", "forward,fwd", "--out", str(tmp_path)]) == 2
+    assert "fp8_gemms" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxseek.model import grouped_matmul as gmm
-from pallas_kernels.fp8_gemm.vjp import fp8_grouped_linear
+from pallas_kernels.fp8_gemm.vjp import FP8Recipe, fp8_grouped_linear
 from pallas_kernels.quant import FP8Array, dequantize_per_token
 from sharding.ep import combine, dispatch, low_latency_combine, low_latency_dispatch
 from sharding.rules import activation_layout
@@ -172,10 +172,11 @@ def ep_low_latency_moe_apply(x: jax.Array, expert_ids: jax.Array, gate_weights: 
     return _on_token_shards(per_rank, mesh, x, expert_ids, gate_weights, experts)
 
 
-def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, recipe: FP8Recipe = FP8Recipe()
+                       ) -> jax.Array:
     """The grouped-matmul contract in FP8 (DeepGEMM's m-grouped contiguous GEMM forward and dgrad,
-    k-grouped wgrad); ``w`` is [groups, in, out] as for every grouped matmul."""
-    return fp8_grouped_linear(x, jnp.swapaxes(w, 1, 2), group_sizes)
+    k-grouped wgrad; those ``recipe`` names); ``w`` is [groups, in, out] as for every grouped matmul."""
+    return fp8_grouped_linear(x, jnp.swapaxes(w, 1, 2), group_sizes, None, recipe)
 
 
 def check_expert_parallel(moe, mesh: Mesh) -> None:
@@ -206,10 +207,12 @@ def get_moe_strategy(name: str, *, capacity_factor: float | None = None, fp8_dis
     raise ValueError(f"moe.strategy: expected one of {MOE_STRATEGIES}, got {name!r}")
 
 
-def get_grouped_matmul(name: str, platform: str | None = None) -> GroupedMatmul:
-    """The grouped matmul called ``name``; "auto" picks the variant for ``platform`` (default: jax's backend)."""
+def get_grouped_matmul(name: str, platform: str | None = None, *, fp8_recipe: FP8Recipe | None = None
+                       ) -> GroupedMatmul:
+    """The grouped matmul called ``name``; "auto" picks the variant for ``platform`` (default: jax's backend);
+    "fp8" runs the GEMMs ``fp8_recipe`` names (default all three) in FP8."""
     if name == "fp8":
-        return fp8_grouped_matmul
+        return functools.partial(fp8_grouped_matmul, recipe=fp8_recipe or FP8Recipe())
     if name == "auto":
         name = gmm.grouped_matmul_for(platform or jax.default_backend())
     if name in gmm.GROUPED_MATMULS:

@@ -11,18 +11,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.fp8_gemm.vjp import fp8_linear
+from pallas_kernels.fp8_gemm.vjp import FP8Recipe, fp8_linear
 
 
 class Dense(nnx.Module):
     """A bias-free projection ``x @ kernel`` with an fp32 master ``kernel`` [in, out].
 
-    The matmul runs in ``dtype`` (float32 or bfloat16), or, with ``fp8``, as DeepSeek-V3's FP8 GEMMs
-    (1x128 activation and 128x128 weight scaling in forward, dgrad and wgrad; ``pallas_kernels.fp8_gemm``).
+    The matmul runs in ``dtype`` (float32 or bfloat16), or, with an ``fp8`` recipe, as DeepSeek-V3's FP8 GEMMs
+    (1x128 activation and 128x128 weight scaling in the recipe's forward, dgrad and wgrad;
+    ``pallas_kernels.fp8_gemm``).
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], dtype, init_std: float,
-                 fp8: bool, rngs: nnx.Rngs):
+                 fp8: FP8Recipe | None, rngs: nnx.Rngs):
         self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (in_features, out_features),
                                                                   jnp.float32), logical_axes=axes)
         self.dtype = dtype
@@ -31,13 +32,13 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., out] in ``dtype``."""
         x = x.astype(self.dtype)
-        if self.fp8:
-            return fp8_linear(x, self.kernel[...].T)
+        if self.fp8 is not None:
+            return fp8_linear(x, self.kernel[...].T, None, self.fp8)
         return x @ self.kernel[...].astype(self.dtype)
 
 
 def linear(in_features: int, out_features: int, *, axes: tuple[str, str], dtype, init_std: float, rngs: nnx.Rngs,
-           fp8: bool = False) -> Dense:
+           fp8: FP8Recipe | None = None) -> Dense:
     """A ``Dense`` [in, out] whose kernel's dimensions are named ``axes`` (logical axis names)."""
     return Dense(in_features, out_features, axes=axes, dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
 
@@ -61,7 +62,7 @@ class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, init_std: float, rngs: nnx.Rngs,
-                 fp8: bool = False):
+                 fp8: FP8Recipe | None = None):
         dense = dict(dtype=dtype, init_std=init_std, fp8=fp8, rngs=rngs)
         self.gate_proj = linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **dense)
         self.up_proj = linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **dense)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.fp8_gemm.vjp import FP8Recipe
 from jaxseek.config import MLAConfig
 from jaxseek.model import rope
 from jaxseek.model.layers import linear, rms_norm
@@ -75,7 +76,7 @@ class MultiHeadLatentAttention(nnx.Module):
     ``original_seq_len``, YaRN frequencies and softmax scale (``jaxseek.model.rope``)."""
 
     def __init__(self, hidden_size: int, config: MLAConfig, *, eps: float, dtype, init_std: float, rngs: nnx.Rngs,
-                 fp8: bool = False, max_seq_len: int | None = None):
+                 fp8: FP8Recipe | None = None, max_seq_len: int | None = None):
         self.config = config
         max_seq_len = config.original_seq_len if max_seq_len is None else max_seq_len
         self.rope_frequencies = tuple(float(f) for f in rope.rope_frequencies(config, max_seq_len))  # static

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.fp8_gemm.vjp import FP8Recipe
 from jaxseek.config import MoEConfig
 from jaxseek.model.experts import ExpertWeights, get_grouped_matmul, get_moe_strategy
 from jaxseek.model.layers import SwiGLU
@@ -74,9 +75,10 @@ class MoEStats(NamedTuple):
 
 class MoE(nnx.Module):
     def __init__(self, hidden_size: int, config: MoEConfig, *, dtype, init_std: float, rngs: nnx.Rngs,
-                 fp8: bool = False):
+                 fp8: FP8Recipe | None = None):
         self.config = config
         self.dtype = dtype
+        self.fp8 = fp8
         e, d, f = config.num_routed_experts, hidden_size, config.intermediate_size
         init = nnx.initializers.normal(init_std)
         self.router = nnx.Param(init(rngs.params(), (e, d), jnp.float32), logical_axes=("router", "embed"))  # [E, d]
@@ -110,7 +112,7 @@ class MoE(nnx.Module):
         strategy = get_moe_strategy(c.strategy, capacity_factor=c.capacity_factor or None, fp8_dispatch=c.fp8_dispatch,
                                     decoding=seq == 1)
         y, slot_load, dropped = strategy(tokens.astype(self.dtype), slots, routing.weights, self.expert_weights(),
-                                         get_grouped_matmul(c.grouped_matmul))
+                                         get_grouped_matmul(c.grouped_matmul, fp8_recipe=self.fp8))
         y = y.reshape(batch, seq, hidden)
         if self.shared is not None:
             with jax.named_scope("shared_experts"):

@@ -59,11 +59,11 @@ class Block(nnx.Module):
         dtype, std, eps = compute_dtype(config), config.init_std, config.rms_norm_eps
         self.attn_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
         self.attn = MultiHeadLatentAttention(config.hidden_size, config.mla, eps=eps, dtype=dtype, init_std=std,
-                                             rngs=rngs, fp8=config.fp8, max_seq_len=config.max_seq_len)
+                                             rngs=rngs, fp8=config.fp8_recipe, max_seq_len=config.max_seq_len)
         self.ffn_norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
-        self.ffn = (MoE(config.hidden_size, config.moe, dtype=dtype, init_std=std, rngs=rngs, fp8=config.fp8)
+        self.ffn = (MoE(config.hidden_size, config.moe, dtype=dtype, init_std=std, rngs=rngs, fp8=config.fp8_recipe)
                     if use_moe else SwiGLU(config.hidden_size, config.intermediate_size, dtype=dtype, init_std=std,
-                                           rngs=rngs, fp8=config.fp8))
+                                           rngs=rngs, fp8=config.fp8_recipe))
         self.remat_attention = config.remat == "attention"
 
     @property
@@ -103,7 +103,7 @@ class MTPModule(nnx.Module):
         self.enorm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
         self.hnorm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
         self.eh_proj = linear(2 * config.hidden_size, config.hidden_size, axes=("mtp_concat", "embed"), dtype=dtype,
-                              init_std=config.init_std, rngs=rngs, fp8=config.fp8)
+                              init_std=config.init_std, rngs=rngs, fp8=config.fp8_recipe)
         self.block = Block(config, use_moe=config.num_moe_layers > 0, rngs=rngs)
         self.norm = rms_norm(config.hidden_size, eps=eps, dtype=dtype, rngs=rngs)
 

@@ -1,4 +1,4 @@
-"""FP8 training: linear layers whose forward, input-gradient and weight-gradient GEMMs all run in FP8.
+"""FP8 training: linear layers whose forward, input-gradient and weight-gradient GEMMs run in FP8.
 
 DeepSeek-V3's recipe (§3.3), through the public ops of ``api.py``:
   forward  y  = x @ W^T        x per-token 1x128, W per-block 128x128       (``fp8_gemm_nt``)
@@ -8,11 +8,15 @@ DeepSeek-V3's recipe (§3.3), through the public ops of ``api.py``:
 The grouped (MoE expert) version uses the m-grouped contiguous op for forward and dgrad and the
 k-grouped op for wgrad, with each expert's tokens padded to whole 128-token blocks. Master weights stay
 in their own dtype (fp32); every quantisation happens inside the op.
+
+An ``FP8Recipe`` picks which of the three GEMMs run in FP8; the others run in the activations' dtype
+(``benchmarks/fp8_training.py`` ablates them to find where an FP8 model's loss gap comes from).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,26 @@ import jax.numpy as jnp
 from pallas_kernels.fp8_gemm import api
 from pallas_kernels.fp8_gemm.mosaic_gpu import BLOCK_K, round_up
 from pallas_kernels.quant import per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8
+
+
+FP8_GEMMS = ("forward", "dgrad", "wgrad")
+
+
+class FP8Recipe(NamedTuple):
+    """Which GEMMs of a linear layer run in FP8; the others run in the activations' dtype (f32 accumulation)."""
+
+    forward: bool = True
+    dgrad: bool = True
+    wgrad: bool = True
+
+    @classmethod
+    def parse(cls, gemms: str) -> "FP8Recipe":
+        """"forward,dgrad,wgrad" (any non-empty subset, comma-separated) -> FP8Recipe."""
+        names = [name.strip() for name in gemms.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(FP8_GEMMS))
+        if not names or unknown:
+            raise ValueError(f"fp8_gemms: expected a comma-separated subset of {FP8_GEMMS}, got {gemms!r}")
+        return cls(*(name in names for name in FP8_GEMMS))
 
 
 def _out_dtype(dtype):
@@ -38,9 +62,20 @@ def _block_scaled_transpose(w: jax.Array):
     return per_block_cast_to_fp8(w.T)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def fp8_linear(x: jax.Array, w: jax.Array, implementation: str | None = None) -> jax.Array:
-    """y = x @ w^T with FP8 GEMMs in forward and backward.
+def _high_precision_linear(x, w):
+    """x @ w^T in x's dtype with f32 accumulation: the GEMMs a recipe leaves out of FP8."""
+    return jnp.matmul(x, w.astype(x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _high_precision_grads(fn, primals, dy):
+    """The cotangents of ``fn`` at ``primals`` for ``dy``, by jax's own VJP (XLA drops the unused ones)."""
+    return jax.vjp(fn, *primals)[1](dy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fp8_linear(x: jax.Array, w: jax.Array, implementation: str | None = None,
+               recipe: FP8Recipe = FP8Recipe()) -> jax.Array:
+    """y = x @ w^T with FP8 GEMMs in forward and backward (those ``recipe`` names).
 
     Args:
       x: [..., k] float32 or bfloat16 activations.
@@ -48,27 +83,33 @@ def fp8_linear(x: jax.Array, w: jax.Array, implementation: str | None = None) ->
     Returns:
       [..., n] in x's dtype (float32 stays float32, everything else bfloat16).
     """
-    return _fp8_linear_fwd(x, w, implementation)[0]
+    return _fp8_linear_fwd(x, w, implementation, recipe)[0]
 
 
-def _fp8_linear_fwd(x, w, implementation):
+def _fp8_linear_fwd(x, w, implementation, recipe):
     k = x.shape[-1]
+    if not recipe.forward:
+        return _high_precision_linear(x, w), (x, w)
     y = api.fp8_gemm_nt(per_token_cast_to_fp8(x.reshape(-1, k)), per_block_cast_to_fp8(w),
                         out_dtype=_out_dtype(x.dtype), implementation=implementation)
     return y.reshape(x.shape[:-1] + (w.shape[0],)).astype(x.dtype), (x, w)
 
 
-def _fp8_linear_bwd(implementation, residuals, dy):
+def _fp8_linear_bwd(implementation, recipe, residuals, dy):
     x, w = residuals
     k, n = x.shape[-1], w.shape[0]
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
-    dx = api.fp8_gemm_nt(per_token_cast_to_fp8(dy2), _block_scaled_transpose(w), out_dtype=_out_dtype(x.dtype),
-                         implementation=implementation)
-    tokens = round_up(max(x2.shape[0], 1), BLOCK_K)  # zero rows pad the token axis to whole 128-blocks
-    pad = ((0, tokens - x2.shape[0]), (0, 0))
-    dw = api.k_grouped_fp8_gemm_nt_contiguous(_token_major_pair(jnp.pad(dy2, pad)), _token_major_pair(jnp.pad(x2, pad)),
-                                              jnp.array([tokens], jnp.int32), implementation=implementation)[0]
-    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+    dx, dw = _high_precision_grads(_high_precision_linear, (x, w), dy)
+    if recipe.dgrad:
+        dx = api.fp8_gemm_nt(per_token_cast_to_fp8(dy2), _block_scaled_transpose(w), out_dtype=_out_dtype(x.dtype),
+                             implementation=implementation).reshape(x.shape)
+    if recipe.wgrad:
+        tokens = round_up(max(x2.shape[0], 1), BLOCK_K)  # zero rows pad the token axis to whole 128-blocks
+        pad = ((0, tokens - x2.shape[0]), (0, 0))
+        dw = api.k_grouped_fp8_gemm_nt_contiguous(_token_major_pair(jnp.pad(dy2, pad)),
+                                                  _token_major_pair(jnp.pad(x2, pad)),
+                                                  jnp.array([tokens], jnp.int32), implementation=implementation)[0]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
@@ -93,10 +134,16 @@ def _padded_token_layout(group_sizes: jax.Array, rows: int):
     return destination, padded_sizes, padded_rows
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str | None = None
-                       ) -> jax.Array:
-    """Expert matmul over rows sorted by expert, FP8 in forward and backward.
+def _high_precision_grouped(x, w, group_sizes):
+    """The grouped linear in x's dtype, f32 accumulation: rows past the groups give zeros."""
+    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes.astype(jnp.int32),
+                              preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str | None = None,
+                       recipe: FP8Recipe = FP8Recipe()) -> jax.Array:
+    """Expert matmul over rows sorted by expert, FP8 in forward and backward (those ``recipe`` names).
 
     Args:
       x: [rows, k] activations, group g's rows contiguous and in order.
@@ -105,32 +152,38 @@ def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, imple
     Returns:
       [rows, n] in x's dtype.
     """
-    return _fp8_grouped_fwd(x, w, group_sizes, implementation)[0]
+    return _fp8_grouped_fwd(x, w, group_sizes, implementation, recipe)[0]
 
 
 def _group_offsets(group_sizes):
     return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes.astype(jnp.int32))])
 
 
-def _fp8_grouped_fwd(x, w, group_sizes, implementation):
+def _fp8_grouped_fwd(x, w, group_sizes, implementation, recipe):
+    if not recipe.forward:
+        return _high_precision_grouped(x, w, group_sizes), (x, w, group_sizes)
     qw = jax.vmap(per_block_cast_to_fp8)(w)
     y = api.m_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(x), qw, group_offsets=_group_offsets(group_sizes),
                                              out_dtype=_out_dtype(x.dtype), implementation=implementation)
     return y.astype(x.dtype), (x, w, group_sizes)
 
 
-def _fp8_grouped_bwd(implementation, residuals, dy):
+def _fp8_grouped_bwd(implementation, recipe, residuals, dy):
     x, w, group_sizes = residuals
-    qwt = jax.vmap(_block_scaled_transpose)(w)  # [g, k, n]
-    dx = api.m_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(dy), qwt, group_offsets=_group_offsets(group_sizes),
-                                              out_dtype=_out_dtype(x.dtype), implementation=implementation)
-    destination, padded_sizes, padded_rows = _padded_token_layout(group_sizes, x.shape[0])
+    dx, dw = _high_precision_grads(lambda x, w: _high_precision_grouped(x, w, group_sizes), (x, w), dy)
+    if recipe.dgrad:
+        qwt = jax.vmap(_block_scaled_transpose)(w)  # [g, k, n]
+        dx = api.m_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(dy), qwt,
+                                                  group_offsets=_group_offsets(group_sizes),
+                                                  out_dtype=_out_dtype(x.dtype), implementation=implementation)
+    if recipe.wgrad:
+        destination, padded_sizes, padded_rows = _padded_token_layout(group_sizes, x.shape[0])
 
-    def padded(v):  # [rows, d] -> [padded_rows, d], each group starting on a 128-row boundary
-        return jnp.zeros((padded_rows, v.shape[1]), v.dtype).at[destination].set(v, mode="drop")
+        def padded(v):  # [rows, d] -> [padded_rows, d], each group starting on a 128-row boundary
+            return jnp.zeros((padded_rows, v.shape[1]), v.dtype).at[destination].set(v, mode="drop")
 
-    dw = api.k_grouped_fp8_gemm_nt_contiguous(_token_major_pair(padded(dy)), _token_major_pair(padded(x)),
-                                              padded_sizes, implementation=implementation)
+        dw = api.k_grouped_fp8_gemm_nt_contiguous(_token_major_pair(padded(dy)), _token_major_pair(padded(x)),
+                                                  padded_sizes, implementation=implementation)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
