@@ -30,6 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
 from pallas_kernels.mla_decode.pages import CHUNK, TILED_16BIT, DensePages, FP8Pages, StepContext
+from pallas_kernels.mla_decode.variant import KernelVariant
 
 ROWS = 64  # query rows per tile (the wgmma M)
 NUM_COMPUTE_WGS = 2
@@ -48,24 +49,18 @@ class DecodeConfig:
     num_sms: int
     pages: DensePages | FP8Pages  # the cache's format: how a page reaches S and P V
     max_concurrent_steps: int = 2
-    # The variant jax's CPU interpreter can run (0.10-0.11): K^T as a second, pre-transposed operand (it
-    # cannot run a wgmma on a transposed operand), P staged through SMEM (its wgmma takes the A operand
-    # from SMEM only), full-length pipelines masked past the item's pages (a dynamic-length pipeline can
-    # hang it), no register layout casts and no run_state (it has no rules for them). It also needs
-    # more XLA:CPU threads than the kernel has warpgroups (interpret.check_interpreter_threads).
+    # Build the variant jax's CPU interpreter can run (``variant.py`` holds each difference from the GPU
+    # kernel, with why). It also needs more XLA:CPU threads than the kernel has warpgroups
+    # (interpret.check_interpreter_threads).
     for_interpreter: bool = False
 
     @property
     def dv_per_wg(self) -> int:
         return self.dv // NUM_COMPUTE_WGS
 
-    def layout(self, x, layout):
-        return x if self.for_interpreter else plgpu.layout_cast(x, layout)
-
-    def iota(self, shape, dimension):
-        if self.for_interpreter:
-            return lax.broadcasted_iota(jnp.int32, shape, dimension)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+    @property
+    def variant(self) -> KernelVariant:
+        return KernelVariant(self.for_interpreter)
 
 
 def check_supported(q_dtype, d: int, dv: int, h_kv: int, fp8: bool = False) -> None:
@@ -92,33 +87,37 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
     row_tiles = rows_pad // ROWS
     dv_wg = config.dv_per_wg
     pages = config.pages
+    variant = config.variant
     scale = config.softmax_scale * LOG2E  # scores in log2 units, softmax by exp2
 
     def make_pipeline(body, compute_context, steps, index_map):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), memory_registers=40,
-            in_specs=pages.in_specs(index_map, config.for_interpreter),
+            in_specs=pages.in_specs(index_map, variant),
             wg_axis="wg", num_compute_wgs=NUM_COMPUTE_WGS, max_concurrent_steps=config.max_concurrent_steps,
             compute_context=compute_context)
 
     ignore = lambda *_, **__: None  # noqa: E731
-    max_steps = table_gmem.shape[1] if config.for_interpreter else work_gmem[0, 2]
+    max_blocks = table_gmem.shape[1]
 
     @functools.partial(
         pl.run_scoped,
-        allocs=make_pipeline(ignore, ignore, max_steps, lambda j: (j, 0)).get_allocations(*page_gmem),
+        allocs=make_pipeline(ignore, ignore, variant.pipeline_steps(max_blocks, 0, work_gmem[0, 2]),
+                             lambda j: (j, 0)).get_allocations(*page_gmem),
         q_smem=plgpu.SMEM((ROWS, d), q_gmem.dtype, transforms=TILED_16BIT),
         stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), q_gmem.dtype),
         lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
-        # [wg, 64, 64] P staged for P V: the interpreter's wgmma takes its A operand from SMEM only
-        **({"p_smem": plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, CHUNK), q_gmem.dtype, transforms=TILED_16BIT)}
-           if config.for_interpreter else {}),
-        **pages.scratch(config.for_interpreter),
+        **variant.p_smem(ROWS, CHUNK, q_gmem.dtype, NUM_COMPUTE_WGS, TILED_16BIT),
+        **pages.scratch(variant),
         q_barrier=plgpu.Barrier(num_arrivals=1),
-        sync_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+        # per work item: both compute warpgroups are done with the last tile's Q before it is reloaded
+        item_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+        # per page (FP8 cache): the shared dequantised tile's handshakes, apart from the per-item one
+        page_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
         collective_axes="wg",
     )
-    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, sync_barrier, p_smem=None, **page_scratch):
+    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, item_barrier, page_barrier, p_smem=None,
+               **page_scratch):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((work_gmem.shape[0] * row_tiles,), collective_axes="sm")
@@ -131,17 +130,17 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
             @pl.when(first < end)
             def _work():
                 def compute_context(eval_pipeline):
-                    plgpu.barrier_arrive(sync_barrier)  # both warpgroups are done with the last tile's Q
-                    plgpu.barrier_wait(sync_barrier)
+                    plgpu.barrier_arrive(item_barrier)  # both warpgroups are done with the last tile's Q
+                    plgpu.barrier_wait(item_barrier)
 
                     @pl.when(wg == 0)
                     def _load_q():
                         plgpu.copy_gmem_to_smem(q_gmem.at[seq, q_rows], q_smem, q_barrier)
 
                     plgpu.barrier_wait(q_barrier)
-                    acc = config.layout(jnp.zeros((ROWS, dv_wg), jnp.float32), plgpu.Layout.WGMMA)
-                    m = config.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                    l = config.layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    acc = variant.layout(jnp.zeros((ROWS, dv_wg), jnp.float32), plgpu.Layout.WGMMA)
+                    m = variant.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    l = variant.layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                     acc, m, l = eval_pipeline((acc, m, l))
                     visible = l > 0
                     acc = acc / lax.broadcast_in_dim(jnp.where(visible, l, 1.0), acc.shape, [0])
@@ -169,8 +168,7 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                     *page_refs, (acc, m, l) = refs
                     token0 = first * BLOCK_SIZE + indices[0] * CHUNK
                     ctx = StepContext(token0=token0, valid=jnp.minimum(length, end * BLOCK_SIZE), wg=wg,
-                                      dv_per_wg=dv_wg, sync_barrier=sync_barrier,
-                                      for_interpreter=config.for_interpreter)
+                                      dv_per_wg=dv_wg, page_barrier=page_barrier, variant=variant)
                     score_operands = pages.score_operands(page_refs, page_scratch, ctx)
 
                     def qk(s_ref):
@@ -179,12 +177,10 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                         return s_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, CHUNK), jnp.float32)) * scale  # [64, 64]
-                    token = token0 + config.iota((ROWS, CHUNK), 1)
-                    row = tile * ROWS + config.iota((ROWS, CHUNK), 0)
+                    token = token0 + variant.iota((ROWS, CHUNK), 1)
+                    row = tile * ROWS + variant.iota((ROWS, CHUNK), 0)
                     limit = length - config.s_q + row // config.heads + 1 if config.causal else length
-                    if config.for_interpreter:  # full-length pipeline: steps past the item's pages see nothing
-                        limit = jnp.minimum(limit, end * BLOCK_SIZE)
-                    s = jnp.where(token < limit, s, -jnp.inf)
+                    s = jnp.where(token < variant.step_limit(limit, end * BLOCK_SIZE), s, -jnp.inf)
                     m_new = jnp.maximum(m, s.max(axis=1))
                     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     alpha = jnp.exp2(m - m_safe)
@@ -192,24 +188,13 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                     l = l * alpha + p.sum(axis=1)
                     v_smem = pages.value_ref(page_refs, page_scratch, ctx)  # [64, dv_wg]
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p_operand, v_smem)
-
-                    if config.for_interpreter:  # it has no rule for run_state: add a fresh product instead
-                        p_smem[wg] = p.astype(q_smem.dtype)
-                        plgpu.commit_smem()
-                        p_operand = p_smem.at[wg]
-                        acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((ROWS, dv_wg), jnp.float32))
-                    else:  # accumulate in place: a second 64 x 256 f32 accumulator would not fit in registers
-                        p_operand = p.astype(q_smem.dtype)
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    acc = variant.accumulate_pv(acc, p.astype(q_smem.dtype), v_smem, wg, p_smem)
                     return acc, m_new, l
 
                 def index_map(j):  # step j -> the page (block row) of the item's j-th block
                     return (table_gmem[seq, jnp.minimum(first + j, end - 1)], 0)
 
-                steps = max_steps if config.for_interpreter else end - first
+                steps = variant.pipeline_steps(max_blocks, first, end)
                 make_pipeline(step, compute_context, steps, index_map)(*page_gmem, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -236,5 +221,5 @@ def partial_attention(q_rows, k_cache, block_table, lengths, work, *, config: De
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
     )
-    pages = config.pages.gmem_operands(k_cache, config.for_interpreter)
+    pages = config.pages.gmem_operands(k_cache, config.variant)
     return kernel(q_rows, block_table, lengths, work, *pages)
