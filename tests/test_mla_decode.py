@@ -22,8 +22,10 @@ def _reset_interpreter_after_failure(request):
         reset_interpreter()
 
 
-def make_case(seqlens, s_q, h_q, d=576, dv=512, dtype=jnp.bfloat16, seed=0, spare_blocks=3):
-    """Random q, a NaN-poisoned paged cache under a shuffled block table."""
+def make_case(seqlens, s_q, h_q, d=576, dv=512, dtype=jnp.bfloat16, seed=0, spare_blocks=3, score_std=None):
+    """Random q, a NaN-poisoned paged cache under a shuffled block table. ``score_std``: scale q so the
+    scores q k * d ** -0.5 have about this standard deviation (peaky softmax); default: FlashMLA's inputs
+    (q and k ~ N(0, 0.01) clipped to [-1, 1], scores ~ 0.01, an almost uniform softmax)."""
     rng = np.random.default_rng(seed)
     batch = len(seqlens)
     max_blocks = max(-(-max(seqlens) // BLOCK_SIZE), 1) + 1
@@ -34,6 +36,8 @@ def make_case(seqlens, s_q, h_q, d=576, dv=512, dtype=jnp.bfloat16, seed=0, spar
         for t in range(length):
             cache[table[b, t // BLOCK_SIZE], t % BLOCK_SIZE, 0] = np.clip(rng.normal(size=d) / 10, -1, 1)
     q = np.clip(rng.normal(size=(batch, s_q, h_q, d)) / 10, -1, 1)
+    if score_std is not None:  # k ~ 0.1 per column: q k / sqrt(d) ~ 0.1 |q| / sqrt(d)
+        q = rng.normal(size=q.shape) * score_std * 10
     return (jnp.asarray(q, dtype), jnp.asarray(cache, dtype), jnp.asarray(table), jnp.asarray(seqlens, jnp.int32))
 
 
@@ -221,6 +225,37 @@ def test_fp8_cache_kernel_in_interpreter_matches_float64_reference(seqlens, s_q,
     assert int(metadata.num_splits.max()) > 1
     out, lse = flash_mla_with_kvcache(q, fp8, table, lens, dv, metadata, causal=causal, implementation="interpret")
     assert_flashmla_close(out, lse, *reference64(q, dequantize_kv_cache(fp8), table, lens, dv, d ** -0.5, causal))
+
+
+PEAKY_CASES = [((7, 530, 64), 2, 16, True, 128, 128, False), ((63, 1, 500), 1, 16, False, 320, 256, True)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seqlens, s_q, h_q, causal, d, dv, fp8", PEAKY_CASES)
+def test_kernel_in_interpreter_with_peaky_softmax_matches_float64_and_xla(seqlens, s_q, h_q, causal, d, dv, fp8):
+    """Scores ~ N(0, 3^2), so P is peaky and lse moves ~0.2 with a 2% softmax-scale error (FlashMLA's inputs
+    give scores ~ 0.01: an almost uniform softmax hides a wrong scale, P or mask). The kernel against float64
+    and against the XLA path on the same inputs, with tolerances a few times its own error."""
+    q, cache, table, lens = make_case(seqlens, s_q, h_q, d=d, dv=dv, seed=3, score_std=3.0)
+    if fp8:
+        cache = quantize_kv_cache(cache, dv)
+        unused = jnp.isnan(cache.rope[..., 0]).transpose(0, 2, 1)[:, :, None, :]  # [num_blocks, 1, 1, 64]
+        cache = cache._replace(scales=jnp.where(unused, jnp.nan, cache.scales))  # poison the unused scales too
+    metadata = get_mla_metadata(lens, s_q * h_q, 1, num_sms=4)
+    assert int(metadata.num_splits.max()) > 1, "the case must exercise the split-KV combine"
+    out, lse = flash_mla_with_kvcache(q, cache, table, lens, dv, metadata, causal=causal, implementation="interpret")
+    xla_out, xla_lse = flash_mla_with_kvcache(q, cache, table, lens, dv, causal=causal, implementation="xla")
+    ref_out, ref_lse = reference64(q, dequantize_kv_cache(cache) if fp8 else cache, table, lens, dv, d ** -0.5, causal)
+    out, xla_out = np.asarray(out, np.float64), np.asarray(xla_out, np.float64)
+    assert np.isfinite(out).all(), "NaN from a poisoned cache slot"
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    peak = np.abs(ref_out).max()
+    for name, (o, l) in {"float64": (ref_out, ref_lse), "xla": (xla_out, np.asarray(xla_lse))}.items():
+        lse_error = np.abs(np.asarray(lse)[finite] - l[finite]).max()
+        assert lse_error < 2e-3, f"lse vs {name}: {lse_error}"  # a 1.02x softmax scale moves it by ~0.2
+        out_error = np.abs(out - o).max() / peak
+        assert out_error < 8e-3, f"out vs {name}: {out_error} of the largest output"  # 1.02x scale: ~1.8e-2
 
 
 @pytest.mark.timeout(300)
