@@ -10,7 +10,7 @@ import pytest
 from pallas_kernels.interpret import reset_interpreter
 from pallas_kernels.mla_decode.api import flash_mla_with_kvcache
 from pallas_kernels.mla_decode.combine import combine_splits
-from pallas_kernels.mla_decode.fp8_cache import (FP8KVCache, dequantize_kv_cache, pack_flashmla, quantize_kv_cache,
+from pallas_kernels.mla_decode.fp8_cache import (dequantize_kv_cache, pack_flashmla, quantize_kv_cache,
                                                  unpack_flashmla)
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, get_mla_metadata
 
@@ -253,28 +253,9 @@ def test_kernel_in_interpreter_with_peaky_softmax_matches_float64_and_xla(seqlen
     peak = np.abs(ref_out).max()
     for name, (o, l) in {"float64": (ref_out, ref_lse), "xla": (xla_out, np.asarray(xla_lse))}.items():
         lse_error = np.abs(np.asarray(lse)[finite] - l[finite]).max()
-        assert lse_error < 2e-3, f"lse vs {name}: {lse_error}"  # a 1.02x softmax scale moves it by ~0.2
+        assert lse_error < 1e-4, f"lse vs {name}: {lse_error}"  # ~2e-6; a 1.02x softmax scale moves it by ~0.2
         out_error = np.abs(out - o).max() / peak
         assert out_error < 8e-3, f"out vs {name}: {out_error} of the largest output"  # 1.02x scale: ~1.8e-2
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("s_q, causal, fp8", [(1, False, False), (2, True, False), (1, False, True), (2, True, True)])
-def test_kernel_lowers_for_cuda(s_q, causal, fp8):
-    """The Mosaic GPU variant (register P, transposed K operand, in-place accumulation; FP8 pages
-    dequantised in SMEM) lowers for CUDA, which enforces the hardware rules the interpreter does not."""
-    from pallas_kernels.mla_decode.mosaic_gpu import DecodeConfig, partial_attention
-    from pallas_kernels.mla_decode.pages import DensePages, FP8Pages
-    pages = FP8Pages(d=576, dv=512) if fp8 else DensePages(d=576)
-    config = DecodeConfig(d=576, dv=512, s_q=s_q, heads=64, softmax_scale=576 ** -0.5, causal=causal, num_sms=132,
-                          pages=pages)
-    S = jax.ShapeDtypeStruct
-    cache = (FP8KVCache(S((64, 64, 1, 512), jnp.float8_e4m3fn), S((64, 64, 1, 64), jnp.bfloat16),
-                        S((64, 1, 4, 64), jnp.float32)) if fp8 else S((64, 64, 1, 576), jnp.bfloat16))
-    args = (S((4, 128, 576), jnp.bfloat16), cache, S((4, 16), jnp.int32), S((4,), jnp.int32), S((136, 4), jnp.int32))
-    exported = jax.export.export(jax.jit(lambda *a: partial_attention(*a, config=config, num_slots=136)),
-                                 platforms=["cuda"])(*args)
-    assert "mosaic_gpu" in exported.mlir_module()
 
 
 def test_interpreter_refuses_to_start_with_too_few_xla_threads(monkeypatch):
