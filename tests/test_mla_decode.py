@@ -2,7 +2,6 @@
 past ``cache_seqlens`` and every unused page NaN-poisoned, block tables that are random permutations,
 lengths 0, 1 and non-multiples of 64, s_q in {1, 2} with causal masking, FlashMLA's tolerances."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
