@@ -63,3 +63,33 @@ def test_variants_lower_to_different_kernels():
     scaled = export_kernel(scale=1.02 * 576 ** -0.5)
     assert np.float32(1.02 * 576 ** -0.5 * LOG2E) in scaled.f32_constants()
     assert np.float32(576 ** -0.5 * LOG2E) not in scaled.f32_constants()
+
+
+def _sweep_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "mla_decode.py"
+    spec = importlib.util.spec_from_file_location("mla_decode_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_sweep_dry_run_exports_the_gpu_suite_cases():
+    """FlashMLA's grid as issue 19 widens it (160 cases), and the gpu_suite section's kernels, each lowered for
+    CUDA from abstract shapes (the longest table of each (h_q, s_q, cache) kernel: 8 exports)."""
+    sweep = _sweep_module()
+    full = sweep.sweep_cases()
+    assert len(full) == 160 and {c.batch for c in full} == {64, 128} and {c.h_q for c in full} == {16, 32, 64, 128}
+    assert {c.mean_sk for c in full} == {1024, 2048, 4096, 8192, 16384} and {c.s_q for c in full} == {1, 2}
+    assert {c.fp8 for c in full} == {False, True}
+    longest = {}
+    for case in sweep.sweep_cases(quick=True):
+        key = (case.h_q, case.s_q, case.fp8)
+        if key not in longest or case.mean_sk > longest[key].mean_sk:
+            longest[key] = case
+    report = sweep.dry_run(list(longest.values()))
+    assert report["failed"] == 0, [row for row in report["rows"] if "error" in row]
+    assert len(report["rows"]) == 8 and all(row["mosaic_kernels"] >= 1 for row in report["rows"])
