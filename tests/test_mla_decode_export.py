@@ -29,6 +29,9 @@ def export_kernel(s_q=1, causal=False, fp8=False, heads=64, scale=576 ** -0.5, f
             S((136, 4), jnp.int32))
     exported = jax.export.export(jax.jit(lambda *a: partial_attention(*a, config=config, num_slots=136)),
                                  platforms=["cuda"])(*args)
+    out, lse = exported.out_avals
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32  # f32 split partials (FlashMLA's oaccum)
+    assert out.shape == (136, rows_pad, dv) and lse.shape == (136, rows_pad)
     (kernel,) = lowered_kernels(exported)
     return kernel
 

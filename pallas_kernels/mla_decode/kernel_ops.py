@@ -34,6 +34,6 @@ def flash_mla(q, k_cache, block_table, cache_seqlens, metadata: MLAMetadata | No
     out, lse = partial_attention(q_rows, k_cache, block_table, cache_seqlens, metadata.work, config=config,
                                  num_slots=metadata.num_slots,
                                  interpret=gpu_interpret_params() if interpret else None)
-    out, lse = combine_splits(out[:, :rows].astype(jnp.float32), lse[:, :rows], metadata, batch)
+    out, lse = combine_splits(out[:, :rows], lse[:, :rows], metadata, batch)  # f32 partials
     out = out.reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
     return out, jnp.swapaxes(lse.reshape(batch, s_q, h_q), 1, 2)

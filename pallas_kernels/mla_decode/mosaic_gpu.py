@@ -12,8 +12,9 @@ with the FP8 cache, 2 x 41 KB of pages and a 64 KB dequantised tile, see ``pages
 warpgroups each run S = Q K^T over all 576 columns (wgmma, bf16, f32 accumulation) and an online
 softmax, then O += P V for their own 256 of the 512 value columns. Tokens past the sequence (or the
 causal limit) are masked out of S, and their value rows are zeroed in SMEM before P V, so poisoned cache
-slots cannot leak. Each item writes its partial result (O / l in the query dtype, lse in f32) to its
-slot; ``combine.py`` merges a sequence's slots.
+slots cannot leak. Each item writes its partial result (O / l and lse) to its
+slot in float32 (FlashMLA's oaccum: no bf16 rounding before the merge); ``combine.py`` merges a sequence's
+slots.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from pallas_kernels.mla_decode.variant import KernelVariant
 
 ROWS = 64  # query rows per tile (the wgmma M)
 NUM_COMPUTE_WGS = 2
-STAGE_COLUMNS = 16  # output columns staged per TMA store (~11 KB of SMEM is left with bf16 pages, ~2 KB with FP8)
+PARTIAL_DTYPE = jnp.float32  # split partials (FlashMLA's oaccum), merged by combine.py
+STAGE_COLUMNS = 8  # f32 output columns staged per TMA store: 2 KB a warpgroup (~7 KB of SMEM is left with bf16
+#                    pages, ~2 KB with FP8: 16 f32 columns would pass Hopper's 232,448 bytes with bf16 pages)
 LOG2E = math.log2(math.e)
 
 
@@ -81,7 +84,7 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
     # table_gmem: [batch, max_blocks] int32      lens_gmem: [batch] int32
     # work_gmem:  [items, 4] int32               (sequence, first page, end page, slot)
     # refs:       the page format's operands (pages.py: page p is rows 64 p .. 64 p + 63 of each), then
-    #             out_gmem [slots, rows_pad, dv] q dtype and lse_gmem [slots, rows_pad] f32
+    #             out_gmem [slots, rows_pad, dv] f32 and lse_gmem [slots, rows_pad] f32
     *page_gmem, out_gmem, lse_gmem = refs
     rows_pad, d = q_gmem.shape[1], q_gmem.shape[2]
     row_tiles = rows_pad // ROWS
@@ -105,7 +108,7 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
         allocs=make_pipeline(ignore, ignore, variant.pipeline_steps(max_blocks, 0, work_gmem[0, 2]),
                              lambda j: (j, 0)).get_allocations(*page_gmem),
         q_smem=plgpu.SMEM((ROWS, d), q_gmem.dtype, transforms=TILED_16BIT),
-        stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), q_gmem.dtype),
+        stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), PARTIAL_DTYPE),
         lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
         **variant.p_smem(ROWS, CHUNK, q_gmem.dtype, NUM_COMPUTE_WGS, TILED_16BIT),
         **pages.scratch(variant),
@@ -146,7 +149,7 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                     acc = acc / lax.broadcast_in_dim(jnp.where(visible, l, 1.0), acc.shape, [0])
                     lse = jnp.where(visible, (m + jnp.log2(jnp.where(visible, l, 1.0))) / LOG2E, -jnp.inf)
                     out = acc.astype(stage_smem.dtype)
-                    for c in range(dv_wg // STAGE_COLUMNS):  # the little SMEM left stages 16 columns at a time
+                    for c in range(dv_wg // STAGE_COLUMNS):  # the little SMEM left stages 8 columns at a time
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         stage_smem[wg] = out[:, c * STAGE_COLUMNS:(c + 1) * STAGE_COLUMNS]
                         plgpu.commit_smem()
@@ -209,13 +212,13 @@ def partial_attention(q_rows, k_cache, block_table, lengths, work, *, config: De
       or an ``FP8KVCache`` (``FP8Pages``); block_table: [batch, max_blocks]; lengths: [batch] int32;
       work: [items, 4] int32.
     Returns:
-      (out [num_slots, rows_pad, dv] in q's dtype, lse [num_slots, rows_pad] float32 natural log); slots no
-      item writes are left unwritten.
+      (out [num_slots, rows_pad, dv] float32, lse [num_slots, rows_pad] float32 natural log); slots no item
+      writes are left unwritten.
     """
     rows_pad = q_rows.shape[1]
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config),
-        out_type=(jax.ShapeDtypeStruct((num_slots, rows_pad, config.dv), q_rows.dtype),
+        out_type=(jax.ShapeDtypeStruct((num_slots, rows_pad, config.dv), PARTIAL_DTYPE),
                   jax.ShapeDtypeStruct((num_slots, rows_pad), jnp.float32)),
         grid=(config.num_sms,), grid_names=("sm",), num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
