@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.interpret import reset_interpreter
-from pallas_kernels.mla_decode.api import flash_mla_with_kvcache
+from pallas_kernels.mla_decode.api import flash_mla_with_kvcache, schedule_sms
 from pallas_kernels.mla_decode.combine import combine_splits
 from pallas_kernels.mla_decode.fp8_cache import (dequantize_kv_cache, pack_flashmla, quantize_kv_cache,
                                                  unpack_flashmla)
@@ -96,19 +96,43 @@ def test_metadata_covers_every_block_once_and_splits_long_sequences():
         assert sorted(items[:, 3]) == list(range(offsets[b], offsets[b + 1]))
     assert int(meta.num_splits[4]) > 1  # the 4096-token sequence is split over several SM parts
     assert int(meta.num_splits[0]) == 0
+    # Part by part (one CTA each): a part's items are consecutive rows, in sequence order, and take
+    # consecutive block windows; every row's slot is distinct.
+    parts = np.asarray(meta.part_offsets)
+    assert meta.num_sm_parts == 8 and parts[0] == 0 and parts[-1] == int(meta.num_splits.sum())
+    positions = []
+    for p in range(meta.num_sm_parts):
+        items = work[parts[p]:parts[p + 1]]
+        assert (items[:, 1] < items[:, 2]).all() and (np.diff(items[:, 0]) > 0).all()
+        positions += [(b, lo) for b, lo, _, _ in items]
+    assert positions == sorted(positions)  # parts walk the sequences in order, each taking the next window
+    assert (work[parts[-1]:, 1] >= work[parts[-1]:, 2]).all()
+    assert sorted(work[:, 3]) == list(range(meta.num_slots))
+
+
+def test_schedule_does_not_depend_on_the_implementation():
+    """The metadata plans for the device's SMs whichever implementation runs (Hopper's 132 on a CPU)."""
+    seqlens = jnp.array([5, 4096, 300], jnp.int32)
+    default = get_mla_metadata(seqlens, 128, 1)
+    assert default.num_sm_parts == 66  # 132 SMs / two 64-row tiles
+    for implementation in ("xla", "interpret", "mosaic_gpu", None):
+        meta = get_mla_metadata(seqlens, 128, 1, num_sms=schedule_sms(implementation))
+        for x, y in zip(meta, default):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_combine_of_any_split_equals_the_whole_softmax():
     rng = np.random.default_rng(1)
     scores = rng.normal(size=(2, 3, 50))  # [batch, rows, keys]
     values = rng.normal(size=(2, 50, 4))
-    work = np.array([[0, 0, 2, 0], [0, 2, 5, 1], [1, 0, 5, 2], [0, 0, 0, 3]], np.int32)  # keys by tens
+    work = np.array([[0, 0, 2, 0], [0, 2, 5, 1], [1, 0, 5, 2], [0, 0, 0, 3]], np.int32)  # keys by tens; by slot
     partial_out, partial_lse = [], []
     for b, lo, hi, _ in work:
         s = scores[b, :, lo * 10:hi * 10]
         lse = np.log(np.exp(s).sum(-1)) if hi > lo else np.full(3, -np.inf)
         partial_lse.append(lse)
         partial_out.append(np.exp(s - lse[:, None]) @ values[b, lo * 10:hi * 10] if hi > lo else np.zeros((3, 4)))
+    work = work[[2, 1, 0, 3]]  # items listed part by part, not in slot order: the combine goes by slot
     meta = get_mla_metadata(jnp.array([50, 50]), 3, 1)._replace(work=jnp.asarray(work))
     out, lse = combine_splits(jnp.asarray(np.array(partial_out), jnp.float32),
                               jnp.asarray(np.array(partial_lse), jnp.float32), meta, batch=2)

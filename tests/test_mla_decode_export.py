@@ -26,7 +26,7 @@ def export_kernel(s_q=1, causal=False, fp8=False, heads=64, scale=576 ** -0.5, f
                         S((64, 1, dv // 128, 64), jnp.float32)) if fp8 else S((64, 64, 1, d), jnp.bfloat16))
     rows_pad = -(-s_q * heads // 64) * 64
     args = (S((4, rows_pad, d), jnp.bfloat16), cache, S((4, 16), jnp.int32), S((4,), jnp.int32),
-            S((136, 4), jnp.int32))
+            S((136, 4), jnp.int32), S((133,), jnp.int32))  # 132 SM parts
     exported = jax.export.export(jax.jit(lambda *a: partial_attention(*a, config=config, num_slots=136)),
                                  platforms=["cuda"])(*args)
     out, lse = exported.out_avals

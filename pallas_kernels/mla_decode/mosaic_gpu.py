@@ -49,7 +49,7 @@ class DecodeConfig:
     heads: int  # query heads (rows = s_q * heads)
     softmax_scale: float
     causal: bool
-    num_sms: int
+    num_sms: int  # CTAs of the persistent grid; each takes (SM part, row tile) units in turn
     pages: DensePages | FP8Pages  # the cache's format: how a page reaches S and P V
     max_concurrent_steps: int = 2
     # Build the variant jax's CPU interpreter can run (``variant.py`` holds each difference from the GPU
@@ -79,10 +79,11 @@ def check_supported(q_dtype, d: int, dv: int, h_kv: int, fp8: bool = False) -> N
                                   f"(d > dv) needed, got {q_dtype}, d={d}, dv={dv}")
 
 
-def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfig):
+def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, parts_gmem, *refs, config: DecodeConfig):
     # q_gmem:     [batch, rows_pad, d]           query rows of each sequence (s_q-major, then heads)
     # table_gmem: [batch, max_blocks] int32      lens_gmem: [batch] int32
-    # work_gmem:  [items, 4] int32               (sequence, first page, end page, slot)
+    # work_gmem:  [items, 4] int32               (sequence, first page, end page, slot), part by part
+    # parts_gmem: [parts + 1] int32              part p's items are work rows parts[p] .. parts[p + 1] - 1
     # refs:       the page format's operands (pages.py: page p is rows 64 p .. 64 p + 63 of each), then
     #             out_gmem [slots, rows_pad, dv] f32 and lse_gmem [slots, rows_pad] f32
     *page_gmem, out_gmem, lse_gmem = refs
@@ -123,9 +124,7 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                **page_scratch):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((work_gmem.shape[0] * row_tiles,), collective_axes="sm")
-        def _item_loop(loop_info):
-            item, tile = loop_info.index[0] // row_tiles, loop_info.index[0] % row_tiles
+        def _item(item, tile):
             seq, first, end, slot = (work_gmem[item, f] for f in range(4))
             length = lens_gmem[seq]
             q_rows = pl.ds(tile * ROWS, ROWS)
@@ -200,17 +199,25 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                 steps = variant.pipeline_steps(max_blocks, first, end)
                 make_pipeline(step, compute_context, steps, index_map)(*page_gmem, allocations=allocs)
 
+        @plgpu.nd_loop(((parts_gmem.shape[0] - 1) * row_tiles,), collective_axes="sm")
+        def _unit_loop(loop_info):  # one (SM part, row tile) unit per CTA when the grid has one per unit
+            part, tile = loop_info.index[0] // row_tiles, loop_info.index[0] % row_tiles
+
+            @pl.loop(parts_gmem[part], parts_gmem[part + 1])
+            def _part_items(item):  # the part's items, in sequence order
+                _item(item, tile)
+
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def partial_attention(q_rows, k_cache, block_table, lengths, work, *, config: DecodeConfig, num_slots: int,
-                      interpret=None):
+def partial_attention(q_rows, k_cache, block_table, lengths, work, part_offsets, *, config: DecodeConfig,
+                      num_slots: int, interpret=None):
     """Launches the kernel: per work item, the partial softmax over its pages.
 
     Args:
       q_rows: [batch, rows_pad, d] bf16/fp16; k_cache: [num_blocks, 64, 1, d] in q's dtype (``DensePages``)
       or an ``FP8KVCache`` (``FP8Pages``); block_table: [batch, max_blocks]; lengths: [batch] int32;
-      work: [items, 4] int32.
+      work: [items, 4] int32 and part_offsets: [parts + 1] int32, ``MLAMetadata``'s.
     Returns:
       (out [num_slots, rows_pad, dv] float32, lse [num_slots, rows_pad] float32 natural log); slots no item
       writes are left unwritten.
@@ -225,4 +232,4 @@ def partial_attention(q_rows, k_cache, block_table, lengths, work, *, config: De
         interpret=interpret,
     )
     pages = config.pages.gmem_operands(k_cache, config.variant)
-    return kernel(q_rows, block_table, lengths, work, *pages)
+    return kernel(q_rows, block_table, lengths, work, part_offsets, *pages)
