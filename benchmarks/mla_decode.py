@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this checkout's packages, not an installed copy
 from timing import copy_bandwidth_gbps, gpu_kernel_ms  # noqa: E402
 
 from pallas_kernels.dispatch import on_hopper  # noqa: E402

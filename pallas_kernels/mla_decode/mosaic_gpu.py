@@ -1,20 +1,23 @@
 """FlashMLA-style split-KV decoding over a paged cache, as a Pallas Mosaic GPU kernel (Hopper).
 
-Status: it matches a float64 reference in jax's Mosaic GPU interpreter (tests/test_mla_decode.py, full
-576/512 rows, splits, causal s_q = 2, bf16 and FP8 caches) and lowers for CUDA; it has not run on a GPU
-yet, so the API only launches it when asked for by name.
+Status: the interpreter's variant matches float64 and the XLA path in jax's Mosaic GPU interpreter
+(tests/test_mla_decode.py: full 576/512 rows, splits, causal s_q = 2, bf16 and FP8 caches, a peaky
+softmax); the GPU variant lowers for CUDA with the launch, SMEM, wgmma shapes and softmax scale the
+export tests check (tests/test_mla_decode_export.py). The two variants share everything but the few
+functions of ``variant.py``. It has not run on a GPU yet, so the API only launches it when asked for by name.
 
-Work items come from ``get_mla_metadata``: (sequence, first page, end page, output slot). For each item
-and each 64-row tile of query rows (s_q x h_q rows share the single latent KV head), a CTA keeps the
-query tile in SMEM and streams the item's KV pages through the block table with a two-stage TMA
-pipeline driven by a memory warpgroup (Q 72 KB + 2 x 72 KB of bf16 pages fill Hopper's shared memory;
-with the FP8 cache, 2 x 41 KB of pages and a 64 KB dequantised tile, see ``pages.py``). Two compute
-warpgroups each run S = Q K^T over all 576 columns (wgmma, bf16, f32 accumulation) and an online
-softmax, then O += P V for their own 256 of the 512 value columns. Tokens past the sequence (or the
-causal limit) are masked out of S, and their value rows are zeroed in SMEM before P V, so poisoned cache
-slots cannot leak. Each item writes its partial result (O / l and lse) to its
-slot in float32 (FlashMLA's oaccum: no bf16 rounding before the merge); ``combine.py`` merges a sequence's
-slots.
+Work items come from ``get_mla_metadata``, listed SM part by SM part: (sequence, first page, end page,
+output slot). On a GPU each (SM part, 64-row query tile) pair has its own CTA, which walks its part's items
+in order (FlashMLA's one CTA per SM part; the interpreter's few CTAs take the pairs in turn); s_q x h_q
+query rows share the single latent KV head. For each item a CTA keeps the query tile in SMEM and streams
+the item's KV pages through the block table with a two-stage TMA pipeline driven by a memory warpgroup
+(Q 72 KB + 2 x 72 KB of bf16 pages fill Hopper's shared memory; with the FP8 cache, 2 x 41 KB of pages
+and a 64 KB dequantised tile, see ``pages.py``). Two compute warpgroups each run S = Q K^T over all 576
+columns (wgmma, bf16, f32 accumulation; both compute the same S, FlashMLA splits it: not done, see the
+issue) and an online softmax, then O += P V for their own 256 of the 512 value columns. Tokens past the
+sequence (or the causal limit) are masked out of S, and their value rows are zeroed in SMEM before P V,
+so poisoned cache slots cannot leak. Each item writes its partial result (O / l and lse) to its slot in
+float32 (FlashMLA's oaccum: no bf16 rounding before the merge); ``combine.py`` merges a sequence's slots.
 """
 
 from __future__ import annotations
