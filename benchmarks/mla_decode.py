@@ -6,7 +6,8 @@ with varlen lengths (~ N(s_k, s_k / 2), at least s_q), h_q in {16, 32, 64, 128},
 d = 576, dv = 512, causal, over the bf16 cache and the FP8 cache (656 bytes a token, dequantised in the
 kernel). FlashMLA's formulas: FLOPs = s_q * total_seqlens * h_q * (d + dv) * 2; bytes = total_seqlens *
 row_bytes + b * s_q * h_q * (d + dv) * 2 (row_bytes 1152 bf16, 656 FP8). Each case runs the XLA path and,
-on Hopper, the kernel, and ASSERTS kernel == XLA path (out within FlashMLA's tolerance of the XLA output,
+on Hopper, each kernel variant (``KERNEL_VARIANTS``: as is, and with approximate exp2/log2), and ASSERTS
+kernel == XLA path (out within FlashMLA's tolerance of the XLA output,
 lse within 1e-3): a mismatching case is reported as an error row, and the sweep exits non-zero. The copy
 bandwidth is measured in the same run; each row gives its GB/s as a fraction of it.
 
@@ -18,6 +19,7 @@ bandwidth is measured in the same run; each row gives its GB/s as a fraction of 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -39,6 +41,7 @@ from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, get_mla_metadata  # n
 
 D, DV = 576, 512
 SCALE = D ** -0.5
+KERNEL_VARIANTS = {"mosaic_gpu": {}, "mosaic_gpu_approx_math": {"approx_math": True}}  # name -> DecodeConfig fields
 
 
 class SweepCase(NamedTuple):
@@ -100,23 +103,33 @@ def sweep_case(case: SweepCase, implementations) -> dict:
            "cache": "fp8" if case.fp8 else "bf16"}
     outputs = {}
     for name in implementations:
-        fn = jax.jit(lambda q, c, t, l, m, name=name: flash_mla_with_kvcache(q, c, t, l, DV, m, causal=True,
-                                                                             implementation=name))
+        fn = jax.jit(functools.partial(_decode, implementation=name))
         outputs[name] = fn(q, cache, table, lens, meta)
         ms = gpu_kernel_ms(fn, q, cache, table, lens, meta)
         row[f"{name}_us"] = ms * 1e3
         row[f"{name}_gbps"] = moved / ms / 1e6
         row[f"{name}_tflops"] = flops / ms / 1e9
-    if "mosaic_gpu" in outputs:
-        row.update(kernel_matches_xla(*outputs["mosaic_gpu"], *outputs["xla"]))
-        if not row["kernel_matches_xla"]:
-            raise AssertionError(f"kernel != XLA path: {row}")
+    for name in KERNEL_VARIANTS:
+        if name in outputs:
+            row.update({f"{name}_{key}": value for key, value in kernel_matches_xla(*outputs[name], *outputs["xla"]).items()})
+            if not row[f"{name}_kernel_matches_xla"]:
+                raise AssertionError(f"{name} != XLA path: {row}")
     return row
+
+
+def _decode(q, cache, table, lens, meta, *, implementation: str):
+    """The XLA path, or a kernel variant of ``KERNEL_VARIANTS`` through the kernel's own entry point."""
+    if implementation not in KERNEL_VARIANTS:
+        return flash_mla_with_kvcache(q, cache, table, lens, DV, meta, causal=True, implementation=implementation)
+    from pallas_kernels.mla_decode.kernel_ops import flash_mla
+
+    return flash_mla(q, cache, table, lens, meta, head_dim_v=DV, softmax_scale=SCALE, causal=True, interpret=False,
+                     kernel_options=KERNEL_VARIANTS[implementation])
 
 
 def sweep(cases: list[SweepCase]) -> dict:
     """Times every case (XLA path; the kernel too on Hopper, asserted equal to it) and the copy bandwidth."""
-    implementations = ["xla"] + (["mosaic_gpu"] if on_hopper() else [])
+    implementations = ["xla"] + (list(KERNEL_VARIANTS) if on_hopper() else [])
     copy = copy_bandwidth_gbps()
     rows = []
     for case in cases:
@@ -132,10 +145,9 @@ def sweep(cases: list[SweepCase]) -> dict:
     return {"copy_gbps": copy, "rows": rows, "failed": sum("error" in row for row in rows)}
 
 
-def export_case(case: SweepCase) -> dict:
+def export_case(case: SweepCase, variant: str = "mosaic_gpu") -> dict:
     """The case's kernel path (layout, split-KV kernel, combine) exported for CUDA from abstract shapes:
     the real Mosaic GPU lowering (SMEM budget, TMA and wgmma rules) without a GPU or the case's memory."""
-    from pallas_kernels.mla_decode.kernel_ops import flash_mla
     from pallas_kernels.mla_decode.metadata import num_sm_parts
 
     S = jax.ShapeDtypeStruct
@@ -151,21 +163,21 @@ def export_case(case: SweepCase) -> dict:
     args = (S((case.batch, case.s_q, case.h_q, D), jnp.bfloat16), cache, S((case.batch, max_blocks), jnp.int32),
             S((case.batch,), jnp.int32), meta)
     start = time.perf_counter()
-    exported = jax.export.export(jax.jit(lambda q, c, t, l, m: flash_mla(
-        q, c, t, l, m, head_dim_v=DV, softmax_scale=SCALE, causal=True, interpret=False)), platforms=["cuda"])(*args)
-    return {**case._asdict(), "exported_s": round(time.perf_counter() - start, 2),
-            "mosaic_kernels": exported.mlir_module().count("mosaic_gpu")}
+    exported = jax.export.export(jax.jit(functools.partial(_decode, implementation=variant)), platforms=["cuda"])(*args)
+    return {**case._asdict(), "variant": variant, "exported_s": round(time.perf_counter() - start, 2),
+            "mosaic_kernels": exported.mlir_module().count("stablehlo.custom_call @mosaic_gpu")}
 
 
-def dry_run(cases: list[SweepCase]) -> dict:
-    """Exports every case's kernel for CUDA; a case that does not lower is an error row."""
+def dry_run(cases: list[SweepCase], variants=tuple(KERNEL_VARIANTS)) -> dict:
+    """Exports every case's kernel, in every variant, for CUDA; a case that does not lower is an error row."""
     rows = []
     for case in cases:
-        try:
-            rows.append(export_case(case))
-        except Exception as error:
-            rows.append({**case._asdict(), "error": f"{type(error).__name__}: {error}"[:400]})
-        print(json.dumps(rows[-1]), flush=True)
+        for variant in variants:
+            try:
+                rows.append(export_case(case, variant))
+            except Exception as error:
+                rows.append({**case._asdict(), "variant": variant, "error": f"{type(error).__name__}: {error}"[:400]})
+            print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "failed": sum("error" in row for row in rows)}
 
 

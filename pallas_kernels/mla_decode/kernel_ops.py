@@ -13,9 +13,10 @@ from pallas_kernels.mla_decode.pages import DensePages, FP8Pages
 
 
 def flash_mla(q, k_cache, block_table, cache_seqlens, metadata: MLAMetadata | None, *, head_dim_v: int,
-              softmax_scale: float, causal: bool, interpret: bool):
+              softmax_scale: float, causal: bool, interpret: bool, kernel_options: dict | None = None):
     """[batch, s_q, h_q, d] queries over a [num_blocks, 64, 1, d] cache (or an ``FP8KVCache``) ->
-    (out [batch, s_q, h_q, dv], lse [batch, h_q, s_q] float32)."""
+    (out [batch, s_q, h_q, dv], lse [batch, h_q, s_q] float32). ``kernel_options``: ``DecodeConfig`` fields
+    to override (the GPU variants a sweep compares, e.g. ``{"approx_math": True}``)."""
     batch, s_q, h_q, d = q.shape
     fp8 = isinstance(k_cache, FP8KVCache)
     check_supported(q.dtype, d, head_dim_v, k_cache.shape[2], fp8=fp8)
@@ -30,7 +31,8 @@ def flash_mla(q, k_cache, block_table, cache_seqlens, metadata: MLAMetadata | No
     q_rows = jnp.pad(q.reshape(batch, rows, d), ((0, 0), (0, rows_pad - rows), (0, 0)))
     pages = FP8Pages(d=d, dv=head_dim_v) if fp8 else DensePages(d=d)
     config = DecodeConfig(d=d, dv=head_dim_v, s_q=s_q, heads=h_q, softmax_scale=softmax_scale, causal=causal,
-                          num_sms=num_ctas, pages=pages, for_interpreter=interpret)
+                          num_sms=num_ctas, pages=pages, for_interpreter=interpret,
+                          **(kernel_options or {}))
     out, lse = partial_attention(q_rows, k_cache, block_table, cache_seqlens, metadata.work, metadata.part_offsets,
                                  config=config, num_slots=metadata.num_slots,
                                  interpret=gpu_interpret_params() if interpret else None)

@@ -55,6 +55,9 @@ class DecodeConfig:
     num_sms: int  # CTAs of the persistent grid; each takes (SM part, row tile) units in turn
     pages: DensePages | FP8Pages  # the cache's format: how a page reaches S and P V
     max_concurrent_steps: int = 2
+    # exp2 / log2 by the GPU's approximate instructions (FlashMLA's fast math); GPU variant only, a sweep option
+    # until a GPU has measured both (the interpreter computes exactly either way)
+    approx_math: bool = False
     # Build the variant jax's CPU interpreter can run (``variant.py`` holds each difference from the GPU
     # kernel, with why). It also needs more XLA:CPU threads than the kernel has warpgroups
     # (interpret.check_interpreter_threads).
@@ -231,7 +234,8 @@ def partial_attention(q_rows, k_cache, block_table, lengths, work, part_offsets,
         out_type=(jax.ShapeDtypeStruct((num_slots, rows_pad, config.dv), PARTIAL_DTYPE),
                   jax.ShapeDtypeStruct((num_slots, rows_pad), jnp.float32)),
         grid=(config.num_sms,), grid_names=("sm",), num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                             approx_math=config.approx_math),
         interpret=interpret,
     )
     pages = config.pages.gmem_operands(k_cache, config.variant)
