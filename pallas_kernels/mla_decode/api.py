@@ -20,9 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import (HOPPER_SMS, check_implementation, dispatch, known_value, num_sms_of_device,
-                                     on_hopper)
-from pallas_kernels.interpret import INTERPRET_SMS
+from pallas_kernels.dispatch import check_implementation, dispatch, known_value, num_sms_of_device
 from pallas_kernels.mla_decode import reference
 from pallas_kernels.mla_decode.fp8_cache import FP8KVCache, dequantize_kv_cache, unpack_flashmla
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata
@@ -63,12 +61,12 @@ def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v):
                          f"tokens, fewer than the longest sequence ({lengths.max()})")
 
 
-def schedule_sms(implementation: str | None) -> int:
-    """The SM count to pass to ``get_mla_metadata`` for this implementation: the interpreter simulates
-    a few SMs (a 132-part schedule only makes it slow), a Hopper GPU has its own count."""
-    if implementation == "interpret":
-        return INTERPRET_SMS
-    return num_sms_of_device() if on_hopper() else HOPPER_SMS
+def schedule_sms(implementation: str | None = None) -> int:
+    """The SM count ``get_mla_metadata`` plans for: the device's (Hopper's 132 on a CPU), the same for every
+    implementation (the argument is kept for compatibility). The kernel gives each (SM part, row tile) one
+    CTA on a GPU; the interpreter walks the same parts with a few CTAs."""
+    del implementation
+    return num_sms_of_device()
 
 
 def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array | FP8KVCache, block_table: jax.Array,

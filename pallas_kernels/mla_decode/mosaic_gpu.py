@@ -1,19 +1,23 @@
 """FlashMLA-style split-KV decoding over a paged cache, as a Pallas Mosaic GPU kernel (Hopper).
 
-Status: it matches a float64 reference in jax's Mosaic GPU interpreter (tests/test_mla_decode.py, full
-576/512 rows, splits, causal s_q = 2, bf16 and FP8 caches) and lowers for CUDA; it has not run on a GPU
-yet, so the API only launches it when asked for by name.
+Status: the interpreter's variant matches float64 and the XLA path in jax's Mosaic GPU interpreter
+(tests/test_mla_decode.py: full 576/512 rows, splits, causal s_q = 2, bf16 and FP8 caches, a peaky
+softmax); the GPU variant lowers for CUDA with the launch, SMEM, wgmma shapes and softmax scale the
+export tests check (tests/test_mla_decode_export.py). The two variants share everything but the few
+functions of ``variant.py``. It has not run on a GPU yet, so the API only launches it when asked for by name.
 
-Work items come from ``get_mla_metadata``: (sequence, first page, end page, output slot). For each item
-and each 64-row tile of query rows (s_q x h_q rows share the single latent KV head), a CTA keeps the
-query tile in SMEM and streams the item's KV pages through the block table with a two-stage TMA
-pipeline driven by a memory warpgroup (Q 72 KB + 2 x 72 KB of bf16 pages fill Hopper's shared memory;
-with the FP8 cache, 2 x 41 KB of pages and a 64 KB dequantised tile, see ``pages.py``). Two compute
-warpgroups each run S = Q K^T over all 576 columns (wgmma, bf16, f32 accumulation) and an online
-softmax, then O += P V for their own 256 of the 512 value columns. Tokens past the sequence (or the
-causal limit) are masked out of S, and their value rows are zeroed in SMEM before P V, so poisoned cache
-slots cannot leak. Each item writes its partial result (O / l in the query dtype, lse in f32) to its
-slot; ``combine.py`` merges a sequence's slots.
+Work items come from ``get_mla_metadata``, listed SM part by SM part: (sequence, first page, end page,
+output slot). On a GPU each (SM part, 64-row query tile) pair has its own CTA, which walks its part's items
+in order (FlashMLA's one CTA per SM part; the interpreter's few CTAs take the pairs in turn); s_q x h_q
+query rows share the single latent KV head. For each item a CTA keeps the query tile in SMEM and streams
+the item's KV pages through the block table with a two-stage TMA pipeline driven by a memory warpgroup
+(Q 72 KB + 2 x 72 KB of bf16 pages fill Hopper's shared memory; with the FP8 cache, 2 x 41 KB of pages
+and a 64 KB dequantised tile, see ``pages.py``). Two compute warpgroups each run S = Q K^T over all 576
+columns (wgmma, bf16, f32 accumulation; both compute the same S, FlashMLA splits it: not done, see the
+issue) and an online softmax, then O += P V for their own 256 of the 512 value columns. Tokens past the
+sequence (or the causal limit) are masked out of S, and their value rows are zeroed in SMEM before P V,
+so poisoned cache slots cannot leak. Each item writes its partial result (O / l and lse) to its slot in
+float32 (FlashMLA's oaccum: no bf16 rounding before the merge); ``combine.py`` merges a sequence's slots.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
 from pallas_kernels.mla_decode.pages import CHUNK, TILED_16BIT, DensePages, FP8Pages, StepContext
+from pallas_kernels.mla_decode.variant import KernelVariant
 
 ROWS = 64  # query rows per tile (the wgmma M)
 NUM_COMPUTE_WGS = 2
-STAGE_COLUMNS = 16  # output columns staged per TMA store (~11 KB of SMEM is left with bf16 pages, ~2 KB with FP8)
+PARTIAL_DTYPE = jnp.float32  # split partials (FlashMLA's oaccum), merged by combine.py
+STAGE_COLUMNS = 8  # f32 output columns staged per TMA store: 2 KB a warpgroup (~7 KB of SMEM is left with bf16
+#                    pages, ~2 KB with FP8: 16 f32 columns would pass Hopper's 232,448 bytes with bf16 pages)
 LOG2E = math.log2(math.e)
 
 
@@ -45,27 +52,24 @@ class DecodeConfig:
     heads: int  # query heads (rows = s_q * heads)
     softmax_scale: float
     causal: bool
-    num_sms: int
+    num_sms: int  # CTAs of the persistent grid; each takes (SM part, row tile) units in turn
     pages: DensePages | FP8Pages  # the cache's format: how a page reaches S and P V
     max_concurrent_steps: int = 2
-    # The variant jax's CPU interpreter can run (0.10-0.11): K^T as a second, pre-transposed operand (it
-    # cannot run a wgmma on a transposed operand), P staged through SMEM (its wgmma takes the A operand
-    # from SMEM only), full-length pipelines masked past the item's pages (a dynamic-length pipeline can
-    # hang it), no register layout casts and no run_state (it has no rules for them). It also needs
-    # more XLA:CPU threads than the kernel has warpgroups (interpret.check_interpreter_threads).
+    # exp2 / log2 by the GPU's approximate instructions (FlashMLA's fast math); GPU variant only, a sweep option
+    # until a GPU has measured both (the interpreter computes exactly either way)
+    approx_math: bool = False
+    # Build the variant jax's CPU interpreter can run (``variant.py`` holds each difference from the GPU
+    # kernel, with why). It also needs more XLA:CPU threads than the kernel has warpgroups
+    # (interpret.check_interpreter_threads).
     for_interpreter: bool = False
 
     @property
     def dv_per_wg(self) -> int:
         return self.dv // NUM_COMPUTE_WGS
 
-    def layout(self, x, layout):
-        return x if self.for_interpreter else plgpu.layout_cast(x, layout)
-
-    def iota(self, shape, dimension):
-        if self.for_interpreter:
-            return lax.broadcasted_iota(jnp.int32, shape, dimension)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+    @property
+    def variant(self) -> KernelVariant:
+        return KernelVariant(self.for_interpreter)
 
 
 def check_supported(q_dtype, d: int, dv: int, h_kv: int, fp8: bool = False) -> None:
@@ -81,49 +85,52 @@ def check_supported(q_dtype, d: int, dv: int, h_kv: int, fp8: bool = False) -> N
                                   f"(d > dv) needed, got {q_dtype}, d={d}, dv={dv}")
 
 
-def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfig):
+def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, parts_gmem, *refs, config: DecodeConfig):
     # q_gmem:     [batch, rows_pad, d]           query rows of each sequence (s_q-major, then heads)
     # table_gmem: [batch, max_blocks] int32      lens_gmem: [batch] int32
-    # work_gmem:  [items, 4] int32               (sequence, first page, end page, slot)
+    # work_gmem:  [items, 4] int32               (sequence, first page, end page, slot), part by part
+    # parts_gmem: [parts + 1] int32              part p's items are work rows parts[p] .. parts[p + 1] - 1
     # refs:       the page format's operands (pages.py: page p is rows 64 p .. 64 p + 63 of each), then
-    #             out_gmem [slots, rows_pad, dv] q dtype and lse_gmem [slots, rows_pad] f32
+    #             out_gmem [slots, rows_pad, dv] f32 and lse_gmem [slots, rows_pad] f32
     *page_gmem, out_gmem, lse_gmem = refs
     rows_pad, d = q_gmem.shape[1], q_gmem.shape[2]
     row_tiles = rows_pad // ROWS
     dv_wg = config.dv_per_wg
     pages = config.pages
+    variant = config.variant
     scale = config.softmax_scale * LOG2E  # scores in log2 units, softmax by exp2
 
     def make_pipeline(body, compute_context, steps, index_map):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), memory_registers=40,
-            in_specs=pages.in_specs(index_map, config.for_interpreter),
+            in_specs=pages.in_specs(index_map, variant),
             wg_axis="wg", num_compute_wgs=NUM_COMPUTE_WGS, max_concurrent_steps=config.max_concurrent_steps,
             compute_context=compute_context)
 
     ignore = lambda *_, **__: None  # noqa: E731
-    max_steps = table_gmem.shape[1] if config.for_interpreter else work_gmem[0, 2]
+    max_blocks = table_gmem.shape[1]
 
     @functools.partial(
         pl.run_scoped,
-        allocs=make_pipeline(ignore, ignore, max_steps, lambda j: (j, 0)).get_allocations(*page_gmem),
+        allocs=make_pipeline(ignore, ignore, variant.pipeline_steps(max_blocks, 0, work_gmem[0, 2]),
+                             lambda j: (j, 0)).get_allocations(*page_gmem),
         q_smem=plgpu.SMEM((ROWS, d), q_gmem.dtype, transforms=TILED_16BIT),
-        stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), q_gmem.dtype),
+        stage_smem=plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, STAGE_COLUMNS), PARTIAL_DTYPE),
         lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
-        # [wg, 64, 64] P staged for P V: the interpreter's wgmma takes its A operand from SMEM only
-        **({"p_smem": plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, CHUNK), q_gmem.dtype, transforms=TILED_16BIT)}
-           if config.for_interpreter else {}),
-        **pages.scratch(config.for_interpreter),
+        **variant.p_smem(ROWS, CHUNK, q_gmem.dtype, NUM_COMPUTE_WGS, TILED_16BIT),
+        **pages.scratch(variant),
         q_barrier=plgpu.Barrier(num_arrivals=1),
-        sync_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+        # per work item: both compute warpgroups are done with the last tile's Q before it is reloaded
+        item_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+        # per page (FP8 cache): the shared dequantised tile's handshakes, apart from the per-item one
+        page_barrier=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
         collective_axes="wg",
     )
-    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, sync_barrier, p_smem=None, **page_scratch):
+    def _scope(allocs, q_smem, stage_smem, lse_smem, q_barrier, item_barrier, page_barrier, p_smem=None,
+               **page_scratch):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((work_gmem.shape[0] * row_tiles,), collective_axes="sm")
-        def _item_loop(loop_info):
-            item, tile = loop_info.index[0] // row_tiles, loop_info.index[0] % row_tiles
+        def _item(item, tile):
             seq, first, end, slot = (work_gmem[item, f] for f in range(4))
             length = lens_gmem[seq]
             q_rows = pl.ds(tile * ROWS, ROWS)
@@ -131,23 +138,23 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
             @pl.when(first < end)
             def _work():
                 def compute_context(eval_pipeline):
-                    plgpu.barrier_arrive(sync_barrier)  # both warpgroups are done with the last tile's Q
-                    plgpu.barrier_wait(sync_barrier)
+                    plgpu.barrier_arrive(item_barrier)  # both warpgroups are done with the last tile's Q
+                    plgpu.barrier_wait(item_barrier)
 
                     @pl.when(wg == 0)
                     def _load_q():
                         plgpu.copy_gmem_to_smem(q_gmem.at[seq, q_rows], q_smem, q_barrier)
 
                     plgpu.barrier_wait(q_barrier)
-                    acc = config.layout(jnp.zeros((ROWS, dv_wg), jnp.float32), plgpu.Layout.WGMMA)
-                    m = config.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                    l = config.layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    acc = variant.layout(jnp.zeros((ROWS, dv_wg), jnp.float32), plgpu.Layout.WGMMA)
+                    m = variant.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    l = variant.layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                     acc, m, l = eval_pipeline((acc, m, l))
                     visible = l > 0
                     acc = acc / lax.broadcast_in_dim(jnp.where(visible, l, 1.0), acc.shape, [0])
                     lse = jnp.where(visible, (m + jnp.log2(jnp.where(visible, l, 1.0))) / LOG2E, -jnp.inf)
                     out = acc.astype(stage_smem.dtype)
-                    for c in range(dv_wg // STAGE_COLUMNS):  # the little SMEM left stages 16 columns at a time
+                    for c in range(dv_wg // STAGE_COLUMNS):  # the little SMEM left stages 8 columns at a time
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         stage_smem[wg] = out[:, c * STAGE_COLUMNS:(c + 1) * STAGE_COLUMNS]
                         plgpu.commit_smem()
@@ -169,8 +176,7 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                     *page_refs, (acc, m, l) = refs
                     token0 = first * BLOCK_SIZE + indices[0] * CHUNK
                     ctx = StepContext(token0=token0, valid=jnp.minimum(length, end * BLOCK_SIZE), wg=wg,
-                                      dv_per_wg=dv_wg, sync_barrier=sync_barrier,
-                                      for_interpreter=config.for_interpreter)
+                                      dv_per_wg=dv_wg, page_barrier=page_barrier, variant=variant)
                     score_operands = pages.score_operands(page_refs, page_scratch, ctx)
 
                     def qk(s_ref):
@@ -179,12 +185,10 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                         return s_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, CHUNK), jnp.float32)) * scale  # [64, 64]
-                    token = token0 + config.iota((ROWS, CHUNK), 1)
-                    row = tile * ROWS + config.iota((ROWS, CHUNK), 0)
+                    token = token0 + variant.iota((ROWS, CHUNK), 1)
+                    row = tile * ROWS + variant.iota((ROWS, CHUNK), 0)
                     limit = length - config.s_q + row // config.heads + 1 if config.causal else length
-                    if config.for_interpreter:  # full-length pipeline: steps past the item's pages see nothing
-                        limit = jnp.minimum(limit, end * BLOCK_SIZE)
-                    s = jnp.where(token < limit, s, -jnp.inf)
+                    s = jnp.where(token < variant.step_limit(limit, end * BLOCK_SIZE), s, -jnp.inf)
                     m_new = jnp.maximum(m, s.max(axis=1))
                     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     alpha = jnp.exp2(m - m_safe)
@@ -192,49 +196,47 @@ def _kernel(q_gmem, table_gmem, lens_gmem, work_gmem, *refs, config: DecodeConfi
                     l = l * alpha + p.sum(axis=1)
                     v_smem = pages.value_ref(page_refs, page_scratch, ctx)  # [64, dv_wg]
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p_operand, v_smem)
-
-                    if config.for_interpreter:  # it has no rule for run_state: add a fresh product instead
-                        p_smem[wg] = p.astype(q_smem.dtype)
-                        plgpu.commit_smem()
-                        p_operand = p_smem.at[wg]
-                        acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((ROWS, dv_wg), jnp.float32))
-                    else:  # accumulate in place: a second 64 x 256 f32 accumulator would not fit in registers
-                        p_operand = p.astype(q_smem.dtype)
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    acc = variant.accumulate_pv(acc, p.astype(q_smem.dtype), v_smem, wg, p_smem)
                     return acc, m_new, l
 
                 def index_map(j):  # step j -> the page (block row) of the item's j-th block
                     return (table_gmem[seq, jnp.minimum(first + j, end - 1)], 0)
 
-                steps = max_steps if config.for_interpreter else end - first
+                steps = variant.pipeline_steps(max_blocks, first, end)
                 make_pipeline(step, compute_context, steps, index_map)(*page_gmem, allocations=allocs)
+
+        @plgpu.nd_loop(((parts_gmem.shape[0] - 1) * row_tiles,), collective_axes="sm")
+        def _unit_loop(loop_info):  # one (SM part, row tile) unit per CTA when the grid has one per unit
+            part, tile = loop_info.index[0] // row_tiles, loop_info.index[0] % row_tiles
+
+            @pl.loop(parts_gmem[part], parts_gmem[part + 1])
+            def _part_items(item):  # the part's items, in sequence order
+                _item(item, tile)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def partial_attention(q_rows, k_cache, block_table, lengths, work, *, config: DecodeConfig, num_slots: int,
-                      interpret=None):
+def partial_attention(q_rows, k_cache, block_table, lengths, work, part_offsets, *, config: DecodeConfig,
+                      num_slots: int, interpret=None):
     """Launches the kernel: per work item, the partial softmax over its pages.
 
     Args:
       q_rows: [batch, rows_pad, d] bf16/fp16; k_cache: [num_blocks, 64, 1, d] in q's dtype (``DensePages``)
       or an ``FP8KVCache`` (``FP8Pages``); block_table: [batch, max_blocks]; lengths: [batch] int32;
-      work: [items, 4] int32.
+      work: [items, 4] int32 and part_offsets: [parts + 1] int32, ``MLAMetadata``'s.
     Returns:
-      (out [num_slots, rows_pad, dv] in q's dtype, lse [num_slots, rows_pad] float32 natural log); slots no
-      item writes are left unwritten.
+      (out [num_slots, rows_pad, dv] float32, lse [num_slots, rows_pad] float32 natural log); slots no item
+      writes are left unwritten.
     """
     rows_pad = q_rows.shape[1]
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config),
-        out_type=(jax.ShapeDtypeStruct((num_slots, rows_pad, config.dv), q_rows.dtype),
+        out_type=(jax.ShapeDtypeStruct((num_slots, rows_pad, config.dv), PARTIAL_DTYPE),
                   jax.ShapeDtypeStruct((num_slots, rows_pad), jnp.float32)),
         grid=(config.num_sms,), grid_names=("sm",), num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                             approx_math=config.approx_math),
         interpret=interpret,
     )
-    pages = config.pages.gmem_operands(k_cache, config.for_interpreter)
-    return kernel(q_rows, block_table, lengths, work, *pages)
+    pages = config.pages.gmem_operands(k_cache, config.variant)
+    return kernel(q_rows, block_table, lengths, work, part_offsets, *pages)

@@ -19,6 +19,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_decode.fp8_cache import FP8KVCache
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE
+from pallas_kernels.mla_decode.variant import KernelVariant
 from pallas_kernels.quant import GROUP
 
 CHUNK = BLOCK_SIZE  # KV tokens per pipeline step: one page (bf16 wgmma needs K in multiples of 64)
@@ -38,8 +39,8 @@ class StepContext:
     valid: Any  # tokens at or past this index are not in the cache (or not in the item)
     wg: Any  # compute warpgroup index
     dv_per_wg: int  # value columns of each compute warpgroup
-    sync_barrier: Any  # a barrier both compute warpgroups arrive at
-    for_interpreter: bool
+    page_barrier: Any  # a barrier both compute warpgroups arrive at, for per-page handshakes only
+    variant: KernelVariant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,23 +49,22 @@ class DensePages:
 
     d: int
 
-    def gmem_operands(self, k_cache: jax.Array, for_interpreter: bool) -> tuple[jax.Array, ...]:
+    def gmem_operands(self, k_cache: jax.Array, variant: KernelVariant) -> tuple[jax.Array, ...]:
         rows = k_cache.reshape(-1, self.d)  # page p holds rows 64 p .. 64 p + 63
-        return (rows, rows.T) if for_interpreter else (rows,)  # the interpreter needs K^T pre-transposed
+        return (rows, rows.T) if variant.for_interpreter else (rows,)  # see KernelVariant.transposed
 
-    def in_specs(self, index_map: Callable, for_interpreter: bool) -> list:
+    def in_specs(self, index_map: Callable, variant: KernelVariant) -> list:
         specs = [plgpu.BlockSpec((CHUNK, self.d), index_map, transforms=TILED_16BIT)]
-        if for_interpreter:
+        if variant.for_interpreter:
             specs.append(plgpu.BlockSpec((self.d, CHUNK), _transposed(index_map)))
         return specs
 
-    def scratch(self, for_interpreter: bool) -> dict:
+    def scratch(self, variant: KernelVariant) -> dict:
         return {}
 
     def score_operands(self, page_refs, scratch, ctx: StepContext):
         k_smem, *kt_smem = page_refs
-        k_t = kt_smem[0] if ctx.for_interpreter else plgpu.transpose_ref(k_smem, (1, 0))
-        return [(None, k_t)]
+        return [(None, ctx.variant.transposed(k_smem, kt_smem[0] if kt_smem else None))]
 
     def value_ref(self, page_refs, scratch, ctx: StepContext):
         v_smem = page_refs[0].at[:, pl.ds(ctx.wg * ctx.dv_per_wg, ctx.dv_per_wg)]
@@ -94,31 +94,31 @@ class FP8Pages:
     def groups(self) -> int:
         return self.dv // GROUP
 
-    def gmem_operands(self, cache: FP8KVCache, for_interpreter: bool) -> tuple[jax.Array, ...]:
+    def gmem_operands(self, cache: FP8KVCache, variant: KernelVariant) -> tuple[jax.Array, ...]:
         values = cache.values.reshape(-1, self.dv)
         rope = cache.rope.reshape(-1, self.d - self.dv)
         scales = cache.scales.reshape(-1, BLOCK_SIZE)
-        return (values, rope, scales) + ((rope.T,) if for_interpreter else ())
+        return (values, rope, scales) + ((rope.T,) if variant.for_interpreter else ())  # KernelVariant.transposed
 
-    def in_specs(self, index_map: Callable, for_interpreter: bool) -> list:
+    def in_specs(self, index_map: Callable, variant: KernelVariant) -> list:
         specs = [plgpu.BlockSpec((CHUNK, self.dv), index_map, transforms=TILED_8BIT),
                  plgpu.BlockSpec((CHUNK, self.d - self.dv), index_map, transforms=TILED_16BIT),
                  plgpu.BlockSpec((self.groups, CHUNK), index_map)]
-        if for_interpreter:
+        if variant.for_interpreter:
             specs.append(plgpu.BlockSpec((self.d - self.dv, CHUNK), _transposed(index_map)))
         return specs
 
-    def scratch(self, for_interpreter: bool) -> dict:
+    def scratch(self, variant: KernelVariant) -> dict:
         tile = {"tile": plgpu.SMEM((CHUNK, self.dv), self.dtype, transforms=TILED_16BIT)}
-        if for_interpreter:  # [dv, 64]: the interpreter's wgmma cannot read a transposed operand
+        if variant.for_interpreter:  # [dv, 64]: KernelVariant.transposed
             tile["tile_t"] = plgpu.SMEM((self.dv, CHUNK), self.dtype)
         return tile
 
     def score_operands(self, page_refs, scratch, ctx: StepContext):
         values_smem, rope_smem, scales_smem, *rope_t = page_refs
         tile = scratch["tile"]
-        plgpu.barrier_arrive(ctx.sync_barrier)  # both warpgroups have read the last page's tile for S
-        plgpu.barrier_wait(ctx.sync_barrier)
+        plgpu.barrier_arrive(ctx.page_barrier)  # both warpgroups have read the last page's tile for S
+        plgpu.barrier_wait(ctx.page_barrier)
         groups_per_wg = ctx.dv_per_wg // GROUP
         for i in range(groups_per_wg):
             group = ctx.wg * groups_per_wg + i
@@ -128,15 +128,13 @@ class FP8Pages:
             tokens = ctx.token0 + lax.broadcasted_iota(jnp.int32, x.shape, 0)
             x = jnp.where(tokens < ctx.valid, x, 0.0).astype(self.dtype)
             tile[:, columns] = x
-            if ctx.for_interpreter:
+            if ctx.variant.for_interpreter:
                 scratch["tile_t"][columns, :] = x.T
         plgpu.commit_smem()
-        plgpu.barrier_arrive(ctx.sync_barrier)  # both halves of the tile are written
-        plgpu.barrier_wait(ctx.sync_barrier)
-        if ctx.for_interpreter:
-            return [(pl.ds(0, self.dv), scratch["tile_t"]), (pl.ds(self.dv, self.d - self.dv), rope_t[0])]
-        return [(pl.ds(0, self.dv), plgpu.transpose_ref(tile, (1, 0))),
-                (pl.ds(self.dv, self.d - self.dv), plgpu.transpose_ref(rope_smem, (1, 0)))]
+        plgpu.barrier_arrive(ctx.page_barrier)  # both halves of the tile are written
+        plgpu.barrier_wait(ctx.page_barrier)
+        return [(pl.ds(0, self.dv), ctx.variant.transposed(tile, scratch.get("tile_t"))),
+                (pl.ds(self.dv, self.d - self.dv), ctx.variant.transposed(rope_smem, rope_t[0] if rope_t else None))]
 
     def value_ref(self, page_refs, scratch, ctx: StepContext):
         return scratch["tile"].at[:, pl.ds(ctx.wg * ctx.dv_per_wg, ctx.dv_per_wg)]  # rows zeroed when written
