@@ -157,7 +157,8 @@ def test_kernel_variants_lower_for_cuda(name, variant):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("variant", [dict(tile_n=192), dict(tile_n=160, promotion="tile_scalar"),
-                                     dict(tile_n=128, tile_m=64)], ids=["n192", "tile_scalar_n160", "m64_n128"])
+                                     dict(tile_n=128, tile_m=64), dict(tile_n=128, epilogue_buffers=2)],
+                         ids=["n192", "tile_scalar_n160", "m64_n128", "n128_two_epilogue_buffers"])
 def test_pipeline_depth_is_what_fits_in_shared_memory(variant):
     """The heuristic's SMEM accounting against Mosaic GPU's own check (Hopper's 232,448 bytes per block):
     the deepest pipeline it allows lowers, one stage more does not."""
@@ -178,13 +179,14 @@ def variant_fields(variant):
     return {key: value for key, value in variant.items() if key != "tile_n"}
 
 
-@pytest.mark.slow  # ~5-10 s: 18 exports
+@pytest.mark.slow  # ~15-30 s: 34 exports
 @pytest.mark.timeout(300)
 def test_sweep_dry_run_exports_every_quick_config():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     import fp8_sweep
     rows = fp8_sweep.dry_run(quick=True)
-    assert len(rows) == sum(len(fp8_sweep.sweep_configs(m, n, 132, quick=True)) for m, n, _ in fp8_sweep.QUICK_SHAPES)
+    assert len(rows) == sum(len(fp8_sweep.sweep_configs(m, n, 132, quick=True, k=k)) for m, n, k in fp8_sweep.QUICK_SHAPES)
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
     assert {row["config"].split()[0] for row in rows} == {"per_column", "tile_scalar"}
     assert {row["config"].split()[-1] for row in rows} == {"c1", "c2"}  # with and without 2-CTA clusters
+    assert {"across-tiles", "early-release", "epilogue-x2"} <= {word for row in rows for word in row["config"].split()}

@@ -16,12 +16,21 @@ stages in SMEM and stores with TMA, only the rows of the tile's group (a ladder 
 loaded once per cluster and multicast to both (``collective_axes`` on its BlockSpec, as jax's
 ``hopper_matmul_mgpu.py``).
 
+Pipeline variants (``KernelConfig``): ``pipeline_across_tiles`` runs one pipeline over all (tile, K step) pairs
+of a CTA (jax's pipeline of pipelines: START in the CTA's first busy tile, STOP in its last, found by
+``_last_active_step``; STEADY between, so the memory warpgroup fetches the next tile's first stages during this
+tile's last steps and epilogue); ``epilogue_buffers=2`` alternates two staging tiles (one TMA store group per
+tile, waited down to one outstanding); ``early_release`` frees each stage (manual consumed barriers) after the
+wgmma wait and the scale reads, before the promotion.
+
 The CPU interpreter runs this same code except where ``interpreter_differences.py`` says (B's operand
 layout, layout casts, k-grouped pipeline length, B padding; clusters are GPU-only). Status: the default
-config (heuristic: tile_m 128, per_column, no cluster, B padded) is the one measured on an H200; the
-variants (tile_scalar, tile_m 64, tile_n up to 256, cluster_n 2, pad_b False) lower for CUDA and, except
-clusters and unpadded B, run in the interpreter; their speed and GPU numerics are not measured yet
-(``benchmarks/fp8_sweep.py``, ``benchmarks/fp8_correctness.py``).
+config (heuristic: tile_m 128, per_column, no cluster, B padded, one staging buffer, stages released after
+the promotion, a pipeline per tile) is the one measured on an H200; the variants (tile_scalar, tile_m 64,
+tile_n up to 256, cluster_n 2, pad_b False, pipeline_across_tiles, epilogue_buffers 2, early_release) lower
+for CUDA and, except clusters and unpadded B, run in the interpreter; their speed and GPU numerics are not
+measured yet (``benchmarks/fp8_sweep.py``, ``benchmarks/fp8_correctness.py``). Not built: tile_m 256, clusters
+along M (B multicast).
 """
 
 from __future__ import annotations
