@@ -2,13 +2,13 @@
 
 Swept, per shape, beside the heuristic's own choice (first row): promotion (``per_column``, ``tile_scalar``)
 x, for M > 256, tile_n (112, 128, 144, 160, 192) and pipeline depth (the deepest that fits shared memory, up
-to 6, and one less), and 2-CTA clusters multicasting A (tile_n 128, 160); for M <= 256, tile_m (64, 128) x
-tile_n (64, 128, 192) at the deepest pipeline; where N is not whole tiles, each also with B unpadded
-(``pad_b=False``). And the pipeline variants (``KernelConfig``'s early_release, pipeline_across_tiles,
-epilogue_buffers=2; ``_pipeline_variants``) for both promotions at tile_n 128 (and 160, or tile_m 64 for small M,
-in full), the depth across tiles the deepest dividing K / 128. ``--quick``: two shapes, 34 configs (gpu_suite's
-fp8_tile_sweep); in full 155. Not swept (not built): tile_m 256, clusters along M (multicasting B);
-grid_tile_width is left at 8.
+to 6, and one less), 2-CTA clusters multicasting A (tile_n 128, 160) and 256-row tiles (tile_n 112, 128); for
+M <= 256, tile_m (64, 128) x tile_n (64, 128, 192) at the deepest pipeline; where N is not whole tiles, each
+also with B unpadded (``pad_b=False``). And the pipeline variants (``KernelConfig``'s early_release,
+pipeline_across_tiles, epilogue_buffers=2; ``_pipeline_variants``) for both promotions at tile_n 128 (and 160,
+or tile_m 64 for small M, in full), the depth across tiles the deepest dividing K / 128. ``--quick``: two
+shapes, 36 configs (gpu_suite's fp8_tile_sweep); in full 217. Not swept (not built): clusters along M
+(multicasting B); grid_tile_width is left at 8.
 
     python benchmarks/fp8_gemm.py --sweep [--quick]       # on a Hopper GPU: a table of TFLOPS per config
     python benchmarks/fp8_gemm.py --sweep --dry-run       # anywhere: exports every swept config for CUDA
@@ -46,7 +46,8 @@ def _variant_grid(m: int, quick: bool):
                 for tile_n in ((128,) if quick else (64, 128, 192))]
     stages = ("deepest",) if quick else ("deepest", "one less")
     return ([(128, tile_n, 1, stages) for tile_n in ((128, 160, 192) if quick else (112, 128, 144, 160, 192))]
-            + [(128, tile_n, 2, ("deepest",)) for tile_n in ((128,) if quick else (128, 160))])
+            + [(128, tile_n, 2, ("deepest",)) for tile_n in ((128,) if quick else (128, 160))]
+            + [(256, tile_n, 1, ("deepest",)) for tile_n in ((128,) if quick else (112, 128))])
 
 
 PIPELINE_VARIANTS = (dict(early_release=True), dict(pipeline_across_tiles=True),

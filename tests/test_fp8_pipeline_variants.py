@@ -1,11 +1,11 @@
 """The FP8 GEMM kernel's pipeline variants (``KernelConfig``): one pipeline across a CTA's tiles
 (``pipeline_across_tiles``), two epilogue staging buffers (``epilogue_buffers=2``), stages released right after
-the wgmma wait (``early_release``).
+the wgmma wait (``early_release``); and 256-row tiles (two 64-row waves per compute warpgroup).
 
 Each runs in the interpreter on exp(2 randn)-scaled inputs against the XLA path (rtol 1e-5, as
 ``test_fp8_scales.py``) with several tiles per CTA (so the pipeline state, the buffer alternation and the
 carried tile count all matter), once with empty tiles between busy ones (masked layout); and each lowers for
-CUDA to a kernel of its own. Three small interpreted launches (~2-3 s each)."""
+CUDA to a kernel of its own. Four small interpreted launches (~2-7 s each)."""
 
 import functools
 import sys
@@ -55,6 +55,20 @@ def test_pipeline_variants_masked_with_empty_tiles():
     magnitude = reference.m_grouped_fp8_gemm_nt_masked(_abs(a), sa, _abs(b), sb, masked_m, jnp.float32)
     for group, rows in enumerate(masked_m.tolist()):
         assert_matches_xla(out[group, :rows], xla[group, :rows], magnitude[group, :rows])
+
+
+@pytest.mark.timeout(120)
+def test_tile_m_256_two_waves_per_warpgroup():
+    # 300 rows: two row tiles of 256 (the second 44 rows: one partial wave, three empty ones); tile_scalar at
+    # tile_n 48 straddles scale blocks, so each wave's row scales times the right block scale matter.
+    m, n, k = 300, 192, 256
+    x, w = scaled_normal((m, k), 4, block_axes=(-1,)), scaled_normal((n, k), 5)
+    (a, sa), (b, sb) = per_token_cast_to_fp8(x), per_block_cast_to_fp8(w)
+    config = forced(48, tile_m=256, promotion="tile_scalar")
+    assert (config.num_compute_wgs, config.waves) == (2, 2)
+    out = kernel_ops.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float32, interpret=True, config=config)
+    assert_matches_xla(out, reference.fp8_gemm_nt(a, sa, b, sb, jnp.float32),
+                       reference.fp8_gemm_nt(_abs(a), sa, _abs(b), sb, jnp.float32))
 
 
 EXPORT_BASE = dict(tile_n=96, max_concurrent_steps=4, num_sms=132)

@@ -7,7 +7,7 @@ group, and the kernel walks (row tile, column tile) pairs over a grid of one CTA
 Per CTA: a memory warpgroup streams, per 128-wide K step, the A tile [tile_m, 128] e4m3, the B tile
 [tile_n, 128] e4m3 (K-major: FP8 wgmma cannot transpose), the A scales [tile_m] and the tile's B scales
 through a ``max_concurrent_steps``-deep TMA pipeline. One compute warpgroup per 64 rows (tile_m 128: two,
-64: one) runs per K step an e4m3 wgmma into a fresh f32 accumulator and promotes it on the CUDA cores
+64: one; 256: two, each with two 64-row "waves", two wgmmas and two accumulators) runs per K step an e4m3 wgmma into a fresh f32 accumulator and promotes it on the CUDA cores
 (DeepSeek-V3's two-level accumulation: the tensor core's limited-precision sums never span more than 128
 of K); how, and in which B-scale layout, is ``config.promotion`` (``promotion.py``). The epilogue casts,
 stages in SMEM and stores with TMA, only the rows of the tile's group (a ladder of power-of-two row stores).
@@ -26,11 +26,11 @@ wgmma wait and the scale reads, before the promotion.
 The CPU interpreter runs this same code except where ``interpreter_differences.py`` says (B's operand
 layout, layout casts, k-grouped pipeline length, B padding; clusters are GPU-only). Status: the default
 config (heuristic: tile_m 128, per_column, no cluster, B padded, one staging buffer, stages released after
-the promotion, a pipeline per tile) is the one measured on an H200; the variants (tile_scalar, tile_m 64,
+the promotion, a pipeline per tile) is the one measured on an H200; the variants (tile_scalar, tile_m 64 or 256,
 tile_n up to 256, cluster_n 2, pad_b False, pipeline_across_tiles, epilogue_buffers 2, early_release) lower
 for CUDA and, except clusters and unpadded B, run in the interpreter; their speed and GPU numerics are not
-measured yet (``benchmarks/fp8_sweep.py``, ``benchmarks/fp8_correctness.py``). Not built: tile_m 256, clusters
-along M (B multicast).
+measured yet (``benchmarks/fp8_sweep.py``, ``benchmarks/fp8_correctness.py``). Not built: clusters along M
+(B multicast).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pallas_kernels.fp8_gemm import promotion
 from pallas_kernels.fp8_gemm.promotion import WG_ROWS, round_up  # noqa: F401 (round_up: re-exported)
 
 BLOCK_K = 128  # one scale per 128 of K: the promotion interval
-TILE_MS = (64, 128)  # one or two compute warpgroups of 64 rows
+TILE_MS = (64, 128, 256)  # one or two compute warpgroups of 64 rows, or two of two 64-row waves each
 WGMMA_MAX_N = 256  # the wgmma's N limit
 
 
@@ -64,7 +64,8 @@ class KernelConfig:
     num_sms: persistent CTAs, one per SM.
     grid_tile_width: row tiles per band of the tile raster; CTAs sweep a band's columns together so
       the A and B tiles they share stay in L2.
-    tile_m: rows per CTA tile, 128 (two compute warpgroups) or 64 (one: small M wastes less).
+    tile_m: rows per CTA tile, 128 (two compute warpgroups), 64 (one: small M wastes less) or 256 (two, each
+      issuing two 64-row wgmmas per K step into two accumulators: B's SMEM tile serves twice the rows).
     cluster_n: 1, or 2 for clusters of two CTAs working on neighbouring column tiles of the same row tile:
       each A tile is loaded once per cluster and multicast to both by TMA (N padded to 2 x tile_n; GPU-only).
     promotion: "per_column" or "tile_scalar" (``promotion.py``).
@@ -118,7 +119,12 @@ class KernelConfig:
 
     @property
     def num_compute_wgs(self) -> int:
-        return self.tile_m // WG_ROWS
+        return min(self.tile_m // WG_ROWS, 2)
+
+    @property
+    def waves(self) -> int:
+        """64-row blocks (wgmmas, accumulators) per compute warpgroup: 2 for tile_m 256, else 1."""
+        return self.tile_m // WG_ROWS // self.num_compute_wgs
 
     @property
     def scale_tile_n(self) -> int:
@@ -192,6 +198,7 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
     num_row_tiles = tiles_gmem.shape[0]
     out_dtype = out_gmem.dtype
     static_steps = k // BLOCK_K
+    waves = config.waves
 
     dynamic_k = interp.dynamic_k_steps(config)
     if config.pipeline_across_tiles and (dynamic_k or static_steps % min(config.max_concurrent_steps, static_steps)):
@@ -228,7 +235,7 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
         pipeline_allocs=make_pipeline(ignore, ignore, alloc_steps).get_allocations(
             a_gmem, b_gmem.at[0], sa_gmem, sb_gmem.at[0]),
         out_smem=plgpu.SMEM((config.epilogue_buffers,) * (config.epilogue_buffers > 1)
-                            + (config.num_compute_wgs, WG_ROWS, tile_n), out_dtype),
+                            + (tile_m // WG_ROWS, WG_ROWS, tile_n), out_dtype),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
@@ -247,45 +254,54 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
             def _work():
                 def compute_context(eval_pipeline):
                     zeros = interp.in_layout(jnp.zeros((WG_ROWS, tile_n), jnp.float32), plgpu.Layout.WGMMA, config)
-                    acc = eval_pipeline(zeros)  # [64, tile_n] f32, the promoted sum over K
+                    accs = eval_pipeline(zeros if waves == 1 else (zeros,) * waves)  # [64, tile_n] f32 per wave
+                    accs = (accs,) if waves == 1 else accs  # the promoted sums over K
                     # the store that last read this buffer is done (1 buffer: every store; 2: all but the last
                     # tile's, which reads the other buffer)
                     staging = out_smem if config.epilogue_buffers == 1 else out_smem.at[carry % config.epilogue_buffers]
                     plgpu.wait_smem_to_gmem(config.epilogue_buffers - 1, wait_read_only=True)
-                    staging[wg] = acc.astype(out_dtype)
+                    for wave, acc in enumerate(accs):
+                        staging[wg * waves + wave] = acc.astype(out_dtype)
                     plgpu.commit_smem()
-                    wg_lo = jnp.clip(lo - wg * WG_ROWS, 0, WG_ROWS)  # this warpgroup's rows of [lo, hi)
-                    wg_hi = jnp.clip(hi - wg * WG_ROWS, 0, WG_ROWS)
-                    out_rows = pl.ds(out_block * tile_m + wg * WG_ROWS, WG_ROWS)
                     one_group = config.epilogue_buffers > 1
-                    _store_rows(staging.at[wg], out_gmem.at[out_rows, n_slice], wg_lo,
-                                jnp.maximum(wg_hi - wg_lo, 0), WG_ROWS, commit_each=not one_group)
+                    for wave in range(waves):
+                        block = wg * waves + wave  # this wave's 64 rows of the tile
+                        wg_lo = jnp.clip(lo - block * WG_ROWS, 0, WG_ROWS)  # its rows of [lo, hi)
+                        wg_hi = jnp.clip(hi - block * WG_ROWS, 0, WG_ROWS)
+                        out_rows = pl.ds(out_block * tile_m + block * WG_ROWS, WG_ROWS)
+                        _store_rows(staging.at[block], out_gmem.at[out_rows, n_slice], wg_lo,
+                                    jnp.maximum(wg_hi - wg_lo, 0), WG_ROWS, commit_each=not one_group)
                     if one_group:
                         plgpu.commit_smem_to_gmem_group()  # this tile's row stores: one bulk group
 
                 def step(indices, a_smem, b_smem, sa_smem, sb_smem, *consumed_and_acc):
                     *consumed_barriers, acc = consumed_and_acc  # the stage's barriers with early_release
                     # a_smem [tile_m, 128] e4m3; b_smem [tile_n, 128] e4m3 ([128, tile_n] interpreted)
-                    # sa_smem [1, tile_m] f32; sb_smem [1, scale_n] f32; acc [64, tile_n] f32
-                    rows = pl.ds(wg * WG_ROWS, WG_ROWS)
+                    # sa_smem [1, tile_m] f32; sb_smem [1, scale_n] f32; acc [64, tile_n] f32 (a tuple per wave)
+                    accs = (acc,) if waves == 1 else acc
+                    wave_rows = [pl.ds((wg * waves + wave) * WG_ROWS, WG_ROWS) for wave in range(waves)]
                     k_weight = interp.k_step_weight(indices[0], k_steps, config)
 
                     def load_scales():
-                        return promotion.load_scales(sa_smem, sb_smem, rows, n_idx, k_weight, config)
+                        return [promotion.load_scales(sa_smem, sb_smem, rows, n_idx, k_weight, config)
+                                for rows in wave_rows]
 
-                    def mma(partial_ref):
-                        plgpu.wgmma(partial_ref, a_smem.at[rows], interp.mma_b_operand(b_smem, config))
-                        return partial_ref[...]
+                    def mma(*partial_refs):
+                        for partial_ref, rows in zip(partial_refs, wave_rows):
+                            plgpu.wgmma(partial_ref, a_smem.at[rows], interp.mma_b_operand(b_smem, config))
+                        return tuple(partial_ref[...] for partial_ref in partial_refs)
 
                     scales = load_scales() if promotion.scales_before_mma(config) else None
-                    partial = pl.run_scoped(mma, plgpu.ACC((WG_ROWS, tile_n), jnp.float32))  # this K step alone
+                    partials = pl.run_scoped(mma, *[plgpu.ACC((WG_ROWS, tile_n), jnp.float32)] * waves)  # this K step
                     # (per_column: loading the scales straight into the layouts with plgpu.load measured no
                     # faster on an H200)
                     if scales is None:
                         scales = load_scales()
                     for barrier in consumed_barriers:  # early_release: the stage is free for the next fetch
                         plgpu.barrier_arrive(barrier)
-                    return promotion.promote(acc, partial, scales, config)  # on the CUDA cores, in f32
+                    accs = tuple(promotion.promote(acc, partial, wave_scales, config)  # on the CUDA cores, in f32
+                                 for acc, partial, wave_scales in zip(accs, partials, scales))
+                    return accs[0] if waves == 1 else accs
 
                 m_rows = pl.ds(a_block * tile_m, tile_m)
                 b_group = b_gmem.at[0 if config.k_grouped else group]
