@@ -201,9 +201,10 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
     waves = config.waves
 
     dynamic_k = interp.dynamic_k_steps(config)
-    if config.pipeline_across_tiles and (dynamic_k or static_steps % min(config.max_concurrent_steps, static_steps)):
+    # (k-grouped kernels are refused in the interpreter too, though its whole-K pipelines are static: one rule)
+    if config.pipeline_across_tiles and (config.k_grouped or static_steps % min(config.max_concurrent_steps, static_steps)):
         raise ValueError(f"pipeline_across_tiles: needs a static pipeline length divisible by its depth; got "
-                         f"{'a k-grouped (dynamic) one' if dynamic_k else f'{static_steps} K steps'} and "
+                         f"{'a k-grouped (dynamic) one' if config.k_grouped else f'{static_steps} K steps'} and "
                          f"max_concurrent_steps={config.max_concurrent_steps}")
 
     def make_pipeline(body, compute_context, k_steps, k_offset=None, pipeline_state=None):
