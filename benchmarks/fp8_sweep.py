@@ -100,7 +100,8 @@ def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False, k: int | No
 def describe(config: KernelConfig) -> str:
     return (f"{config.promotion} m{config.tile_m} n{config.tile_n} s{config.max_concurrent_steps} "
             f"w{config.grid_tile_width}{'' if config.pad_b else ' unpadded-b'}"
-            f"{' across-tiles' if config.pipeline_across_tiles else ''}{' early-release' if config.early_release else ''}"
+            f"{' across-tiles' if config.pipeline_across_tiles else ''}"
+            f"{' early-release' if config.early_release else ''}"
             f"{' epilogue-x2' if config.epilogue_buffers > 1 else ''} c{config.cluster_n}")
 
 

@@ -189,7 +189,8 @@ def test_sweep_dry_run_exports_every_quick_config():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     import fp8_sweep
     rows = fp8_sweep.dry_run(quick=True)
-    assert len(rows) == sum(len(fp8_sweep.sweep_configs(m, n, 132, quick=True, k=k)) for m, n, k in fp8_sweep.QUICK_SHAPES)
+    assert len(rows) == sum(len(fp8_sweep.sweep_configs(m, n, 132, quick=True, k=k))
+                            for m, n, k in fp8_sweep.QUICK_SHAPES)
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
     assert {row["config"].split()[0] for row in rows} == {"per_column", "tile_scalar"}
     assert {row["config"].split()[-1] for row in rows} == {"c1", "c2"}  # with and without 2-CTA clusters

@@ -21,7 +21,8 @@ from pallas_kernels.quant import per_block_cast_to_fp8, per_token_cast_to_fp8
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_fp8_kernel import EXPORT_CASES, _export  # noqa: E402
-from test_fp8_scales import _abs, _reset_interpreter_after_failure, assert_matches_xla, forced, scaled_normal  # noqa: E402,F401
+from test_fp8_scales import (_abs, _reset_interpreter_after_failure, assert_matches_xla, forced,  # noqa: E402,F401
+                             scaled_normal)
 
 ALL_THREE = dict(pipeline_across_tiles=True, epilogue_buffers=2, early_release=True)
 
@@ -90,5 +91,5 @@ def test_pipeline_across_tiles_needs_a_static_length_divisible_by_the_depth():
         jax.export.export(jax.jit(functools.partial(fn, config=config)), platforms=["cuda"])(*args)
     fn, args = EXPORT_CASES["fp8_gemm_nt"]  # k 520 -> 5 K steps, 4 stages
     with pytest.raises(ValueError, match="5 K steps"):
-        jax.export.export(jax.jit(functools.partial(fn, config=KernelConfig(**EXPORT_BASE, pipeline_across_tiles=True))),
-                          platforms=["cuda"])(*args)
+        config = KernelConfig(**EXPORT_BASE, pipeline_across_tiles=True)
+        jax.export.export(jax.jit(functools.partial(fn, config=config)), platforms=["cuda"])(*args)

@@ -7,7 +7,8 @@ group, and the kernel walks (row tile, column tile) pairs over a grid of one CTA
 Per CTA: a memory warpgroup streams, per 128-wide K step, the A tile [tile_m, 128] e4m3, the B tile
 [tile_n, 128] e4m3 (K-major: FP8 wgmma cannot transpose), the A scales [tile_m] and the tile's B scales
 through a ``max_concurrent_steps``-deep TMA pipeline. One compute warpgroup per 64 rows (tile_m 128: two,
-64: one; 256: two, each with two 64-row "waves", two wgmmas and two accumulators) runs per K step an e4m3 wgmma into a fresh f32 accumulator and promotes it on the CUDA cores
+64: one; 256: two, each with two 64-row "waves", two wgmmas and two accumulators) runs per K step an e4m3
+wgmma into a fresh f32 accumulator and promotes it on the CUDA cores
 (DeepSeek-V3's two-level accumulation: the tensor core's limited-precision sums never span more than 128
 of K); how, and in which B-scale layout, is ``config.promotion`` (``promotion.py``). The epilogue casts,
 stages in SMEM and stores with TMA, only the rows of the tile's group (a ladder of power-of-two row stores).
@@ -202,7 +203,8 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, tiles_gmem, out_gmem, *, config: K
 
     dynamic_k = interp.dynamic_k_steps(config)
     # (k-grouped kernels are refused in the interpreter too, though its whole-K pipelines are static: one rule)
-    if config.pipeline_across_tiles and (config.k_grouped or static_steps % min(config.max_concurrent_steps, static_steps)):
+    uneven = static_steps % min(config.max_concurrent_steps, static_steps)
+    if config.pipeline_across_tiles and (config.k_grouped or uneven):
         raise ValueError(f"pipeline_across_tiles: needs a static pipeline length divisible by its depth; got "
                          f"{'a k-grouped (dynamic) one' if config.k_grouped else f'{static_steps} K steps'} and "
                          f"max_concurrent_steps={config.max_concurrent_steps}")
