@@ -178,7 +178,10 @@ def run(quick: bool = False) -> list[dict]:
 REGISTER_VARIANTS = [dict(tile_n=128), dict(tile_n=128, promotion="tile_scalar"), dict(tile_n=160),
                      dict(tile_n=160, promotion="tile_scalar"), dict(tile_n=192, max_concurrent_steps=3),
                      dict(tile_n=192, promotion="tile_scalar", max_concurrent_steps=3),
-                     dict(tile_n=128, tile_m=64), dict(tile_n=128, cluster_n=2)]
+                     dict(tile_n=128, tile_m=64), dict(tile_n=128, cluster_n=2),
+                     dict(tile_n=128, tile_m=256, max_concurrent_steps=3), dict(tile_n=128, early_release=True),
+                     dict(tile_n=128, pipeline_across_tiles=True, early_release=True, epilogue_buffers=2,
+                          max_concurrent_steps=2)]
 _REGISTER_CHILD = """
 import json, sys
 import jax, jax.numpy as jnp
