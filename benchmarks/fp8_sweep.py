@@ -2,10 +2,13 @@
 
 Swept, per shape, beside the heuristic's own choice (first row): promotion (``per_column``, ``tile_scalar``)
 x, for M > 256, tile_n (112, 128, 144, 160, 192) and pipeline depth (the deepest that fits shared memory, up
-to 6, and one less), and 2-CTA clusters multicasting A (tile_n 128, 160); for M <= 256, tile_m (64, 128) x
-tile_n (64, 128, 192) at the deepest pipeline; where N is not whole tiles, each also with B unpadded
-(``pad_b=False``). ``--quick``: two shapes, 18 configs (gpu_suite's fp8_tile_sweep); in full 117. Not swept
-(not built): tile_m 256, clusters along M (multicasting B); grid_tile_width is left at 8.
+to 6, and one less), 2-CTA clusters multicasting A (tile_n 128, 160) and 256-row tiles (tile_n 112, 128); for
+M <= 256, tile_m (64, 128) x tile_n (64, 128, 192) at the deepest pipeline; where N is not whole tiles, each
+also with B unpadded (``pad_b=False``). And the pipeline variants (``KernelConfig``'s early_release,
+pipeline_across_tiles, epilogue_buffers=2; ``_pipeline_variants``) for both promotions at tile_n 128 (and 160,
+or tile_m 64 for small M, in full), the depth across tiles the deepest dividing K / 128. ``--quick``: two
+shapes, 36 configs (gpu_suite's fp8_tile_sweep); in full 217. Not swept (not built): clusters along M
+(multicasting B); grid_tile_width is left at 8.
 
     python benchmarks/fp8_gemm.py --sweep [--quick]       # on a Hopper GPU: a table of TFLOPS per config
     python benchmarks/fp8_gemm.py --sweep --dry-run       # anywhere: exports every swept config for CUDA
@@ -43,11 +46,35 @@ def _variant_grid(m: int, quick: bool):
                 for tile_n in ((128,) if quick else (64, 128, 192))]
     stages = ("deepest",) if quick else ("deepest", "one less")
     return ([(128, tile_n, 1, stages) for tile_n in ((128, 160, 192) if quick else (112, 128, 144, 160, 192))]
-            + [(128, tile_n, 2, ("deepest",)) for tile_n in ((128,) if quick else (128, 160))])
+            + [(128, tile_n, 2, ("deepest",)) for tile_n in ((128,) if quick else (128, 160))]
+            + [(256, tile_n, 1, ("deepest",)) for tile_n in ((128,) if quick else (112, 128))])
 
 
-def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False) -> list[KernelConfig]:
-    """The heuristic's config first, then every variant that fits shared memory (deduplicated)."""
+PIPELINE_VARIANTS = (dict(early_release=True), dict(pipeline_across_tiles=True),
+                     dict(pipeline_across_tiles=True, early_release=True),
+                     dict(pipeline_across_tiles=True, early_release=True, epilogue_buffers=2))
+
+
+def _pipeline_variants(m: int, k: int, num_sms: int, quick: bool) -> list[KernelConfig]:
+    """tile_n 128 (and 160 in full, M > 256) with the pipeline variants, at the deepest depth that fits and,
+    across tiles, divides the K steps."""
+    tiles = [(128, 128)] if quick else [(128, 128), (128, 160)] if m > SMALL_M else [(64, 128), (128, 128)]
+    configs = []
+    for promotion in PROMOTIONS:
+        for tile_m, tile_n in tiles:
+            for flags in PIPELINE_VARIANTS:
+                variant = dict(tile_m=tile_m, promotion=promotion, **flags)
+                stages = pipeline_depth(tile_n, OUT_ITEMSIZE, max_stages=6, **variant)
+                if flags.get("pipeline_across_tiles"):
+                    steps = -(-k // 128)
+                    stages = max(s for s in range(1, stages + 1) if steps % min(s, steps) == 0)
+                configs.append(KernelConfig(tile_n=tile_n, max_concurrent_steps=stages, num_sms=num_sms, **variant))
+    return configs
+
+
+def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False, k: int | None = None) -> list[KernelConfig]:
+    """The heuristic's config first, then every variant that fits shared memory (deduplicated); with ``k``
+    also the pipeline variants (``_pipeline_variants``)."""
     configs = [select_config(-(-m // 128), n, OUT_ITEMSIZE, num_sms=num_sms)[0]]
     for promotion in PROMOTIONS:
         for tile_m, tile_n, cluster_n, stage_choices in _variant_grid(m, quick):
@@ -59,6 +86,8 @@ def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False) -> list[Ker
             for choice in stage_choices:
                 stages = deepest if choice == "deepest" else deepest - 1
                 configs.append(KernelConfig(tile_n=tile_n, max_concurrent_steps=stages, num_sms=num_sms, **variant))
+    if k is not None:
+        configs += _pipeline_variants(m, k, num_sms, quick)
     # where N is not whole tiles: also B unpadded (TMA zero-fills the last tile instead of an XLA copy)
     configs += [dataclasses.replace(c, pad_b=False) for c in configs[1:] if n % c.n_multiple]
     unique = []
@@ -70,7 +99,10 @@ def sweep_configs(m: int, n: int, num_sms: int, quick: bool = False) -> list[Ker
 
 def describe(config: KernelConfig) -> str:
     return (f"{config.promotion} m{config.tile_m} n{config.tile_n} s{config.max_concurrent_steps} "
-            f"w{config.grid_tile_width}{'' if config.pad_b else ' unpadded-b'} c{config.cluster_n}")
+            f"w{config.grid_tile_width}{'' if config.pad_b else ' unpadded-b'}"
+            f"{' across-tiles' if config.pipeline_across_tiles else ''}"
+            f"{' early-release' if config.early_release else ''}"
+            f"{' epilogue-x2' if config.epilogue_buffers > 1 else ''} c{config.cluster_n}")
 
 
 def _gemm(config):
@@ -90,7 +122,7 @@ def dry_run(quick: bool = False, num_sms: int = 132, shapes=None) -> list[dict]:
     """Exports every swept (shape, config) for CUDA; a row per config, ``ok`` False with the error if it failed."""
     rows = []
     for m, n, k in shapes or (QUICK_SHAPES if quick else SHAPES):
-        for config in sweep_configs(m, n, num_sms, quick):
+        for config in sweep_configs(m, n, num_sms, quick, k):
             start = time.time()
             try:
                 export_for_cuda(m, n, k, config)
@@ -129,7 +161,7 @@ def run(quick: bool = False) -> list[dict]:
     for m, n, k in QUICK_SHAPES if quick else SHAPES:
         a, sa, b, sb = _scaled_inputs(m, n, k)
         xla = np.asarray(jax.jit(lambda *v: reference.fp8_gemm_nt(*v, jnp.bfloat16))(a, sa, b, sb), np.float32)
-        for config in sweep_configs(m, n, num_sms_of_device(), quick):
+        for config in sweep_configs(m, n, num_sms_of_device(), quick, k):
             row = {"shape": f"{m}x{n}x{k}", "config": describe(config)}
             try:
                 fn = _gemm(config)
@@ -146,7 +178,10 @@ def run(quick: bool = False) -> list[dict]:
 REGISTER_VARIANTS = [dict(tile_n=128), dict(tile_n=128, promotion="tile_scalar"), dict(tile_n=160),
                      dict(tile_n=160, promotion="tile_scalar"), dict(tile_n=192, max_concurrent_steps=3),
                      dict(tile_n=192, promotion="tile_scalar", max_concurrent_steps=3),
-                     dict(tile_n=128, tile_m=64), dict(tile_n=128, cluster_n=2)]
+                     dict(tile_n=128, tile_m=64), dict(tile_n=128, cluster_n=2),
+                     dict(tile_n=128, tile_m=256, max_concurrent_steps=3), dict(tile_n=128, early_release=True),
+                     dict(tile_n=128, pipeline_across_tiles=True, early_release=True, epilogue_buffers=2,
+                          max_concurrent_steps=2)]
 _REGISTER_CHILD = """
 import json, sys
 import jax, jax.numpy as jnp

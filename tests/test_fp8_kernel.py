@@ -127,7 +127,9 @@ VARIANTS = {"tile_scalar_n48": dict(tile_n=48, promotion="tile_scalar"),
             "per_column_n192": dict(tile_n=192, max_concurrent_steps=3),
             "per_column_m64_n128": dict(tile_n=128, tile_m=64),
             "tile_scalar_n112_cluster2": dict(tile_n=112, promotion="tile_scalar", cluster_n=2),
-            "per_column_n48_unpadded_b": dict(tile_n=48, pad_b=False)}
+            "per_column_n48_unpadded_b": dict(tile_n=48, pad_b=False),
+            "per_column_m256_n128": dict(tile_n=128, tile_m=256, max_concurrent_steps=3),
+            "tile_scalar_m256_n112": dict(tile_n=112, tile_m=256, promotion="tile_scalar", max_concurrent_steps=3)}
 
 
 @pytest.mark.timeout(300)
@@ -139,7 +141,8 @@ def test_kernel_variants_lower_for_cuda(name, variant):
     assert f"wgmma.mma_async.sync.aligned.m64n{config.tile_n}k32.f32.e4m3.e4m3" in module
     (a_type, _, b_type, sb_type, _), out_type = _kernel_operand_types(module, with_result=True)
     rows = int(re.match(r"tensor<(\d+)x", a_type).group(1))
-    assert rows % config.tile_m == 0 and (config.tile_m == 128 or rows % 128)  # padded to the row tile only
+    tile_m = config.tile_m  # A padded to the row tile only: 300 rows, or 3 groups of 150
+    assert rows == {"fp8_gemm_nt": -(-300 // tile_m) * tile_m, "masked": 3 * (-(-150 // tile_m) * tile_m)}[name]
     n = int(re.match(r"tensor<\d+x(\d+)x", out_type).group(1))  # the output: [rows, n_pad]
     assert n % (config.tile_n * config.cluster_n) == 0
     b_rows = int(re.match(r"tensor<\d+x(\d+)x", b_type).group(1))  # [g, n, k]: K-major B on the GPU
@@ -157,7 +160,9 @@ def test_kernel_variants_lower_for_cuda(name, variant):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("variant", [dict(tile_n=192), dict(tile_n=160, promotion="tile_scalar"),
-                                     dict(tile_n=128, tile_m=64)], ids=["n192", "tile_scalar_n160", "m64_n128"])
+                                     dict(tile_n=128, tile_m=64), dict(tile_n=128, epilogue_buffers=2),
+                                     dict(tile_n=128, tile_m=256)],
+                         ids=["n192", "tile_scalar_n160", "m64_n128", "n128_two_epilogue_buffers", "m256_n128"])
 def test_pipeline_depth_is_what_fits_in_shared_memory(variant):
     """The heuristic's SMEM accounting against Mosaic GPU's own check (Hopper's 232,448 bytes per block):
     the deepest pipeline it allows lowers, one stage more does not."""
@@ -178,13 +183,15 @@ def variant_fields(variant):
     return {key: value for key, value in variant.items() if key != "tile_n"}
 
 
-@pytest.mark.slow  # ~5-10 s: 18 exports
+@pytest.mark.slow  # ~15-30 s: 36 exports
 @pytest.mark.timeout(300)
 def test_sweep_dry_run_exports_every_quick_config():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     import fp8_sweep
     rows = fp8_sweep.dry_run(quick=True)
-    assert len(rows) == sum(len(fp8_sweep.sweep_configs(m, n, 132, quick=True)) for m, n, _ in fp8_sweep.QUICK_SHAPES)
+    assert len(rows) == sum(len(fp8_sweep.sweep_configs(m, n, 132, quick=True, k=k))
+                            for m, n, k in fp8_sweep.QUICK_SHAPES)
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
     assert {row["config"].split()[0] for row in rows} == {"per_column", "tile_scalar"}
     assert {row["config"].split()[-1] for row in rows} == {"c1", "c2"}  # with and without 2-CTA clusters
+    assert {"across-tiles", "early-release", "epilogue-x2"} <= {word for row in rows for word in row["config"].split()}

@@ -5,8 +5,9 @@ and the last wave's utilisation; pick the fewest waves, then the fullest last wa
 tile, preferring widths that divide N (no padding copy). DeepGEMM's "unaligned" widths (112, 144, ...)
 are candidates, which is what lets, e.g., N = 7168 fill 128 SMs instead of 112. The pipeline depth is
 the largest that fits Hopper's 227 KB of shared memory. The heuristic picks the default variant (128-row
-tiles, per-column promotion, no clusters: the measured best); the others (``KernelConfig``'s tile_m, promotion,
-cluster_n, tile_n up to 256) are chosen by config, e.g. by ``benchmarks/fp8_gemm.py --sweep``.
+tiles, per-column promotion, no clusters, a pipeline per tile: the measured best); the others (``KernelConfig``'s
+tile_m, promotion, cluster_n, tile_n up to 256, pipeline_across_tiles, epilogue_buffers, early_release) are chosen
+by config, e.g. by ``benchmarks/fp8_gemm.py --sweep``.
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@
   tile_n <= 128 + gcd(tile_n, 128). Only for 128x128 B scales (not the k-grouped GEMM). Lowers for CUDA and
   runs in the interpreter; its speed is unmeasured.
 
-Both still zero a fresh accumulator per K step (Mosaic's wgmma has no overwrite form) and release the
-pipeline stage when the step returns, after the promotion (DeepGEMM releases it right after the wgmma wait).
+Both still zero a fresh accumulator per K step (Mosaic's wgmma has no overwrite form). By default the
+pipeline stage is released when the step returns, after the promotion; with ``KernelConfig.early_release`` the
+step arrives on the stage's consumed barriers right after the wgmma wait and the scale reads, before the
+promotion (DeepGEMM's order; its speed is unmeasured).
 ``k_weight`` (interpreter only, k-grouped surplus steps) is folded into the row scales.
 """
 
