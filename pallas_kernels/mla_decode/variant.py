@@ -1,11 +1,12 @@
 """Where the decoding kernel the CPU interpreter runs differs from the one the GPU runs: one function each.
 
-Everything else in ``mosaic_gpu.py`` and ``pages.py`` (the softmax, its scale, the masks, P, the pipeline's
-index map, the FP8 dequantisation, the score schedules' swaps, the output stores) is the same code on both paths, so the interpreted
-tests check it for the GPU too. What is left here cannot run in jax's Mosaic GPU interpreter (0.10-0.11);
-a mutation inside a GPU branch below is only caught on a GPU (``benchmarks/gpu_validation.py mla_kernel``
-asserts kernel == XLA path there) or, where it changes the lowered kernel's shape, by the CUDA export tests
-(``tests/test_mla_decode_export.py``: register-P wgmma, SMEM and the Q / output-stage alias, grid).
+Everything else in ``mosaic_gpu.py`` and ``pages.py`` (the softmax, its scale, the masks, P, the score
+schedules' swaps of row maxima and P, the pipeline's index map, the FP8 dequantisation, the output stores)
+is the same code on both paths, so the interpreted tests check it for the GPU too. What is left here cannot
+run in jax's Mosaic GPU interpreter (0.10-0.11); a mutation inside a GPU branch below is only caught on a
+GPU (``benchmarks/gpu_validation.py mla_kernel`` asserts kernel == XLA path there) or, where it changes the
+lowered kernel's shape, by the CUDA export tests (``tests/test_mla_decode_export.py``: register-P wgmma,
+SMEM and the Q / output-stage alias, grid).
 """
 
 from __future__ import annotations
