@@ -281,6 +281,27 @@ def test_kernel_in_interpreter_with_peaky_softmax_matches_float64_and_xla(seqlen
         assert out_error < 8e-3, f"out vs {name}: {out_error} of the largest output"  # 1.02x scale: ~1.8e-2
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seqlens, fp8, split_scores, d, dv", [((63, 1, 500), False, False, 128, 128),
+                                                                ((63, 1000), True, True, 320, 256)])
+def test_kernel_in_interpreter_with_the_other_score_schedule(seqlens, fp8, split_scores, d, dv):
+    """The score schedule each cache does not take by default (bf16: both warpgroups score all 64 tokens of a
+    page; FP8: each scores its own 32 and they swap row maxima and P), peaky softmax, against float64."""
+    from pallas_kernels.mla_decode.kernel_ops import flash_mla
+
+    q, cache, table, lens = make_case(seqlens, 1, 16, d=d, dv=dv, seed=6, score_std=3.0)
+    if fp8:
+        cache = quantize_kv_cache(jnp.nan_to_num(cache), dv)
+    metadata = get_mla_metadata(lens, 16, 1, num_sms=4)
+    assert int(metadata.num_splits.max()) > 1, "the case must exercise the split-KV combine"
+    out, lse = flash_mla(q, cache, table, lens, metadata, head_dim_v=dv, softmax_scale=d ** -0.5, causal=False,
+                         interpret=True, kernel_options={"split_scores": split_scores})
+    ref_out, ref_lse = reference64(q, dequantize_kv_cache(cache) if fp8 else cache, table, lens, dv, d ** -0.5, False)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert np.abs(np.asarray(lse) - ref_lse).max() < 1e-4
+    assert np.abs(np.asarray(out, np.float64) - ref_out).max() / np.abs(ref_out).max() < 8e-3
+
+
 def test_interpreter_refuses_to_start_with_too_few_xla_threads(monkeypatch):
     """With fewer XLA:CPU threads than warpgroups the interpreter would hang; it must say why instead."""
     monkeypatch.setenv("NPROC", "2")

@@ -1,7 +1,8 @@
 """The GPU variant of the MLA decoding kernel, lowered for CUDA on the CPU (``jax.export``): it lowers, and
 the lowered kernel has the launch, the shared memory, the wgmma shapes and the softmax scale it must have.
 The interpreted tests (test_mla_decode.py) check the code both variants share; these check what only the
-GPU variant has (variant.py): P from registers, K read transposed, the per-item pipeline."""
+GPU variant has (variant.py): P from registers, K read transposed, the per-item pipeline, the output staged
+through Q's buffer (a RefUnion); and that both score schedules (split, duplicated) lower."""
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +18,12 @@ S = jax.ShapeDtypeStruct
 
 
 def export_kernel(s_q=1, causal=False, fp8=False, heads=64, scale=576 ** -0.5, for_interpreter=False, num_sms=132,
-                  d=576, dv=512, approx_math=False):
+                  d=576, dv=512, approx_math=False, split_scores=None):
     """The kernel for CUDA, by default DeepSeek-shaped (576/512; 4 sequences of up to 16 pages, 136 slots)."""
     pages = FP8Pages(d=d, dv=dv) if fp8 else DensePages(d=d)
     config = DecodeConfig(d=d, dv=dv, s_q=s_q, heads=heads, softmax_scale=scale, causal=causal, num_sms=num_sms,
-                          pages=pages, for_interpreter=for_interpreter, approx_math=approx_math)
+                          pages=pages, for_interpreter=for_interpreter, approx_math=approx_math,
+                          split_scores=split_scores)
     cache = (FP8KVCache(S((64, 64, 1, dv), jnp.float8_e4m3fn), S((64, 64, 1, d - dv), jnp.bfloat16),
                         S((64, 1, dv // 128, 64), jnp.float32)) if fp8 else S((64, 64, 1, d), jnp.bfloat16))
     rows_pad = -(-s_q * heads // 64) * 64
@@ -36,27 +38,50 @@ def export_kernel(s_q=1, causal=False, fp8=False, heads=64, scale=576 ** -0.5, f
     return kernel
 
 
+SPLIT_SCORES = {Wgmma(64, 32, 16, "bf16", False), Wgmma(64, 256, 16, "bf16", True)}  # S per 32-token half
+DUPLICATED_SCORES = {Wgmma(64, 64, 16, "bf16", False), Wgmma(64, 256, 16, "bf16", True)}  # S over all 64 tokens
+Q_BYTES, PAGE_STAGES_BYTES, P_AND_STATS_BYTES = 64 * 576 * 2, 2 * 64 * 576 * 2, 64 * 64 * 2 + 1024
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("s_q, causal, fp8", [(1, False, False), (2, True, False), (1, False, True), (2, True, True)])
 def test_gpu_variant_lowers_with_register_p_and_fits_shared_memory(s_q, causal, fp8):
-    """A persistent grid of one CTA per SM, 3 warpgroups, SMEM within Hopper's 232,448 bytes; S = Q K^T as
-    64x64 wgmmas from SMEM (K read transposed), P V as 64x256 wgmmas with P from registers; the softmax
-    scale (in log2 units) is the one asked for."""
+    """A persistent grid of one CTA per SM, 3 warpgroups, SMEM within Hopper's 232,448 bytes; S = Q K^T from
+    SMEM (K read transposed): per warpgroup its own 32 tokens of the page (64x32 wgmmas) with the bf16 cache,
+    all 64 tokens with the FP8 cache (no room for the swap); P V as 64x256 wgmmas with P from registers; the
+    softmax scale (in log2 units) is the one asked for."""
     kernel = export_kernel(s_q, causal, fp8)
     grid, threads, smem = kernel.launch()
     assert grid == (132, 1, 1) and threads == (384, 1, 1)
     assert 150_000 < smem <= HOPPER_SMEM_BYTES, smem  # Q + two page stages (+ the FP8 tile) and the rest
-    assert kernel.wgmmas() == {Wgmma(64, 64, 16, "bf16", False), Wgmma(64, 256, 16, "bf16", True)}
+    assert kernel.wgmmas() == (DUPLICATED_SCORES if fp8 else SPLIT_SCORES)
     assert np.float32(576 ** -0.5 * LOG2E) in kernel.f32_constants()
+    if not fp8:  # the output is staged through Q's buffer: no SMEM beyond Q, the pages, P, the row stats
+        assert smem < Q_BYTES + PAGE_STAGES_BYTES + P_AND_STATS_BYTES + 1024, smem
+
+
+@pytest.mark.timeout(300)
+def test_score_schedules_lower_to_different_kernels():
+    """The split schedule (each warpgroup scores its own 32 tokens, P and the row maxima swapped in SMEM) and
+    round 1's duplicated one are both selectable; the duplicated one needs no P buffer. The FP8 cache takes
+    the split one when asked for at a size where it fits (d = 320)."""
+    split, duplicated = export_kernel(split_scores=True), export_kernel(split_scores=False)
+    assert split.wgmmas() == SPLIT_SCORES and duplicated.wgmmas() == DUPLICATED_SCORES
+    assert duplicated.launch()[2] < split.launch()[2]
+    fp8_split = export_kernel(fp8=True, d=320, dv=256, scale=320 ** -0.5, split_scores=True)
+    assert fp8_split.wgmmas() == {Wgmma(64, 32, 16, "bf16", False), Wgmma(64, 128, 16, "bf16", True)}
+    with pytest.raises(ValueError, match="shared memory"):  # why the FP8 cache's default is the duplicated one
+        export_kernel(fp8=True, split_scores=True)
 
 
 @pytest.mark.timeout(300)
 def test_variants_lower_to_different_kernels():
     """The interpreter's variant stages P in SMEM (A from a descriptor) where the GPU's keeps it in registers
-    (compared at d = 192: the interpreter's extra K^T stages do not fit Hopper's SMEM at 576); causal masking,
-    the cache format and the softmax scale each change the lowered kernel."""
-    small_gpu = export_kernel(d=192, dv=128, scale=192 ** -0.5)
-    interpreter = export_kernel(d=192, dv=128, scale=192 ** -0.5, for_interpreter=True)
+    (compared at d = 192 with the duplicated schedule: the interpreter's extra K^T stages do not fit Hopper's
+    SMEM at 576, and its split schedule reads P from an untiled buffer, which only the interpreter takes);
+    causal masking, the cache format and the softmax scale each change the lowered kernel."""
+    small_gpu = export_kernel(d=192, dv=128, scale=192 ** -0.5, split_scores=False)
+    interpreter = export_kernel(d=192, dv=128, scale=192 ** -0.5, for_interpreter=True, split_scores=False)
     assert small_gpu.wgmmas() == {Wgmma(64, 64, 16, "bf16", False), Wgmma(64, 64, 16, "bf16", True)}
     assert interpreter.wgmmas() == {Wgmma(64, 64, 16, "bf16", False)}  # P V's A from SMEM too
     assert interpreter.launch()[2] > small_gpu.launch()[2]  # + the pre-transposed K^T stages and P

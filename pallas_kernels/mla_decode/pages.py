@@ -31,6 +31,20 @@ def _transposed(index_map: Callable) -> Callable:
     return lambda j: tuple(reversed(index_map(j)))
 
 
+def _token_rows(ref, rows, token_axis: int = 0):
+    """The tokens ``rows`` (a ``pl.ds``, or None for the whole page) of a page ref whose tokens lie on
+    ``token_axis``."""
+    if ref is None or rows is None:
+        return ref
+    return ref.at[rows] if token_axis == 0 else ref.at[:, rows]
+
+
+def _k_transposed(ctx, k_ref, pretransposed_ref):
+    """K^T [columns, tokens] of the tokens this warpgroup scores (``ctx.score_rows``)."""
+    return ctx.variant.transposed(_token_rows(k_ref, ctx.score_rows),
+                                  _token_rows(pretransposed_ref, ctx.score_rows, token_axis=1))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepContext:
     """What a page format sees of a pipeline step."""
@@ -41,6 +55,7 @@ class StepContext:
     dv_per_wg: int  # value columns of each compute warpgroup
     page_barrier: Any  # a barrier both compute warpgroups arrive at, for per-page handshakes only
     variant: KernelVariant
+    score_rows: Any = None  # the page's tokens this warpgroup scores (a pl.ds); None: all of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +79,13 @@ class DensePages:
 
     def score_operands(self, page_refs, scratch, ctx: StepContext):
         k_smem, *kt_smem = page_refs
-        return [(None, ctx.variant.transposed(k_smem, kt_smem[0] if kt_smem else None))]
+        return [(None, _k_transposed(ctx, k_smem, kt_smem[0] if kt_smem else None))]
 
     def value_ref(self, page_refs, scratch, ctx: StepContext):
         v_smem = page_refs[0].at[:, pl.ds(ctx.wg * ctx.dv_per_wg, ctx.dv_per_wg)]
 
         @pl.when(ctx.token0 + CHUNK > ctx.valid)
-        def _zero_unwritten_rows():  # only its own columns: the other warpgroup may still read S's K
+        def _zero_unwritten_rows():  # only its own columns: the other warpgroup may still read them (for S or P V)
             v = v_smem[...]
             tokens = ctx.token0 + lax.broadcasted_iota(jnp.int32, v.shape, 0)
             v_smem[...] = jnp.where(tokens < ctx.valid, v, jnp.zeros_like(v))
@@ -133,8 +148,8 @@ class FP8Pages:
         plgpu.commit_smem()
         plgpu.barrier_arrive(ctx.page_barrier)  # both halves of the tile are written
         plgpu.barrier_wait(ctx.page_barrier)
-        return [(pl.ds(0, self.dv), ctx.variant.transposed(tile, scratch.get("tile_t"))),
-                (pl.ds(self.dv, self.d - self.dv), ctx.variant.transposed(rope_smem, rope_t[0] if rope_t else None))]
+        return [(pl.ds(0, self.dv), _k_transposed(ctx, tile, scratch.get("tile_t"))),
+                (pl.ds(self.dv, self.d - self.dv), _k_transposed(ctx, rope_smem, rope_t[0] if rope_t else None))]
 
     def value_ref(self, page_refs, scratch, ctx: StepContext):
         return scratch["tile"].at[:, pl.ds(ctx.wg * ctx.dv_per_wg, ctx.dv_per_wg)]  # rows zeroed when written
