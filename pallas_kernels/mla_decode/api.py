@@ -11,8 +11,8 @@ in shared memory.
 
 ``implementation``: ``"xla"`` (gather pages, f32 softmax), ``"mosaic_gpu"`` (the split-KV Pallas kernel,
 Hopper) or ``"interpret"`` (that kernel in the CPU interpreter). None runs ``xla``: the kernel matches the
-reference in the interpreter and lowers for CUDA, but it has not been measured or validated on a GPU yet,
-so it is never picked without being asked for by name.
+reference in the interpreter and lowers for CUDA, but this version of it has not been validated or
+measured on a GPU yet, so it is never picked without being asked for by name.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Status: the interpreter's variant matches float64 and the XLA path in jax's Mosa
 (tests/test_mla_decode.py: full 576/512 rows, splits, causal s_q = 2, bf16 and FP8 caches, a peaky
 softmax, both score schedules); the GPU variant lowers for CUDA with the launch, SMEM, wgmma shapes and
 softmax scale the export tests check (tests/test_mla_decode_export.py). The two variants share everything
-but the few functions of ``variant.py``. It has not run on a GPU yet, so the API only launches it when asked
-for by name.
+but the few functions of ``variant.py``. This version has not run on a GPU (its predecessor, with both
+warpgroups scoring whole pages, matched float64 on an H200: BENCHMARKS.md), so the API only launches it
+when asked for by name.
 
 Work items come from ``get_mla_metadata``, listed SM part by SM part: (sequence, first page, end page,
 output slot). On a GPU each (SM part, 64-row query tile) pair has its own CTA, which walks its part's items
