@@ -28,8 +28,8 @@ import numpy as np
 from rich.console import Console
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# ``python benchmarks/fp8_training.py`` puts benchmarks/ first on sys.path, where storage.py would shadow the
-# storage package the trainer imports: this checkout's root goes there instead.
+# ``python benchmarks/fp8_training.py`` puts benchmarks/ first on sys.path: this checkout's root goes there
+# instead, so its packages (not an installed copy's) are the ones trained.
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != REPO / "benchmarks"]
 sys.path.insert(0, str(REPO))
 

@@ -177,8 +177,8 @@ def main() -> None:
 
 
 def _repository_on_path() -> None:
-    """``python benchmarks/graysort.py`` puts benchmarks/ first on sys.path, where benchmarks/storage.py
-    would shadow the ``storage`` package: put the repository root there instead."""
+    """``python benchmarks/graysort.py`` puts benchmarks/ first on sys.path: put the repository root there
+    instead, so this checkout's ``storage`` package is the one imported."""
     here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]
     sys.path.insert(0, str(here.parent))

@@ -1,6 +1,6 @@
 """The storage benchmark's backends (plain file IO, a 3FS client) and its measuring helpers.
 
-``Plain`` and ``ThreeFS`` offer the same operations, so ``storage.py`` times each section on both.
+``Plain`` and ``ThreeFS`` offer the same operations, so ``threefs_storage.py`` times each section on both.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ a temporary directory, removed at the end).
 
 The backends and measuring helpers are in ``storage_backends.py``, the tables in ``storage_report.py``.
 
-    python benchmarks/storage.py            # ~2-4 min on 2 cores; writes benchmarks/results/storage.json
-    python benchmarks/storage.py --quick    # small sizes, < 30 s
+    python benchmarks/threefs_storage.py            # ~2-4 min on 2 cores; writes benchmarks/results/storage.json
+    python benchmarks/threefs_storage.py --quick    # small sizes, < 30 s
 """
 
 from __future__ import annotations
