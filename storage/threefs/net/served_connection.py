@@ -76,8 +76,9 @@ class ServedConnection:
                 self._end()
                 continue
             self._pass_turn()
-            self._run(request, buffer)
+            pending = [request]  # _run takes the only reference: the views are gone once it returns
             del request
+            self._run(pending, buffer)
             self._count_idle(1)
             self._role.acquire()  # a C-level lock: an idle thread waits without the GIL
             self._count_idle(-1)
@@ -101,9 +102,10 @@ class ServedConnection:
         self._count_idle(-1)
         self._take_turns()
 
-    def _run(self, request: tuple, buffer: RequestBuffer) -> None:
-        request_id, method, args, kwargs = request
-        del request
+    def _run(self, pending: list, buffer: RequestBuffer) -> None:
+        """Answers the one request in ``pending`` (taken out of it, so no caller frame keeps its views of
+        ``buffer`` alive after the reply: the next request of the connection can reuse the buffer)."""
+        request_id, method, args, kwargs = pending.pop()
         try:
             reply = self._answer(method, args, kwargs)
             del args, kwargs  # the request's views of `buffer` (the reply may still hold some)
