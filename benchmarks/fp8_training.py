@@ -51,6 +51,11 @@ def smoothed_relative_difference(losses: np.ndarray, reference: np.ndarray, wind
     return ours / ref - 1
 
 
+def _losses(run) -> np.ndarray:
+    """[steps] the run's per-step train next-token loss."""
+    return np.array([row["ce_loss"] for row in run.log.rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
@@ -90,9 +95,14 @@ def main() -> None:
         if name != "reference":
             final[name]["train_loss_relative_difference"] = final[name]["train_loss"] / final["reference"]["train_loss"] - 1
             final[name]["valid_loss_relative_difference"] = run.valid_loss / reference.valid_loss - 1
+            # one batch's loss is noisy: the mean per-step gap over the second half of training is steadier
+            gaps = _losses(run) / _losses(reference) - 1
+            final[name]["train_gap_second_half_mean"] = float(gaps[gaps.size // 2:].mean())
+        final[name]["train_losses"] = [round(float(x), 5) for x in _losses(run)]
     report = {"preset": args.preset, "hidden_size": model.hidden_size, "compute_dtype": args.compute_dtype,
               "steps": train_config.steps, "batch": f"{train_config.batch_size}x{train_config.seq_len}", "runs": final}
-    console.print_json(json.dumps(report))
+    console.print_json(json.dumps({**report, "runs": {name: {k: v for k, v in row.items() if k != "train_losses"}
+                                                           for name, row in final.items()}}))
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / (f"fp8_training_{args.preset}" + (f"_{args.tag}" if args.tag else ""))
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
@@ -102,9 +112,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
     fig, (curves, gaps) = plt.subplots(1, 2, figsize=(12, 4))
     window = max(train_config.steps // 20, 1)
-    ref_losses = np.array([r["ce_loss"] for r in reference.log.rows])
+    ref_losses = _losses(reference)
     for name, run in runs.items():
-        losses = np.array([r["ce_loss"] for r in run.log.rows])
+        losses = _losses(run)
         curves.plot([r["step"] for r in run.log.rows], losses, lw=1, label=name)
         if name != "reference":
             gap = smoothed_relative_difference(losses, ref_losses, window) * 100
