@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jaxseek.kv_cache import KVPages, write_rows
 from jaxseek.model.transformer import Transformer
-from pallas_kernels.mla_decode.api import flash_mla_with_kvcache, schedule_sms
+from pallas_kernels.mla_decode.api import flash_mla_with_kvcache
 from pallas_kernels.mla_decode.metadata import get_mla_metadata
 from sharding.rules import activation_sharding, get_rules
 
@@ -45,7 +45,7 @@ def paged_forward(model: Transformer, tokens: jax.Array, start: jax.Array, new_t
     # Causal rows see t <= len - s + i: with len = start + s, row i sees exactly the cache and the new
     # tokens up to itself. Padding rows (i >= new_tokens) write nothing and their outputs are ignored.
     attend_len = (start + s).astype(jnp.int32)
-    metadata = get_mla_metadata(attend_len, s * config.mla.num_heads, 1, num_sms=schedule_sms(implementation))
+    metadata = get_mla_metadata(attend_len, s * config.mla.num_heads, 1)  # the device's SMs, any implementation
 
     def block_step(h, block, layer_pages):
         """One block over the cache: [batch, s, hidden], one layer's pages -> (next h, updated pages)."""

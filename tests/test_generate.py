@@ -171,7 +171,7 @@ def test_decode_through_the_interpreted_kernel_matches_the_xla_path():
     """The model's paged prefill and a decode step with the split-KV Mosaic GPU kernel (interpreted) give the
     logits of the XLA path, on the smallest MLA shape the kernel takes (``latent128_model``)."""
     from jaxseek.kv_cache import write_rows
-    from pallas_kernels.mla_decode.api import flash_mla_with_kvcache, schedule_sms
+    from pallas_kernels.mla_decode.api import flash_mla_with_kvcache
     from pallas_kernels.mla_decode.metadata import get_mla_metadata
     model = latent128_model("bfloat16")
     config = model.config
@@ -201,7 +201,7 @@ def test_decode_through_the_interpreted_kernel_matches_the_xla_path():
             q = attn.absorb_queries(*attn.project_queries(x, positions))
             cache = write_rows(pages.data[0], attn.project_latent(x, positions), table, positions,
                                jnp.ones((2, 1), bool))
-            metadata = get_mla_metadata(lengths + 1, config.mla.num_heads, 1, num_sms=schedule_sms("interpret"))
+            metadata = get_mla_metadata(lengths + 1, config.mla.num_heads, 1)
             outs = [np.asarray(flash_mla_with_kvcache(q.astype(cache.dtype), cache, table, lengths + 1, 128, metadata,
                                                       attn.softmax_scale, implementation=name)[0], np.float32)
                     for name in ("xla", "interpret")]

@@ -68,7 +68,8 @@ def _high_precision_linear(x, w):
 
 
 def _high_precision_grads(fn, primals, dy):
-    """The cotangents of ``fn`` at ``primals`` for ``dy``, by jax's own VJP (XLA drops the unused ones)."""
+    """The cotangents of ``fn`` at ``primals`` for ``dy``, by jax's own VJP (for the GEMMs a recipe keeps out
+    of FP8; under jit XLA drops the one the recipe quantises)."""
     return jax.vjp(fn, *primals)[1](dy)
 
 
@@ -99,7 +100,9 @@ def _fp8_linear_bwd(implementation, recipe, residuals, dy):
     x, w = residuals
     k, n = x.shape[-1], w.shape[0]
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
-    dx, dw = _high_precision_grads(_high_precision_linear, (x, w), dy)
+    dx, dw = None, None
+    if not (recipe.dgrad and recipe.wgrad):
+        dx, dw = _high_precision_grads(_high_precision_linear, (x, w), dy)
     if recipe.dgrad:
         dx = api.fp8_gemm_nt(per_token_cast_to_fp8(dy2), _block_scaled_transpose(w), out_dtype=_out_dtype(x.dtype),
                              implementation=implementation).reshape(x.shape)
@@ -170,7 +173,9 @@ def _fp8_grouped_fwd(x, w, group_sizes, implementation, recipe):
 
 def _fp8_grouped_bwd(implementation, recipe, residuals, dy):
     x, w, group_sizes = residuals
-    dx, dw = _high_precision_grads(lambda x, w: _high_precision_grouped(x, w, group_sizes), (x, w), dy)
+    dx, dw = None, None
+    if not (recipe.dgrad and recipe.wgrad):
+        dx, dw = _high_precision_grads(lambda x, w: _high_precision_grouped(x, w, group_sizes), (x, w), dy)
     if recipe.dgrad:
         qwt = jax.vmap(_block_scaled_transpose)(w)  # [g, k, n]
         dx = api.m_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(dy), qwt,

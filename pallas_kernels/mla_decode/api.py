@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import check_implementation, dispatch, known_value, num_sms_of_device
+from pallas_kernels.dispatch import check_implementation, dispatch, known_value
 from pallas_kernels.mla_decode import reference
 from pallas_kernels.mla_decode.fp8_cache import FP8KVCache, dequantize_kv_cache, unpack_flashmla
 from pallas_kernels.mla_decode.metadata import BLOCK_SIZE, MLAMetadata
@@ -59,14 +59,6 @@ def _validate(q, k_cache, block_table, cache_seqlens, head_dim_v):
     if lengths is not None and lengths.size and lengths.max() > block_table.shape[1] * BLOCK_SIZE:
         raise ValueError(f"block_table: {block_table.shape[1]} pages hold {block_table.shape[1] * BLOCK_SIZE} "
                          f"tokens, fewer than the longest sequence ({lengths.max()})")
-
-
-def schedule_sms(implementation: str | None = None) -> int:
-    """The SM count ``get_mla_metadata`` plans for: the device's (Hopper's 132 on a CPU), the same for every
-    implementation (the argument is kept for compatibility). The kernel gives each (SM part, row tile) one
-    CTA on a GPU; the interpreter walks the same parts with a few CTAs."""
-    del implementation
-    return num_sms_of_device()
 
 
 def flash_mla_with_kvcache(q: jax.Array, k_cache: jax.Array | FP8KVCache, block_table: jax.Array,
